@@ -1,0 +1,20 @@
+#pragma once
+// Sinkhorn-style variance normalization of one tile X (rows x cols, row-major, fp32), spec step 3: alternately
+// divide columns and rows by their standard deviation (in log space, clamped) for `iterations` rounds and keep
+// the iterate with the smallest imbalance max(std)/min(std) over columns plus rows. X ~= B * col_scale * row_scale.
+#include <vector>
+
+namespace kvarn::codec {
+
+struct Normalization {
+  std::vector<float> col_scale;  // per column
+  std::vector<float> row_scale;  // per row
+  float imbalance = 0;           // of the kept iterate
+  int best_iteration = 0;        // 0 = the identity (no rescaling) was best
+};
+
+inline constexpr int kNormalizationIterations = 16;
+
+Normalization variance_normalize(const float* x, int rows, int cols, int iterations = kNormalizationIterations);
+
+}  // namespace kvarn::codec
