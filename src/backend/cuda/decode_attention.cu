@@ -1,0 +1,564 @@
+// Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
+//
+// decode_attention_kernel: grid (num_splits + 1, H_kv, num_seqs), 128 threads (4 warps). CTA (s, h, n) reads the
+// tiles [s*tps, (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory
+// (16-byte copies, several tiles in flight), and leaves one partial softmax state (m, l, o[D]) per q head; the
+// extra split s = num_splits reads the fp16 tail with plain fp32 arithmetic. Every warp owns a fixed quarter of
+// each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
+// Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group, padded to 16):
+//   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
+//   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
+// (fp16 tiles: the same with raw q/p and fp16 K/V.) Codes become fp16 in registers (mma_fragments.cuh); no
+// dequantized copy is ever written. The token and channel orders inside an mma are permuted so that each
+// thread's B operand comes from one 32-bit word of the packed rows (any permutation of the reduced index, used
+// consistently in A and B, gives the same sum).
+// Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
+// FLOPs (tensor cores, useful): 4 * G_q * D per token, padded 16/G_q x on the tensor cores.
+//
+// decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
+// for rotated dtypes, writes fp16.
+#include "backend/cuda/decode_attention.h"
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hadamard_warp.cuh"
+#include "backend/cuda/mma_fragments.cuh"
+
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <mutex>
+
+namespace kvarn::cuda {
+
+namespace {
+
+constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D_, int G_, int VB_>
+struct KvarnTile {
+  static constexpr int D = D_, G = G_, VB = VB_;
+  static constexpr bool kCodes = true;
+  static constexpr codec::TileLayout L = codec::TileLayout::codes(D, G, 4, VB);
+};
+
+template <int D_, int G_>
+struct Fp16Tile {
+  static constexpr int D = D_, G = G_;
+  static constexpr bool kCodes = false;
+  static constexpr codec::TileLayout L = codec::TileLayout::plain(D, G, 16);
+};
+
+template <class F>
+constexpr int stages() {
+  return F::L.bytes <= 20000 ? 4 : F::L.bytes <= 40000 ? 3 : 2;
+}
+
+template <class F>
+constexpr size_t shared_bytes() {
+  const size_t ring = stages<F>() * F::L.bytes;
+  const size_t merge = sizeof(float) * kWarps * kMaxGroup * (F::D + 2);
+  const size_t tail_scores = sizeof(float) * kMaxGroup * F::G;
+  const size_t query = sizeof(float) * kMaxGroup * F::D;
+  return std::max({ring, merge, tail_scores}) + query;
+}
+
+struct DecodeParams {
+  const __half* q;
+  const uint8_t* blocks;
+  const __half* tails;
+  const SequenceKvView* seqs;
+  const int32_t* block_tables;
+  float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
+  float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
+  int num_kv_heads, group, tiles_per_split, num_splits;
+  float scale_log2;
+  bool rotated;
+};
+
+// Copies tile `tile` of kv-head `head` into a ring stage, swizzling 16-byte chunks so that the warps' fragment
+// reads hit distinct banks: KVarN key-code rows of 4 chunks swap chunk pairs on bit 1 of the row; fp16 rows
+// XOR the chunk index with the row's low 3 bits.
+template <class F>
+__device__ __forceinline__ void copy_tile_async(uint8_t* stage, const uint8_t* __restrict__ blocks, int block,
+                                                int num_kv_heads, int head) {
+  const uint8_t* src = blocks + (static_cast<size_t>(block) * num_kv_heads + head) * F::L.bytes;
+  constexpr int kChunks = static_cast<int>(F::L.bytes / 16);
+  for (int q = threadIdx.x; q < kChunks; q += kThreads) {
+    int dst = q;
+    if constexpr (F::kCodes) {
+      constexpr int kRowChunks = F::G / 32, kKeyChunks = F::D * kRowChunks;
+      if (kRowChunks == 4 && q < kKeyChunks) {
+        const int row = q / kRowChunks;
+        dst = row * kRowChunks + ((q % kRowChunks) ^ (((row >> 1) & 1) << 1));
+      }
+    } else {
+      constexpr int kRowChunks = F::D / 8;
+      const int row = q / kRowChunks;  // token row, K rows then V rows
+      dst = row * kRowChunks + ((q % kRowChunks) ^ (row & 7));
+    }
+    cp_async_16(stage + 16 * dst, src + 16 * q);
+  }
+}
+
+// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens.
+template <class F>
+__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, float* scores,
+                            int head, size_t partial_row, int partial_index) {
+  constexpr int D = F::D, G = F::G;
+  const int n = seq.tail_len, tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
+  const __half* k = p.tails + ((static_cast<size_t>(seq.tail_slot) * 2) * p.num_kv_heads + head) * G * D;
+  const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
+  if (tid < n) {
+    float acc[kMaxGroup] = {};
+    const uint4* row = reinterpret_cast<const uint4*>(k + static_cast<size_t>(tid) * D);
+    for (int c8 = 0; c8 < D / 8; ++c8) {
+      const uint4 raw = row[c8];
+      const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __half22float2(h2[e]);
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h)
+          if (h < p.group) acc[h] += qs[h * D + c8 * 8 + 2 * e] * f.x + qs[h * D + c8 * 8 + 2 * e + 1] * f.y;
+      }
+    }
+    for (int h = 0; h < p.group; ++h) scores[h * G + tid] = acc[h];
+  }
+  __syncthreads();
+  for (int h = warp; h < p.group; h += kWarps) {
+    float m = -FLT_MAX;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, scores[h * G + t]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0;
+    for (int t = lane; t < n; t += 32) {
+      const float e = exp2f(scores[h * G + t] - m);
+      scores[h * G + t] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) p.partial_ml[(partial_row + h) * (p.num_splits + 1) + partial_index] = make_float2(m, l);
+  }
+  __syncthreads();
+  for (int c = tid; c < D; c += kThreads) {
+    float acc[kMaxGroup] = {};
+    for (int t = 0; t < n; ++t) {
+      const float x = __half2float(v[static_cast<size_t>(t) * D + c]);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h)
+        if (h < p.group) acc[h] += scores[h * G + t] * x;
+    }
+    for (int h = 0; h < p.group; ++h)
+      p.partial_o[((partial_row + h) * (p.num_splits + 1) + partial_index) * D + c] = acc[h];
+  }
+}
+
+template <class F>
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams p) {
+  constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = stages<F>();
+  constexpr codec::TileLayout L = F::L;
+  extern __shared__ __align__(16) uint8_t shared[];
+  float* qs = reinterpret_cast<float*>(shared + shared_bytes<F>() - sizeof(float) * kMaxGroup * D);
+  uint8_t* ring = shared;
+
+  const int split = blockIdx.x, head = blockIdx.y, seq_index = blockIdx.z;
+  const SequenceKvView seq = p.seqs[seq_index];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, col = lane / 4, m4 = lane % 4;
+  const int first_tile = split * p.tiles_per_split;
+  const int end_tile = min(first_tile + p.tiles_per_split, seq.num_tiles);
+  const bool tail = split == p.num_splits;
+  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
+  const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
+
+  // The group's queries, rotated into the storage space and pre-scaled by scale * log2(e) (scores in log2 units).
+  for (int h = warp; h < p.group; h += kWarps) {
+    constexpr int E = D / 32;
+    const __half* src = p.q + (partial_row + h) * D + lane * E;
+    float x[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
+    if (p.rotated) hadamard_warp<D>(x);
+#pragma unroll
+    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i] * p.scale_log2;
+  }
+  __syncthreads();
+  if (tail) {
+    attend_tail<F>(p, seq, qs, reinterpret_cast<float*>(ring), head, partial_row, p.num_splits);
+    return;
+  }
+
+  // Token of column x of this warp's local n-tile j; channel of k-slot i (0..3 <-> 2m, 2m+1, 2m+8, 2m+9).
+  auto token = [warp](int j, int x) {
+    if constexpr (F::kCodes) {
+      constexpr int halves = G / 64, warps_per_half = kWarps / halves;
+      return 8 * (x + 8 * (warp / warps_per_half)) + (warp % warps_per_half) * NT + j;
+    } else {
+      return 8 * (warp * NT + j) + x;
+    }
+  };
+  auto qk_channel = [m4](int kb, int i) { return F::kCodes ? kb * 16 + m4 + 4 * i : kb * 16 + 4 * m4 + i; };
+
+  const bool live_row = col < p.group;
+  float qf[KBLK][4];
+#pragma unroll
+  for (int kb = 0; kb < KBLK; ++kb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) qf[kb][i] = live_row ? qs[col * D + qk_channel(kb, i)] : 0.0f;
+
+  float o[NV][2] = {};
+  float m_run = -FLT_MAX, l_run = 0;
+
+  const int32_t* table = p.block_tables + seq.block_table_offset;
+  const int num = end_tile - first_tile;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < num) copy_tile_async<F>(ring + s * L.bytes, p.blocks, table[first_tile + s], p.num_kv_heads, head);
+    cp_async_commit();
+  }
+  for (int it = 0; it < num; ++it) {
+    cp_async_wait<S - 2>();
+    __syncthreads();
+    if (it + S - 1 < num)
+      copy_tile_async<F>(ring + ((it + S - 1) % S) * L.bytes, p.blocks, table[first_tile + it + S - 1],
+                         p.num_kv_heads, head);
+    cp_async_commit();
+    const uint8_t* tile = ring + (it % S) * L.bytes;
+
+    // ---- scores ----
+    float acc[NT][4] = {};
+    float qz = 0;
+    if constexpr (F::kCodes) {
+      const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
+      const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
+      const uint32_t* codes = reinterpret_cast<const uint32_t*>(tile + L.key_codes);
+      constexpr int kRowWords = G / 8, kRowChunks = G / 32;
+      constexpr int halves = G / 64, warps_per_half = kWarps / halves;
+      const int word = col + 8 * (warp / warps_per_half);
+      const int first_nibble = (warp % warps_per_half) * NT;  // even
+#pragma unroll
+      for (int kb = 0; kb < KBLK; ++kb) {
+        float qa[4];
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int c = qk_channel(kb, i);
+          qa[i] = qf[kb][i] * __half2float(a_k[c]);
+          qz += qf[kb][i] * __half2float(z_k[c]);
+          int chunk = word / 4;
+          if (kRowChunks == 4) chunk ^= ((c >> 1) & 1) << 1;
+          w[i] = codes[c * kRowWords + chunk * 4 + word % 4];
+        }
+        const uint32_t a0 = pack_half2(qa[0], qa[1]), a2 = pack_half2(qa[2], qa[3]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t sel = pair_selector((first_nibble + j) / 2);
+          const int shift = 4 * (j & 1);
+          mma_m16n8k16(acc[j], a0, a2, codes_to_half2<4>(w[0], w[1], sel, shift),
+                       codes_to_half2<4>(w[2], w[3], sel, shift));
+        }
+      }
+      qz += __shfl_xor_sync(0xffffffffu, qz, 1);
+      qz += __shfl_xor_sync(0xffffffffu, qz, 2);
+    } else {
+      const uint8_t* keys = tile + L.key_codes;
+#pragma unroll
+      for (int kb = 0; kb < KBLK; ++kb) {
+        const uint32_t a0 = pack_half2(qf[kb][0], qf[kb][1]), a2 = pack_half2(qf[kb][2], qf[kb][3]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int t = token(j, col);
+          const int chunk = (2 * kb + m4 / 2) ^ (t & 7);
+          const uint2 b = *reinterpret_cast<const uint2*>(keys + t * D * 2 + chunk * 16 + (m4 & 1) * 8);
+          mma_m16n8k16(acc[j], a0, a2, b.x, b.y);
+        }
+      }
+    }
+
+    // ---- online softmax over this warp's tokens of the tile ----
+    float s[NT][2];
+    float tile_max = -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if constexpr (F::kCodes) {
+          const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale);
+          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) * (acc[j][e] + qz);
+        } else {
+          s[j][e] = acc[j][e];
+        }
+        tile_max = fmaxf(tile_max, s[j][e]);
+      }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float m_new = fmaxf(m_run, tile_max);
+    const float correction = exp2f(m_run - m_new);
+    m_run = m_new;
+    l_run *= correction;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[j][e] = exp2f(s[j][e] - m_new);
+        l_run += s[j][e];
+      }
+
+    // ---- values ----
+    if constexpr (F::kCodes) {
+      constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;  // bytes of a column's channels
+      const __half* a_v = reinterpret_cast<const __half*>(tile + L.value_scale);
+      const __half* z_v = reinterpret_cast<const __half*>(tile + L.value_zero);
+      const __half* s_ch = reinterpret_cast<const __half*>(tile + L.value_channel_scale);
+      const uint8_t* codes = tile + L.value_codes;
+      uint32_t a0[NT / 2], a2[NT / 2];
+      uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
+      float pz = 0;
+#pragma unroll
+      for (int kk = 0; kk < NT / 2; ++kk) {
+        float pa[2][2];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int t = token(2 * kk + jj, 2 * m4 + e);
+            pa[jj][e] = s[2 * kk + jj][e] * __half2float(a_v[t]);
+            pz += s[2 * kk + jj][e] * __half2float(z_v[t]);
+            const uint8_t* row = codes + t * kRowBytes + col * kColBytes;
+            if constexpr (kColBytes == 2) {
+              v[kk][2 * jj + e][0] = *reinterpret_cast<const uint16_t*>(row);
+            } else {
+#pragma unroll
+              for (int w = 0; w < kColBytes / 4; ++w) v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
+            }
+          }
+        a0[kk] = pack_half2(pa[0][0], pa[0][1]);
+        a2[kk] = pack_half2(pa[1][0], pa[1][1]);
+      }
+      pz += __shfl_xor_sync(0xffffffffu, pz, 1);
+      pz += __shfl_xor_sync(0xffffffffu, pz, 2);
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        constexpr int kPerWord = 32 / VB;
+        const int word = i / kPerWord, bit = (i % kPerWord) * VB;
+        const uint32_t sel = pair_selector(bit / 8);
+        float c[4] = {};
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk)
+          mma_m16n8k16(c, a0[kk], a2[kk], codes_to_half2<VB>(v[kk][0][word], v[kk][1][word], sel, bit % 8),
+                       codes_to_half2<VB>(v[kk][2][word], v[kk][3][word], sel, bit % 8));
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          o[i][e] += __half2float(s_ch[(2 * m4 + e) * NV + i]) * (c[e] + pz);
+      }
+    } else {
+      const uint8_t* values = tile + L.value_codes;
+      constexpr int kColChunks = D / 64;  // 16-byte chunks of a column's D/8 channels
+#pragma unroll
+      for (int kk = 0; kk < NT / 2; ++kk) {
+        const uint32_t a0 = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+        const uint32_t a2 = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+#pragma unroll
+        for (int cc = 0; cc < kColChunks; ++cc) {
+          uint4 r[4];
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int t = token(2 * kk + jj, 2 * m4 + e);
+              const int chunk = (col * kColChunks + cc) ^ (t & 7);
+              r[2 * jj + e] = *reinterpret_cast<const uint4*>(values + t * D * 2 + chunk * 16);
+            }
+#pragma unroll
+          for (int i8 = 0; i8 < 8; ++i8) {
+            const uint32_t sel = (i8 & 1) ? 0x7632u : 0x5410u;
+            const uint32_t b0 = __byte_perm((&r[0].x)[i8 / 2], (&r[1].x)[i8 / 2], sel);
+            const uint32_t b1 = __byte_perm((&r[2].x)[i8 / 2], (&r[3].x)[i8 / 2], sel);
+            float c[4] = {o[cc * 8 + i8][0], o[cc * 8 + i8][1], 0, 0};
+            mma_m16n8k16(c, a0, a2, b0, b1);
+            o[cc * 8 + i8][0] = c[0];
+            o[cc * 8 + i8][1] = c[1];
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is reused for the merge
+
+  // ---- merge the 4 warps' states, write this split's partial ----
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  float* merge = reinterpret_cast<float*>(ring);  // [warp][group][D + 2]
+  if (live_row) {
+    float* dst = merge + (warp * kMaxGroup + col) * (D + 2);
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) dst[(2 * m4 + e) * NV + i] = o[i][e];
+    if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < p.group * D; idx += kThreads) {
+    const int h = idx / D, c = idx % D;
+    float mx = -FLT_MAX;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, merge[(w * kMaxGroup + h) * (D + 2) + D]);
+    float l = 0, acc = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const float* src = merge + (w * kMaxGroup + h) * (D + 2);
+      const float f = exp2f(src[D] - mx);
+      l += src[D + 1] * f;
+      acc += src[c] * f;
+    }
+    const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
+    p.partial_o[slot * D + c] = acc;
+    if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
+  }
+}
+
+template <int D>
+__global__ void decode_combine_kernel(const float* __restrict__ partial_o, const float2* __restrict__ partial_ml,
+                                      const SequenceKvView* __restrict__ seqs, int num_q_heads, int tiles_per_split,
+                                      int num_splits, int num_rows, bool rotated, __half* __restrict__ out) {
+  constexpr int E = D / 32;
+  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x & 31;
+  if (row >= num_rows) return;
+  const SequenceKvView seq = seqs[row / num_q_heads];
+  const int used = (seq.num_tiles + tiles_per_split - 1) / tiles_per_split;
+  const size_t base = static_cast<size_t>(row) * (num_splits + 1);
+  float mx = -FLT_MAX;
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, partial_ml[base + s].x);
+  if (seq.tail_len > 0) mx = fmaxf(mx, partial_ml[base + num_splits].x);
+  float l = 0, acc[E] = {};
+  auto add = [&](int s) {
+    const float2 ml = partial_ml[base + s];
+    const float f = exp2f(ml.x - mx);
+    l += ml.y * f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) acc[i] += partial_o[(base + s) * D + lane * E + i] * f;
+  };
+  for (int s = 0; s < used; ++s) add(s);
+  if (seq.tail_len > 0) add(num_splits);
+  const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+  for (int i = 0; i < E; ++i) acc[i] *= inv;
+  if (rotated) hadamard_warp<D>(acc);
+#pragma unroll
+  for (int i = 0; i < E; ++i) out[static_cast<size_t>(row) * D + lane * E + i] = __float2half_rn(acc[i]);
+}
+
+int multiprocessors() {
+  static std::once_flag once;
+  static int sms = 0;
+  std::call_once(once, [] {
+    int device = 0;
+    KVARN_CUDA_CHECK(cudaGetDevice(&device));
+    KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  });
+  return sms;
+}
+
+template <class F>
+int blocks_per_sm() {
+  static std::once_flag once;
+  static int blocks = 0;
+  std::call_once(once, [] {
+    KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          shared_bytes<F>()));
+    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
+                                                                   shared_bytes<F>()));
+  });
+  return std::max(blocks, 1);
+}
+
+// Calls fn(F{}) with the tile format of the cache.
+template <class Fn>
+void with_format(const KvCacheLayer& cache, Fn&& fn) {
+  const codec::TileLayout& l = cache.layout;
+  const int d = l.head_dim, g = l.tokens;
+  if (!l.code_tile) {
+    if (d == 128 && g == 128) return fn(Fp16Tile<128, 128>{});
+    if (d == 128 && g == 64) return fn(Fp16Tile<128, 64>{});
+    if (d == 64 && g == 128) return fn(Fp16Tile<64, 128>{});
+    if (d == 64 && g == 64) return fn(Fp16Tile<64, 64>{});
+  } else if (l.key_bits == 4) {
+    const int vb = l.value_bits;
+    if (d == 128 && g == 128 && vb == 2) return fn(KvarnTile<128, 128, 2>{});
+    if (d == 128 && g == 128 && vb == 4) return fn(KvarnTile<128, 128, 4>{});
+    if (d == 128 && g == 64 && vb == 2) return fn(KvarnTile<128, 64, 2>{});
+    if (d == 128 && g == 64 && vb == 4) return fn(KvarnTile<128, 64, 4>{});
+    if (d == 64 && g == 128 && vb == 2) return fn(KvarnTile<64, 128, 2>{});
+    if (d == 64 && g == 128 && vb == 4) return fn(KvarnTile<64, 128, 4>{});
+    if (d == 64 && g == 64 && vb == 2) return fn(KvarnTile<64, 64, 2>{});
+    if (d == 64 && g == 64 && vb == 4) return fn(KvarnTile<64, 64, 4>{});
+  }
+  throw_error("decode_attention: no kernel for head_dim " + std::to_string(d) + ", G " + std::to_string(g) +
+              ", bits " + std::to_string(l.key_bits) + "/" + std::to_string(l.value_bits));
+}
+
+}  // namespace
+
+DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles) {
+  DecodeAttentionPlan plan;
+  int per_sm = 1;
+  with_format(cache, [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
+  // Two waves of CTAs over the (sequence, kv-head) pairs, each split at least one tile.
+  const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
+  const long wanted = std::max(1L, (2L * multiprocessors() * per_sm + pairs - 1) / pairs);
+  plan.tiles_per_split = std::max(1, static_cast<int>((max_tiles + wanted - 1) / wanted));
+  plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
+  const size_t rows = static_cast<size_t>(num_seqs) * num_q_heads * (plan.num_splits + 1);
+  plan.workspace_bytes = rows * (sizeof(float) * cache.head_dim() + sizeof(float2));
+  return plan;
+}
+
+void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
+                      void* workspace, cudaStream_t stream) {
+  if (args.num_seqs == 0) return;
+  if (args.num_q_heads % cache.num_kv_heads != 0 || args.num_q_heads / cache.num_kv_heads > kMaxGroup)
+    throw_error("decode_attention: " + std::to_string(args.num_q_heads) + " q heads over " +
+                std::to_string(cache.num_kv_heads) + " kv heads; expected a multiple with at most 8 per kv head");
+  if (args.num_seqs > 65535)
+    throw_error("decode_attention: " + std::to_string(args.num_seqs) + " sequences exceed the grid limit (65535)");
+  const int d = cache.head_dim();
+  const size_t rows = static_cast<size_t>(args.num_seqs) * args.num_q_heads * (plan.num_splits + 1);
+  DecodeParams p;
+  p.q = reinterpret_cast<const __half*>(args.q);
+  p.blocks = cache.blocks;
+  p.tails = reinterpret_cast<const __half*>(cache.tails);
+  p.seqs = args.seqs;
+  p.block_tables = args.block_tables;
+  p.partial_o = static_cast<float*>(workspace);
+  p.partial_ml = reinterpret_cast<float2*>(p.partial_o + rows * d);
+  p.num_kv_heads = cache.num_kv_heads;
+  p.group = args.num_q_heads / cache.num_kv_heads;
+  p.tiles_per_split = plan.tiles_per_split;
+  p.num_splits = plan.num_splits;
+  p.scale_log2 = args.scale * kLog2e;
+  p.rotated = cache.rotated();
+  with_format(cache, [&](auto f) {
+    using F = decltype(f);
+    blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
+    const dim3 grid(plan.num_splits + 1, cache.num_kv_heads, args.num_seqs);
+    decode_attention_kernel<F><<<grid, kThreads, shared_bytes<F>(), stream>>>(p);
+  });
+  KVARN_CUDA_CHECK(cudaGetLastError());
+  const int num_rows = args.num_seqs * args.num_q_heads;
+  const int blocks = (num_rows * 32 + 255) / 256;
+  auto* out = reinterpret_cast<__half*>(args.out);
+  if (d == 128)
+    decode_combine_kernel<128><<<blocks, 256, 0, stream>>>(p.partial_o, p.partial_ml, args.seqs, args.num_q_heads,
+                                                           plan.tiles_per_split, plan.num_splits, num_rows,
+                                                           cache.rotated(), out);
+  else
+    decode_combine_kernel<64><<<blocks, 256, 0, stream>>>(p.partial_o, p.partial_ml, args.seqs, args.num_q_heads,
+                                                          plan.tiles_per_split, plan.num_splits, num_rows,
+                                                          cache.rotated(), out);
+  KVARN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace kvarn::cuda

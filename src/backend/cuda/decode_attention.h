@@ -1,0 +1,40 @@
+#pragma once
+// Decode attention: one query token per sequence over its full tiles (read packed, dequantized in registers)
+// plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are the rows of one tensor-core tile,
+// so every byte of a tile is read once per kv-head. Split-K over tiles, then a reduction kernel that combines
+// the partial softmax states and rotates the output back to the model's space.
+#include "backend/cuda/kv_layout.h"
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvarn::cuda {
+
+struct DecodeAttentionArgs {
+  const uint16_t* q = nullptr;             // [num_seqs][num_q_heads][D] fp16, post-RoPE, model space
+  uint16_t* out = nullptr;                 // [num_seqs][num_q_heads][D] fp16, model space
+  const SequenceKvView* seqs = nullptr;    // [num_seqs], device
+  const int32_t* block_tables = nullptr;   // device; indexed through SequenceKvView::block_table_offset
+  int num_seqs = 0;
+  int num_q_heads = 0;                     // a multiple of num_kv_heads, at most 8 per kv-head
+  int max_tiles = 0;                       // >= every sequence's num_tiles
+  float scale = 0;                         // softmax scale, 1/sqrt(D) for the Llama family
+};
+
+// How the work is split; the workspace holds the partial softmax states.
+struct DecodeAttentionPlan {
+  int tiles_per_split = 1;
+  int num_splits = 0;  // over tiles; one more partial per sequence holds its tail
+  size_t workspace_bytes = 0;
+};
+
+DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles);
+
+// workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets
+// zeros. Throws kvarn::Error for unsupported shapes.
+void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
+                      void* workspace, cudaStream_t stream);
+
+}  // namespace kvarn::cuda

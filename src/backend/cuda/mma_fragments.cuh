@@ -1,0 +1,57 @@
+#pragma once
+// Tensor-core helpers for the attention kernels: mma.sync m16n8k16 (fp16 in, fp32 accumulate), cp.async, and
+// the unpacking of 2- and 4-bit codes into fp16 pairs with one byte permute, one mask-and-or and one subtract
+// (a code c in the low mantissa bits of 0x6400 is the fp16 number 1024 + c).
+//
+// Fragment layout (PTX ISA, m16n8k16 .f16): g = lane / 4, m = lane % 4
+//   A (16 x 16, row):  a[0] = (row g,   k 2m, 2m+1)  a[1] = (row g+8, k 2m, 2m+1)
+//                      a[2] = (row g,   k 2m+8, 2m+9) a[3] = (row g+8, k 2m+8, 2m+9)
+//   B (16 x 8, col):   b[0] = (k 2m, 2m+1; col g)     b[1] = (k 2m+8, 2m+9; col g)
+//   C (16 x 8):        c[0], c[1] = (row g, col 2m, 2m+1)   c[2], c[3] = row g+8
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace kvarn::cuda {
+
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  // Rows 8-15 of A are zero here (at most 8 query heads share a kv-head), so a[1] = a[3] = 0.
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// (code at bit `shift` of byte `byte` of x, same of y) as an fp16 pair; BITS in {2, 4}. byte/shift are
+// compile-time in the callers' unrolled loops, or `selector` is precomputed.
+template <int BITS>
+__device__ __forceinline__ uint32_t codes_to_half2(uint32_t x, uint32_t y, uint32_t selector, int shift) {
+  constexpr uint32_t mask = ((1u << BITS) - 1) * 0x00010001u;
+  const uint32_t bytes = __byte_perm(x, y, selector) >> shift;
+  const uint32_t biased = (bytes & mask) | 0x64006400u;
+  const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&biased), __half2(__half(1024.0f), __half(1024.0f)));
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Selector putting byte b of x in byte 0 and byte b of y in byte 2.
+__host__ __device__ constexpr uint32_t pair_selector(int b) {
+  return static_cast<uint32_t>(b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12));
+}
+
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+}  // namespace kvarn::cuda

@@ -1,0 +1,94 @@
+#pragma once
+// Helpers of the CUDA kernel tests: skip without a GPU, device buffers, fp16 vectors, captured K/V.
+#include "backend/cuda/cuda_check.h"
+#include "util/half.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace kvarn::cuda::test {
+
+inline bool have_gpu() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+#define KVARN_SKIP_WITHOUT_GPU() \
+  if (!::kvarn::cuda::test::have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+template <typename T>
+class DeviceBuffer {
+public:
+  explicit DeviceBuffer(size_t count = 0) : count_(count) {
+    if (count) KVARN_CUDA_CHECK(cudaMalloc(&data_, count * sizeof(T)));
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(data_); }
+  T* get() const { return data_; }
+  size_t size() const { return count_; }
+  void upload(const std::vector<T>& host) {
+    KVARN_CUDA_CHECK(cudaMemcpy(data_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(count_);
+    KVARN_CUDA_CHECK(cudaMemcpy(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  void poison() { KVARN_CUDA_CHECK(cudaMemset(data_, 0xff, count_ * sizeof(T))); }  // fp16 0xffff is a NaN
+
+private:
+  T* data_ = nullptr;
+  size_t count_ = 0;
+};
+
+inline std::vector<uint16_t> to_half(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = float_to_half(x[i]);
+  return out;
+}
+
+inline std::vector<float> to_float(const std::vector<uint16_t>& x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = half_to_float(x[i]);
+  return out;
+}
+
+// Post-RoPE K/V captured from kvarn-test-lm (shared/golden/kvarn-test-lm/kv_capture.safetensors): per tensor
+// "layer{0,4,7}.{k,v}", [kv_heads][tokens][head_dim] fp16. Empty when the file is absent.
+struct CapturedTensor {
+  std::vector<int> shape;
+  std::vector<uint16_t> data;
+};
+
+inline std::map<std::string, CapturedTensor> load_captured_kv(const std::string& path) {
+  std::map<std::string, CapturedTensor> out;
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return out;
+  uint64_t header_len = 0;
+  file.read(reinterpret_cast<char*>(&header_len), 8);
+  std::string header(header_len, '\0');
+  file.read(header.data(), static_cast<std::streamsize>(header_len));
+  const auto meta = nlohmann::json::parse(header);
+  std::vector<char> body((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  for (const auto& [name, info] : meta.items()) {
+    if (name == "__metadata__" || info.at("dtype") != "F16") continue;
+    CapturedTensor t;
+    t.shape = info.at("shape").get<std::vector<int>>();
+    const auto begin = info.at("data_offsets")[0].get<size_t>(), end = info.at("data_offsets")[1].get<size_t>();
+    t.data.resize((end - begin) / 2);
+    std::memcpy(t.data.data(), body.data() + begin, end - begin);
+    out[name] = std::move(t);
+  }
+  return out;
+}
+
+}  // namespace kvarn::cuda::test

@@ -1,0 +1,277 @@
+// decode_attention against float64 attention over what the cache holds: tiles decoded by codec::TileCodec::decode
+// (storage space), the fp16 tail, the query rotated in float64, softmax in float64, output rotated back.
+// Budget: per sequence, ||out - ref|| / ||ref|| <= kRelErrorBudget. What the kernel rounds on the way: the folded
+// query q'*a_K and the weights p*a_V are fp16 tensor-core operands (2^-11 relative each), the output is fp16
+// (2^-11). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty one,
+// long sequences split over many CTAs, GQA groups of 1, 4 and 8, head_dim 64 and 128, every KVarN preset, the
+// rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured K/V. Outputs
+// are poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
+#include "backend/cuda/decode_attention.h"
+#include "backend/cuda/kv_layout.h"
+#include "codec/synthetic_kv.h"
+#include "codec/tile_codec.h"
+#include "cuda_test_support.h"
+#include "shared_dir.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <random>
+
+namespace kvarn::cuda {
+namespace {
+
+using test::DeviceBuffer;
+
+constexpr double kRelErrorBudget = 4e-3;
+
+struct SeqSpec {
+  int tiles;
+  int tail;
+};
+
+void hadamard_double(double* x, int d) {
+  for (int step = 1; step < d; step *= 2)
+    for (int block = 0; block < d; block += 2 * step)
+      for (int i = block; i < block + step; ++i) {
+        const double a = x[i], b = x[i + step];
+        x[i] = a + b;
+        x[i + step] = a - b;
+      }
+  for (int i = 0; i < d; ++i) x[i] /= std::sqrt(static_cast<double>(d));
+}
+
+// kv(s): keys and values of sequence s, [tokens][kv_heads][D], model space. q: [seqs][q_heads][D].
+using KvSource = std::function<std::pair<std::vector<float>, std::vector<float>>(int seq, int tokens)>;
+
+void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
+                  const KvSource& kv, const std::vector<float>& q_model, uint32_t seed) {
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
+  const int g = dtype.tile_tokens ? dtype.tile_tokens : (d == 64 ? 64 : 128);
+  const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
+  const codec::TileCodec codec(dtype, d, g);
+  const codec::TileLayout& l = codec.layout();
+  int total_tiles = 0, max_tiles = 0;
+  for (const auto& s : specs) total_tiles += s.tiles, max_tiles = std::max(max_tiles, s.tiles);
+  const int num_blocks = total_tiles + 3;
+  std::mt19937 rng(seed);
+  std::vector<int32_t> free_blocks(num_blocks);
+  std::iota(free_blocks.begin(), free_blocks.end(), 0);
+  std::shuffle(free_blocks.begin(), free_blocks.end(), rng);
+
+  const KvCacheLayer shape = make_kv_cache_layer(dtype, d, g, kv_heads, nullptr, nullptr);
+  std::vector<uint8_t> blocks(shape.block_bytes() * num_blocks, 0xff);
+  std::vector<uint16_t> tails(shape.tail_slot_elements() * num_seqs, 0xffff);
+  std::vector<int32_t> tables;
+  std::vector<SequenceKvView> views;
+  // What the cache holds, storage space: stored[s][h] = [tokens][D] keys then values.
+  std::vector<std::vector<std::vector<double>>> stored_k(num_seqs), stored_v(num_seqs);
+  std::vector<float> tk(static_cast<size_t>(g) * d), tv(tk.size()), dk(tk.size()), dv(tk.size());
+  for (int s = 0; s < num_seqs; ++s) {
+    const int tokens = specs[s].tiles * g + specs[s].tail;
+    auto [k, v] = kv(s, tokens);
+    for (auto& x : k) x = round_to_half(x);
+    for (auto& x : v) x = round_to_half(x);
+    const int slot = num_seqs - 1 - s;
+    views.push_back({static_cast<int32_t>(tables.size()), specs[s].tiles, specs[s].tail, slot});
+    stored_k[s].assign(kv_heads, {});
+    stored_v[s].assign(kv_heads, {});
+    for (int i = 0; i < specs[s].tiles; ++i) {
+      const int32_t block = free_blocks.back();
+      free_blocks.pop_back();
+      tables.push_back(block);
+      for (int h = 0; h < kv_heads; ++h) {
+        for (int t = 0; t < g; ++t)
+          for (int c = 0; c < d; ++c) {
+            tk[t * d + c] = k[(static_cast<size_t>(i * g + t) * kv_heads + h) * d + c];
+            tv[t * d + c] = v[(static_cast<size_t>(i * g + t) * kv_heads + h) * d + c];
+          }
+        uint8_t* tile = blocks.data() + (static_cast<size_t>(block) * kv_heads + h) * l.bytes;
+        codec.encode(tk.data(), tv.data(), tile);
+        codec.decode(tile, dk.data(), dv.data());
+        stored_k[s][h].insert(stored_k[s][h].end(), dk.begin(), dk.end());
+        stored_v[s][h].insert(stored_v[s][h].end(), dv.begin(), dv.end());
+      }
+    }
+    for (int t = 0; t < specs[s].tail; ++t)
+      for (int h = 0; h < kv_heads; ++h)
+        for (int which = 0; which < 2; ++which) {
+          const auto& src = which == 0 ? k : v;
+          std::vector<double> row(d);
+          for (int c = 0; c < d; ++c) row[c] = src[(static_cast<size_t>(specs[s].tiles * g + t) * kv_heads + h) * d + c];
+          if (dtype.rotated()) hadamard_double(row.data(), d);
+          uint16_t* dst = tails.data() + (((static_cast<size_t>(slot) * 2 + which) * kv_heads + h) * g + t) * d;
+          for (int c = 0; c < d; ++c) {
+            dst[c] = float_to_half(static_cast<float>(row[c]));
+            (which == 0 ? stored_k : stored_v)[s][h].push_back(half_to_float(dst[c]));
+          }
+        }
+  }
+  if (tables.empty()) tables.push_back(0);
+
+  DeviceBuffer<uint8_t> dblocks(blocks);
+  DeviceBuffer<uint16_t> dtails(tails), dq(test::to_half(q_model));
+  DeviceBuffer<uint16_t> dout(q_model.size());
+  DeviceBuffer<int32_t> dtables(tables);
+  DeviceBuffer<SequenceKvView> dviews(views);
+  const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, kv_heads, dblocks.get(), dtails.get());
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, num_seqs, q_heads, max_tiles);
+  DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
+  workspace.poison();
+  dout.poison();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, max_tiles, scale},
+                   plan, workspace.get(), nullptr);
+  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto out = test::to_float(dout.download());
+
+  double worst = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    const int tokens = specs[s].tiles * g + specs[s].tail;
+    double err2 = 0, ref2 = 0;
+    for (int h = 0; h < q_heads; ++h) {
+      const int kvh = h / group;
+      std::vector<double> qr(d), o(d, 0.0);
+      for (int c = 0; c < d; ++c) qr[c] = half_to_float(float_to_half(q_model[(static_cast<size_t>(s) * q_heads + h) * d + c]));
+      if (dtype.rotated()) hadamard_double(qr.data(), d);
+      std::vector<double> scores(tokens);
+      double mx = -INFINITY, sum = 0;
+      for (int t = 0; t < tokens; ++t) {
+        double dot = 0;
+        for (int c = 0; c < d; ++c) dot += qr[c] * stored_k[s][kvh][static_cast<size_t>(t) * d + c];
+        scores[t] = dot * scale;
+        mx = std::max(mx, scores[t]);
+      }
+      for (int t = 0; t < tokens; ++t) sum += scores[t] = std::exp(scores[t] - mx);
+      for (int t = 0; t < tokens; ++t)
+        for (int c = 0; c < d; ++c) o[c] += scores[t] / sum * stored_v[s][kvh][static_cast<size_t>(t) * d + c];
+      if (dtype.rotated()) hadamard_double(o.data(), d);
+      for (int c = 0; c < d; ++c) {
+        const double got = out[(static_cast<size_t>(s) * q_heads + h) * d + c];
+        ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " head " << h << " channel " << c << " not written";
+        err2 += (got - o[c]) * (got - o[c]);
+        ref2 += o[c] * o[c];
+      }
+    }
+    if (tokens == 0) {
+      EXPECT_EQ(err2, 0.0) << "an empty sequence must give zeros";
+      continue;
+    }
+    const double rel = std::sqrt(err2 / ref2);
+    worst = std::max(worst, rel);
+    EXPECT_LE(rel, kRelErrorBudget) << dtype_name << " seq " << s << " (" << specs[s].tiles << " tiles, tail "
+                                    << specs[s].tail << ")";
+  }
+  std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e over %d sequences (%d splits of %d tiles)\n",
+              dtype_name.c_str(), d, q_heads, kv_heads, worst, num_seqs, plan.num_splits, plan.tiles_per_split);
+}
+
+struct DecodeCase {
+  std::string dtype;
+  int head_dim, q_heads, kv_heads;
+};
+
+class DecodeTest : public ::testing::TestWithParam<DecodeCase> {};
+
+TEST_P(DecodeTest, MatchesFloat64ReferenceOnRaggedBatch) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = std::random_device{}();
+  const int g = codec::parse_cache_dtype(c.dtype).tile_tokens ? codec::parse_cache_dtype(c.dtype).tile_tokens
+                                                               : (c.head_dim == 64 ? 64 : 128);
+  const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {5, 1}, {2, 127 % g}, {40, 33}};
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  // Keys and values from the synthetic generator (sinks, outlier channels) plus noise, per kv-head.
+  KvSource kv = [&](int s, int tokens) {
+    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const auto syn = codec::synthetic_kv(
+          {.tokens = std::max(tokens, 1), .head_dim = c.head_dim, .seed = seed + 17u * s + h});
+      for (int t = 0; t < tokens; ++t)
+        for (int ch = 0; ch < c.head_dim; ++ch) {
+          k[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.keys[t * c.head_dim + ch];
+          v[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.values[t * c.head_dim + ch];
+        }
+    }
+    return std::pair{k, v};
+  };
+  std::vector<float> q(specs.size() * c.q_heads * c.head_dim);
+  for (auto& x : q) x = normal(rng) * 1.5f;
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv, q, seed);
+}
+
+TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = std::random_device{}();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  KvSource kv = [&](int, int tokens) {
+    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
+    for (auto& x : k) x = normal(rng);
+    for (auto& x : v) x = normal(rng);
+    return std::pair{k, v};
+  };
+  const std::vector<SeqSpec> specs = {{300, 5}, {77, 0}};
+  std::vector<float> q(specs.size() * c.q_heads * c.head_dim);
+  for (auto& x : q) x = normal(rng) * 2.0f;
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv, q, seed);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, DecodeTest,
+    ::testing::Values(DecodeCase{"kvarn_k4v2_g128", 128, 8, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 16, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 128, 2, 2}, DecodeCase{"kvarn_k4v4_g128", 128, 8, 2},
+                      DecodeCase{"kvarn_k4v2_g64", 128, 8, 2}, DecodeCase{"kvarn_k4v4_g64", 128, 16, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 64, 8, 2}, DecodeCase{"kvarn_k4v4_g128", 64, 16, 2},
+                      DecodeCase{"kvarn_k4v2_g64", 64, 8, 2}, DecodeCase{"kvarn_k4v4_g64", 64, 4, 1},
+                      DecodeCase{"rtn_k4v2_g128", 128, 8, 2}, DecodeCase{"fp16", 128, 8, 2},
+                      DecodeCase{"fp16", 128, 16, 2}, DecodeCase{"fp16", 64, 8, 2}),
+    [](const auto& info) {
+      return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
+             std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
+    });
+
+TEST(DecodeCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto captured =
+      test::load_captured_kv((kvarn::test::shared_dir() / "golden/kvarn-test-lm/kv_capture.safetensors").string());
+  if (captured.empty()) GTEST_SKIP() << "kv_capture.safetensors not found under " << kvarn::test::shared_dir();
+  const uint32_t seed = std::random_device{}();
+  for (const std::string layer : {"layer0", "layer4", "layer7"}) {
+    const auto& ck = captured.at(layer + ".k");
+    const auto& cv = captured.at(layer + ".v");
+    const int kv_heads = ck.shape[0], captured_tokens = ck.shape[1], d = ck.shape[2], q_heads = 4 * kv_heads;
+    KvSource kv = [&](int, int tokens) {
+      std::vector<float> k(static_cast<size_t>(tokens) * kv_heads * d), v(k.size());
+      for (int t = 0; t < tokens; ++t)
+        for (int h = 0; h < kv_heads; ++h)
+          for (int c = 0; c < d; ++c) {
+            const size_t src = (static_cast<size_t>(h) * captured_tokens + t) * d + c;
+            k[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(ck.data[src]);
+            v[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(cv.data[src]);
+          }
+      return std::pair{k, v};
+    };
+    const std::vector<SeqSpec> specs = {{16, 0}, {7, 104}, {1, 1}, {0, 127}};
+    // Queries: captured keys of later tokens (post-RoPE, so they score like real queries), per q head.
+    std::mt19937 rng(seed);
+    std::vector<float> q(specs.size() * q_heads * d);
+    for (size_t s = 0; s < specs.size(); ++s)
+      for (int h = 0; h < q_heads; ++h) {
+        const int t = std::uniform_int_distribution<int>(0, captured_tokens - 1)(rng);
+        for (int c = 0; c < d; ++c)
+          q[(s * q_heads + h) * d + c] =
+              half_to_float(ck.data[(static_cast<size_t>(h / 4) * captured_tokens + t) * d + c]);
+      }
+    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "fp16"})
+      check_decode(dtype, d, q_heads, kv_heads, specs, kv, q, seed);
+  }
+}
+
+}  // namespace
+}  // namespace kvarn::cuda

@@ -1,0 +1,258 @@
+// append_to_tails and flush_full_tiles against the CPU codec. Append must be bit-exact (same butterflies, same
+// rounding). Flush: the tile bytes must equal TileCodec::encode_stored of the same fp16 tail, up to
+//   - codes: at most kMaxCodeMismatch of all codes differ, each by 1 (a value within float rounding of a
+//     rounding boundary, spec "Conformance"); in practice none;
+//   - fp16 scales: within 1 ulp.
+// Inputs: fresh random normal K/V, synthetic K/V with a 100x sink token and 30x channels, an all-zero tile,
+// constant tiles, and real K/V captured from kvarn-test-lm. Blocks are poisoned before each flush and the blocks
+// no job names must stay poisoned.
+#include "backend/cuda/append_to_tails.h"
+#include "backend/cuda/flush_full_tiles.h"
+#include "backend/cuda/kv_layout.h"
+#include "codec/hadamard.h"
+#include "codec/rtn.h"
+#include "codec/synthetic_kv.h"
+#include "codec/tile_codec.h"
+#include "cuda_test_support.h"
+#include "shared_dir.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+namespace kvarn::cuda {
+namespace {
+
+using test::DeviceBuffer;
+
+constexpr double kMaxCodeMismatch = 1e-4;
+
+// One KV cache layer on the device with `slots` tail slots and `blocks` blocks.
+struct DeviceLayer {
+  DeviceBuffer<uint8_t> blocks;
+  DeviceBuffer<uint16_t> tails;
+  KvCacheLayer view;
+  DeviceLayer(const codec::CacheDtype& dtype, int d, int g, int heads, int num_blocks, int slots)
+      : blocks(make_kv_cache_layer(dtype, d, g, heads, nullptr, nullptr).block_bytes() * num_blocks),
+        tails(make_kv_cache_layer(dtype, d, g, heads, nullptr, nullptr).tail_slot_elements() * slots),
+        view(make_kv_cache_layer(dtype, d, g, heads, blocks.get(), tails.get())) {}
+};
+
+// Appends token rows [rows][heads][D] (model space) to (slot, position) targets.
+void append(DeviceLayer& layer, const std::vector<float>& k, const std::vector<float>& v,
+            const std::vector<TailAppendRow>& targets) {
+  DeviceBuffer<uint16_t> dk(test::to_half(k)), dv(test::to_half(v));
+  DeviceBuffer<TailAppendRow> dt(targets);
+  append_to_tails(layer.view, dk.get(), dv.get(), dt.get(), static_cast<int>(targets.size()), nullptr);
+  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+uint16_t load_u16(const uint8_t* p) {
+  uint16_t x;
+  std::memcpy(&x, p, 2);
+  return x;
+}
+
+struct TileDiff {
+  long codes = 0, code_mismatches = 0, scales = 0, scale_mismatches = 0;
+};
+
+// Compares a device tile with the CPU codec's, per the budget above.
+void compare_tiles(const codec::TileLayout& l, const uint8_t* gpu, const uint8_t* cpu, TileDiff& diff) {
+  if (!l.code_tile) {
+    for (size_t i = 0; i < l.bytes; ++i) diff.code_mismatches += gpu[i] != cpu[i];
+    diff.codes += static_cast<long>(l.bytes);
+    return;
+  }
+  auto compare_codes = [&](size_t offset, int rows, int cols, int bits) {
+    std::vector<uint8_t> a(cols), b(cols);
+    const size_t row_bytes = static_cast<size_t>(cols) * bits / 8;
+    for (int r = 0; r < rows; ++r) {
+      codec::unpack_codes(gpu + offset + r * row_bytes, cols, bits, a.data());
+      codec::unpack_codes(cpu + offset + r * row_bytes, cols, bits, b.data());
+      for (int c = 0; c < cols; ++c) {
+        ++diff.codes;
+        if (a[c] != b[c]) {
+          ++diff.code_mismatches;
+          EXPECT_LE(std::abs(a[c] - b[c]), 1) << "row " << r << " col " << c;
+        }
+      }
+    }
+  };
+  auto compare_scales = [&](size_t offset, int n) {
+    for (int i = 0; i < n; ++i) {
+      const uint16_t a = load_u16(gpu + offset + 2 * i), b = load_u16(cpu + offset + 2 * i);
+      ++diff.scales;
+      if (a != b) {
+        ++diff.scale_mismatches;
+        EXPECT_LE(std::abs(static_cast<int>(a) - static_cast<int>(b)), 1) << "fp16 scale " << i << " at " << offset;
+      }
+    }
+  };
+  const int d = l.head_dim, g = l.tokens;
+  compare_codes(l.key_codes, d, g, l.key_bits);
+  compare_codes(l.value_codes, g, d, l.value_bits);
+  compare_scales(l.key_scale, d);
+  compare_scales(l.key_zero, d);
+  compare_scales(l.key_token_scale, g);
+  compare_scales(l.value_channel_scale, d);
+  compare_scales(l.value_scale, g);
+  compare_scales(l.value_zero, g);
+}
+
+// Fills `jobs` full tails (slot j) with the given per-job K/V [G][heads][D], flushes them into blocks
+// block_of[j] and checks every tile, and that the other blocks stay poisoned.
+void flush_and_check(const std::string& dtype_name, int d, int heads, const std::vector<std::vector<float>>& keys,
+                     const std::vector<std::vector<float>>& values, const std::vector<int>& block_of, int num_blocks) {
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
+  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128;
+  const int jobs = static_cast<int>(keys.size());
+  DeviceLayer layer(dtype, d, g, heads, num_blocks, jobs);
+  std::vector<float> k, v;
+  std::vector<TailAppendRow> targets;
+  for (int j = 0; j < jobs; ++j) {
+    k.insert(k.end(), keys[j].begin(), keys[j].end());
+    v.insert(v.end(), values[j].begin(), values[j].end());
+    for (int t = 0; t < g; ++t) targets.push_back({j, t});
+  }
+  append(layer, k, v, targets);
+
+  // The tail must be the CPU's rotation, rounded to fp16, bit for bit.
+  const auto tails = layer.tails.download();
+  for (int j = 0; j < jobs; ++j)
+    for (int t = 0; t < g; ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int which = 0; which < 2; ++which) {
+          const auto& src = which == 0 ? keys[j] : values[j];
+          std::vector<float> row(src.begin() + (static_cast<size_t>(t) * heads + h) * d,
+                                 src.begin() + (static_cast<size_t>(t) * heads + h + 1) * d);
+          for (auto& x : row) x = round_to_half(x);
+          if (dtype.rotated()) codec::hadamard_rotate(row.data(), d);
+          const uint16_t* got = tails.data() + (((static_cast<size_t>(j) * 2 + which) * heads + h) * g + t) * d;
+          for (int c = 0; c < d; ++c)
+            ASSERT_EQ(got[c], float_to_half(row[c])) << "tail slot " << j << " token " << t << " channel " << c;
+        }
+
+  layer.blocks.poison();
+  std::vector<TileFlushJob> flush_jobs;
+  for (int j = 0; j < jobs; ++j) flush_jobs.push_back({j, block_of[j]});
+  DeviceBuffer<TileFlushJob> djobs(flush_jobs);
+  flush_full_tiles(layer.view, djobs.get(), jobs, nullptr);
+  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto blocks = layer.blocks.download();
+
+  const codec::TileCodec codec(dtype, d, g);
+  const codec::TileLayout& l = codec.layout();
+  TileDiff diff;
+  std::vector<uint8_t> expected(l.bytes);
+  std::vector<float> tk(static_cast<size_t>(g) * d), tv(tk.size());
+  for (int j = 0; j < jobs; ++j)
+    for (int h = 0; h < heads; ++h) {
+      for (int i = 0; i < g * d; ++i) {
+        tk[i] = half_to_float(tails[((static_cast<size_t>(j) * 2 + 0) * heads + h) * g * d + i]);
+        tv[i] = half_to_float(tails[((static_cast<size_t>(j) * 2 + 1) * heads + h) * g * d + i]);
+      }
+      codec.encode_stored(tk.data(), tv.data(), expected.data());
+      compare_tiles(l, blocks.data() + (static_cast<size_t>(block_of[j]) * heads + h) * l.bytes, expected.data(),
+                    diff);
+    }
+  if (l.code_tile) {
+    EXPECT_LE(diff.code_mismatches, kMaxCodeMismatch * diff.codes) << diff.code_mismatches << " of " << diff.codes;
+  } else {
+    EXPECT_EQ(diff.code_mismatches, 0);
+  }
+  std::vector<bool> used(num_blocks, false);
+  for (int b : block_of) used[b] = true;
+  for (int b = 0; b < num_blocks; ++b) {
+    if (used[b]) continue;
+    for (size_t i = 0; i < l.bytes * heads; ++i)
+      ASSERT_EQ(blocks[b * l.bytes * heads + i], 0xff) << "block " << b << " was written";
+  }
+  std::printf("  %s D=%d: %ld/%ld codes and %ld/%ld fp16 scales differ from the CPU codec\n", dtype_name.c_str(), d,
+              diff.code_mismatches, diff.codes, diff.scale_mismatches, diff.scales);
+}
+
+struct FlushCase {
+  std::string dtype;
+  int head_dim;
+};
+
+class FlushTest : public ::testing::TestWithParam<FlushCase> {};
+
+TEST_P(FlushTest, MatchesCpuCodecOnRandomAndEdgeTiles) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto [name, d] = GetParam();
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(name);
+  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, heads = 2;
+  const size_t n = static_cast<size_t>(g) * heads * d;
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  std::vector<std::vector<float>> keys, values;
+  // 0-1: random normal with a per-channel spread.
+  for (int j = 0; j < 2; ++j) {
+    std::vector<float> k(n), v(n);
+    for (size_t i = 0; i < n; ++i) k[i] = normal(rng) * (1.0f + (i % d) % 7), v[i] = normal(rng);
+    keys.push_back(k), values.push_back(v);
+  }
+  // 2: synthetic, with a 50-100x sink token and 10-30x outlier channels, per head.
+  {
+    std::vector<float> k(n), v(n);
+    for (int h = 0; h < heads; ++h) {
+      const auto s = codec::synthetic_kv({.tokens = g, .head_dim = d, .seed = rng()});
+      for (int t = 0; t < g; ++t)
+        for (int c = 0; c < d; ++c) {
+          k[(static_cast<size_t>(t) * heads + h) * d + c] = s.keys[t * d + c];
+          v[(static_cast<size_t>(t) * heads + h) * d + c] = s.values[t * d + c];
+        }
+    }
+    keys.push_back(k), values.push_back(v);
+  }
+  // 3: all zero; 4: every element the same constant; 5: constant per token (constant value rows).
+  keys.push_back(std::vector<float>(n, 0.0f)), values.push_back(std::vector<float>(n, 0.0f));
+  keys.push_back(std::vector<float>(n, 1.5f)), values.push_back(std::vector<float>(n, -0.75f));
+  {
+    std::vector<float> k(n), v(n);
+    for (size_t i = 0; i < n; ++i) k[i] = normal(rng), v[i] = static_cast<float>(i / (heads * d)) * 0.01f;
+    keys.push_back(k), values.push_back(v);
+  }
+  flush_and_check(name, d, heads, keys, values, {7, 2, 0, 5, 3, 6}, 9);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FlushTest,
+                         ::testing::Values(FlushCase{"kvarn_k4v2_g128", 128}, FlushCase{"kvarn_k4v4_g128", 128},
+                                           FlushCase{"kvarn_k4v2_g64", 128}, FlushCase{"kvarn_k4v4_g64", 128},
+                                           FlushCase{"kvarn_k4v2_g128", 64}, FlushCase{"kvarn_k4v4_g64", 64},
+                                           FlushCase{"rot_k4v2_g128", 128}, FlushCase{"rtn_k4v2_g128", 128},
+                                           FlushCase{"fp16", 128}, FlushCase{"fp16", 64}),
+                         [](const auto& info) { return info.param.dtype + "_d" + std::to_string(info.param.head_dim); });
+
+TEST(FlushCapturedKv, MatchesCpuCodecOnRealKeysAndValues) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto captured =
+      test::load_captured_kv((kvarn::test::shared_dir() / "golden/kvarn-test-lm/kv_capture.safetensors").string());
+  if (captured.empty()) GTEST_SKIP() << "kv_capture.safetensors not found under " << kvarn::test::shared_dir();
+  for (const std::string layer : {"layer0", "layer4", "layer7"}) {
+    const auto& ck = captured.at(layer + ".k");
+    const auto& cv = captured.at(layer + ".v");
+    const int heads = ck.shape[0], tokens = ck.shape[1], d = ck.shape[2], g = 128, tiles = tokens / g;
+    std::vector<std::vector<float>> keys(tiles), values(tiles);
+    std::vector<int> block_of;
+    for (int j = 0; j < tiles; ++j) {
+      keys[j].resize(static_cast<size_t>(g) * heads * d), values[j].resize(keys[j].size());
+      for (int t = 0; t < g; ++t)
+        for (int h = 0; h < heads; ++h)
+          for (int c = 0; c < d; ++c) {
+            const size_t src = (static_cast<size_t>(h) * tokens + j * g + t) * d + c;
+            keys[j][(static_cast<size_t>(t) * heads + h) * d + c] = half_to_float(ck.data[src]);
+            values[j][(static_cast<size_t>(t) * heads + h) * d + c] = half_to_float(cv.data[src]);
+          }
+      block_of.push_back(tiles - 1 - j);
+    }
+    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128"}) flush_and_check(dtype, d, heads, keys, values,
+                                                                                       block_of, tiles + 1);
+  }
+}
+
+}  // namespace
+}  // namespace kvarn::cuda
