@@ -8,8 +8,9 @@
 // Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group, padded to 16):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
-// (fp16 tiles: the same with raw q/p and fp16 K/V.) Codes become fp16 in registers (mma_fragments.cuh); no
-// dequantized copy is ever written. The token and channel orders inside an mma are permuted so that each
+// (fp16 tiles: the same with the raw fp16 q, p and K/V, the scale applied to the fp32 scores.) q' a_K is folded
+// once per tile for the 4 warps into shared memory. Codes become fp16 operands 1024 + code * 2^k in registers
+// (mma_fragments.cuh), the bias and 2^k removed from the fp32 results; no dequantized copy is ever written. The token and channel orders inside an mma are permuted so that each
 // thread's B operand comes from one 32-bit word of the packed rows (any permutation of the reduced index, used
 // consistently in A and B, gives the same sum).
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
@@ -53,15 +54,6 @@ struct Fp16Tile {
 template <class F>
 constexpr int stages() {
   return F::L.bytes <= 20000 ? 4 : F::L.bytes <= 40000 ? 3 : 2;
-}
-
-template <class F>
-constexpr size_t shared_bytes() {
-  const size_t ring = stages<F>() * F::L.bytes;
-  const size_t merge = sizeof(float) * kWarps * kMaxGroup * (F::D + 2);
-  const size_t tail_scores = sizeof(float) * kMaxGroup * F::G;
-  const size_t query = sizeof(float) * kMaxGroup * F::D;
-  return std::max({ring, merge, tail_scores}) + query;
 }
 
 struct DecodeParams {
@@ -124,7 +116,9 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
           if (h < p.group) acc[h] += qs[h * D + c8 * 8 + 2 * e] * f.x + qs[h * D + c8 * 8 + 2 * e + 1] * f.y;
       }
     }
-    for (int h = 0; h < p.group; ++h) scores[h * G + tid] = acc[h];
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h)
+      if (h < p.group) scores[h * G + tid] = acc[h] * p.scale_log2;
   }
   __syncthreads();
   for (int h = warp; h < p.group; h += kWarps) {
@@ -151,18 +145,35 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
       for (int h = 0; h < kMaxGroup; ++h)
         if (h < p.group) acc[h] += scores[h * G + t] * x;
     }
-    for (int h = 0; h < p.group; ++h)
-      p.partial_o[((partial_row + h) * (p.num_splits + 1) + partial_index) * D + c] = acc[h];
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h)
+      if (h < p.group) p.partial_o[((partial_row + h) * (p.num_splits + 1) + partial_index) * D + c] = acc[h];
   }
 }
+
+// Shared memory of a CTA: the ring of tiles (reused by the tail scores and the final merge), then the per-tile
+// folded query fragments (KVarN), then the group's rotated queries.
+template <class F>
+struct SharedLayout {
+  static constexpr int D = F::D, KBLK = D / 16;
+  static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
+                                           sizeof(float) * kMaxGroup * F::G});
+  static constexpr size_t folded = sizeof(uint2) * KBLK * kMaxGroup * 4 + 2 * sizeof(float) * kMaxGroup;
+  static constexpr size_t query = sizeof(float) * kMaxGroup * D;
+  static constexpr size_t bytes = ring + folded + query;
+};
 
 template <class F>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams p) {
   constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = stages<F>();
   constexpr codec::TileLayout L = F::L;
+  using Shared = SharedLayout<F>;
   extern __shared__ __align__(16) uint8_t shared[];
-  float* qs = reinterpret_cast<float*>(shared + shared_bytes<F>() - sizeof(float) * kMaxGroup * D);
   uint8_t* ring = shared;
+  uint2* folded_q = reinterpret_cast<uint2*>(shared + Shared::ring);  // [KBLK][head][m]: (a0, a2) fragments
+  float* folded_z = reinterpret_cast<float*>(folded_q + KBLK * kMaxGroup * 4);  // [head]: sum_c q' z_K
+  float* folded_sum = folded_z + kMaxGroup;                                     // [head]: sum_c fp16(q' a_K)
+  float* qs = reinterpret_cast<float*>(shared + Shared::ring + Shared::folded);
 
   const int split = blockIdx.x, head = blockIdx.y, seq_index = blockIdx.z;
   const SequenceKvView seq = p.seqs[seq_index];
@@ -173,16 +184,18 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
   const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
 
-  // The group's queries, rotated into the storage space and pre-scaled by scale * log2(e) (scores in log2 units).
-  for (int h = warp; h < p.group; h += kWarps) {
+  // The group's queries, rotated into the storage space (rows past the group are zero).
+  for (int h = warp; h < kMaxGroup; h += kWarps) {
     constexpr int E = D / 32;
-    const __half* src = p.q + (partial_row + h) * D + lane * E;
-    float x[E];
+    float x[E] = {};
+    if (h < p.group) {
+      const __half* src = p.q + (partial_row + h) * D + lane * E;
 #pragma unroll
-    for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
-    if (p.rotated) hadamard_warp<D>(x);
+      for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
+      if (p.rotated) hadamard_warp<D>(x);
+    }
 #pragma unroll
-    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i] * p.scale_log2;
+    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i];
   }
   __syncthreads();
   if (tail) {
@@ -190,7 +203,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     return;
   }
 
-  // Token of column x of this warp's local n-tile j; channel of k-slot i (0..3 <-> 2m, 2m+1, 2m+8, 2m+9).
+  // Token of column x of this warp's local n-tile j. KVarN: the nibble index inside a key-code word is the
+  // n-tile, the word is the column; fp16: n-tile j holds 8 consecutive tokens.
   auto token = [warp](int j, int x) {
     if constexpr (F::kCodes) {
       constexpr int halves = G / 64, warps_per_half = kWarps / halves;
@@ -199,14 +213,17 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       return 8 * (warp * NT + j) + x;
     }
   };
-  auto qk_channel = [m4](int kb, int i) { return F::kCodes ? kb * 16 + m4 + 4 * i : kb * 16 + 4 * m4 + i; };
 
-  const bool live_row = col < p.group;
-  float qf[KBLK][4];
+  // fp16 tiles: the raw query is the A operand for every tile (channels kb*16 + 4m + i <-> k-slots).
+  uint32_t q_frag[F::kCodes ? 1 : KBLK][2];
+  if constexpr (!F::kCodes) {
 #pragma unroll
-  for (int kb = 0; kb < KBLK; ++kb)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) qf[kb][i] = live_row ? qs[col * D + qk_channel(kb, i)] : 0.0f;
+    for (int kb = 0; kb < KBLK; ++kb) {
+      const float* q = qs + col * D + kb * 16 + 4 * m4;
+      q_frag[kb][0] = pack_half2(q[0], q[1]);
+      q_frag[kb][1] = pack_half2(q[2], q[3]);
+    }
+  }
 
   float o[NV][2] = {};
   float m_run = -FLT_MAX, l_run = 0;
@@ -227,71 +244,99 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     cp_async_commit();
     const uint8_t* tile = ring + (it % S) * L.bytes;
 
-    // ---- scores ----
-    float acc[NT][4] = {};
-    float qz = 0;
+    // ---- scores (log2 units) ----
+    float s[NT][2];
     if constexpr (F::kCodes) {
-      const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
-      const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
+      // Fold a_K and the softmax scale into the query once per tile for all warps: q'_c a_K[c] as fp16
+      // fragments, and per head sum_c q'_c z_K[c] and the sum of the fp16 products (for the code bias below).
+      {
+        const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
+        const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
+        const int h = tid / 16, part = tid % 16;
+        float z_sum = 0, a_sum = 0;
+#pragma unroll
+        for (int e = part; e < KBLK * 4; e += 16) {
+          const int kb = e / 4, m = e % 4;
+          float v[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int c = kb * 16 + m + 4 * i;
+            const float q = qs[h * D + c] * p.scale_log2;
+            v[i] = q * __half2float(a_k[c]);
+            z_sum += q * __half2float(z_k[c]);
+          }
+          const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
+          const float2 lo_f = __half22float2(lo), hi_f = __half22float2(hi);
+          a_sum += (lo_f.x + lo_f.y) + (hi_f.x + hi_f.y);
+          folded_q[(kb * kMaxGroup + h) * 4 + m] =
+              make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+        }
+#pragma unroll
+        for (int o = 1; o < 16; o *= 2) {
+          z_sum += __shfl_xor_sync(0xffffffffu, z_sum, o);
+          a_sum += __shfl_xor_sync(0xffffffffu, a_sum, o);
+        }
+        if (part == 0) folded_z[h] = z_sum, folded_sum[h] = a_sum;
+      }
+      __syncthreads();
+
+      // Codes enter the mma as fp16 1024 + code * 2^k (code at bit k of a byte, OR-ed into 0x6400: one
+      // byte permute per two n-tiles, one mask-and-or per operand); the bias 1024 * sum(q'a) and the factor
+      // 2^k come off in fp32 below. Channel of k-slot i (0..3 <-> 2m, 2m+1, 2m+8, 2m+9): kb*16 + m + 4i.
       const uint32_t* codes = reinterpret_cast<const uint32_t*>(tile + L.key_codes);
       constexpr int kRowWords = G / 8, kRowChunks = G / 32;
       constexpr int halves = G / 64, warps_per_half = kWarps / halves;
       const int word = col + 8 * (warp / warps_per_half);
-      const int first_nibble = (warp % warps_per_half) * NT;  // even
+      const int first_byte = (warp % warps_per_half) * NT / 2;
+      float acc[NT][4] = {};
 #pragma unroll
       for (int kb = 0; kb < KBLK; ++kb) {
-        float qa[4];
+        const uint2 a = folded_q[(kb * kMaxGroup + col) * 4 + m4];
         uint32_t w[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int c = qk_channel(kb, i);
-          qa[i] = qf[kb][i] * __half2float(a_k[c]);
-          qz += qf[kb][i] * __half2float(z_k[c]);
+          const int c = kb * 16 + m4 + 4 * i;
           int chunk = word / 4;
           if (kRowChunks == 4) chunk ^= ((c >> 1) & 1) << 1;
           w[i] = codes[c * kRowWords + chunk * 4 + word % 4];
         }
-        const uint32_t a0 = pack_half2(qa[0], qa[1]), a2 = pack_half2(qa[2], qa[3]);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint32_t sel = pair_selector((first_nibble + j) / 2);
-          const int shift = 4 * (j & 1);
-          mma_m16n8k16(acc[j], a0, a2, codes_to_half2<4>(w[0], w[1], sel, shift),
-                       codes_to_half2<4>(w[2], w[3], sel, shift));
+        for (int jp = 0; jp < NT / 2; ++jp) {
+          const uint32_t sel = pair_selector(first_byte + jp);
+          const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
+          mma_m16n8k16(acc[2 * jp], a.x, a.y, biased_codes(x01, 0x000f000fu), biased_codes(x23, 0x000f000fu));
+          mma_m16n8k16(acc[2 * jp + 1], a.x, a.y, biased_codes(x01, 0x00f000f0u), biased_codes(x23, 0x00f000f0u));
         }
       }
-      qz += __shfl_xor_sync(0xffffffffu, qz, 1);
-      qz += __shfl_xor_sync(0xffffffffu, qz, 2);
+      const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale);
+      const float z = folded_z[col], bias = 1024.0f * folded_sum[col];
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) * ((acc[j][e] - bias) * ((j & 1) ? 0.0625f : 1.0f) + z);
     } else {
       const uint8_t* keys = tile + L.key_codes;
+      float acc[NT][4] = {};
 #pragma unroll
-      for (int kb = 0; kb < KBLK; ++kb) {
-        const uint32_t a0 = pack_half2(qf[kb][0], qf[kb][1]), a2 = pack_half2(qf[kb][2], qf[kb][3]);
+      for (int kb = 0; kb < KBLK; ++kb)
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const int t = token(j, col);
           const int chunk = (2 * kb + m4 / 2) ^ (t & 7);
           const uint2 b = *reinterpret_cast<const uint2*>(keys + t * D * 2 + chunk * 16 + (m4 & 1) * 8);
-          mma_m16n8k16(acc[j], a0, a2, b.x, b.y);
+          mma_m16n8k16(acc[j], q_frag[kb][0], q_frag[kb][1], b.x, b.y);
         }
-      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) s[j][e] = acc[j][e] * p.scale_log2;
     }
 
     // ---- online softmax over this warp's tokens of the tile ----
-    float s[NT][2];
     float tile_max = -FLT_MAX;
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        if constexpr (F::kCodes) {
-          const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale);
-          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) * (acc[j][e] + qz);
-        } else {
-          s[j][e] = acc[j][e];
-        }
-        tile_max = fmaxf(tile_max, s[j][e]);
-      }
+    for (int j = 0; j < NT; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     const float m_new = fmaxf(m_run, tile_max);
@@ -310,14 +355,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 
     // ---- values ----
     if constexpr (F::kCodes) {
-      constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;  // bytes of a column's channels
+      // A = p * a_V (fp16), B = value codes biased like the keys; channel of column x of n-tile i: x*NV + i.
+      constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;
+      constexpr int kCodesPerByte = 8 / VB;
       const __half* a_v = reinterpret_cast<const __half*>(tile + L.value_scale);
       const __half* z_v = reinterpret_cast<const __half*>(tile + L.value_zero);
-      const __half* s_ch = reinterpret_cast<const __half*>(tile + L.value_channel_scale);
       const uint8_t* codes = tile + L.value_codes;
       uint32_t a0[NT / 2], a2[NT / 2];
       uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
-      float pz = 0;
+      float pz = 0, pa_sum = 0;
 #pragma unroll
       for (int kk = 0; kk < NT / 2; ++kk) {
         float pa[2][2];
@@ -333,27 +379,51 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
               v[kk][2 * jj + e][0] = *reinterpret_cast<const uint16_t*>(row);
             } else {
 #pragma unroll
-              for (int w = 0; w < kColBytes / 4; ++w) v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
+              for (int w = 0; w < kColBytes / 4; ++w)
+                v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
             }
           }
-        a0[kk] = pack_half2(pa[0][0], pa[0][1]);
-        a2[kk] = pack_half2(pa[1][0], pa[1][1]);
+        const __half2 h0 = __floats2half2_rn(pa[0][0], pa[0][1]), h2 = __floats2half2_rn(pa[1][0], pa[1][1]);
+        const float2 f0 = __half22float2(h0), f2 = __half22float2(h2);
+        pa_sum += (f0.x + f0.y) + (f2.x + f2.y);
+        a0[kk] = *reinterpret_cast<const uint32_t*>(&h0);
+        a2[kk] = *reinterpret_cast<const uint32_t*>(&h2);
       }
       pz += __shfl_xor_sync(0xffffffffu, pz, 1);
       pz += __shfl_xor_sync(0xffffffffu, pz, 2);
+      pa_sum += __shfl_xor_sync(0xffffffffu, pa_sum, 1);
+      pa_sum += __shfl_xor_sync(0xffffffffu, pa_sum, 2);
+      // s_ch of this thread's output channels (2m + e) * NV + i, i = 0..NV-1: NV contiguous halves per e.
+      uint4 s_ch_raw[2][NV / 8];
 #pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        constexpr int kPerWord = 32 / VB;
-        const int word = i / kPerWord, bit = (i % kPerWord) * VB;
-        const uint32_t sel = pair_selector(bit / 8);
-        float c[4] = {};
+      for (int e = 0; e < 2; ++e)
 #pragma unroll
-        for (int kk = 0; kk < NT / 2; ++kk)
-          mma_m16n8k16(c, a0[kk], a2[kk], codes_to_half2<VB>(v[kk][0][word], v[kk][1][word], sel, bit % 8),
-                       codes_to_half2<VB>(v[kk][2][word], v[kk][3][word], sel, bit % 8));
+        for (int u = 0; u < NV / 8; ++u)
+          s_ch_raw[e][u] = *reinterpret_cast<const uint4*>(tile + L.value_channel_scale + ((2 * m4 + e) * NV + 8 * u) * 2);
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
-          o[i][e] += __half2float(s_ch[(2 * m4 + e) * NV + i]) * (c[e] + pz);
+      for (int byte_group = 0; byte_group < NV / kCodesPerByte; ++byte_group) {
+        const int word = byte_group / 4, byte = byte_group % 4;
+        uint32_t x_ab[NT / 2], x_cd[NT / 2];
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk) {
+          x_ab[kk] = __byte_perm(v[kk][0][word], v[kk][1][word], pair_selector(byte));
+          x_cd[kk] = __byte_perm(v[kk][2][word], v[kk][3][word], pair_selector(byte));
+        }
+#pragma unroll
+        for (int q = 0; q < kCodesPerByte; ++q) {
+          const int i = byte_group * kCodesPerByte + q, k = q * VB;
+          const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << k;
+          float c[4] = {};
+#pragma unroll
+          for (int kk = 0; kk < NT / 2; ++kk)
+            mma_m16n8k16(c, a0[kk], a2[kk], biased_codes(x_ab[kk], mask), biased_codes(x_cd[kk], mask));
+          const float inv = 1.0f / static_cast<float>(1 << k), offset = pz - 1024.0f * pa_sum * inv;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const __half s_ch = reinterpret_cast<const __half*>(&s_ch_raw[e][i / 8])[i % 8];
+            o[i][e] = fmaf(__half2float(s_ch), fmaf(c[e], inv, offset), o[i][e]);
+          }
+        }
       }
     } else {
       const uint8_t* values = tile + L.value_codes;
@@ -394,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
   float* merge = reinterpret_cast<float*>(ring);  // [warp][group][D + 2]
-  if (live_row) {
+  if (col < p.group) {
     float* dst = merge + (warp * kMaxGroup + col) * (D + 2);
 #pragma unroll
     for (int i = 0; i < NV; ++i)
@@ -468,9 +538,9 @@ int blocks_per_sm() {
   static int blocks = 0;
   std::call_once(once, [] {
     KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          shared_bytes<F>()));
+                                          SharedLayout<F>::bytes));
     KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
-                                                                   shared_bytes<F>()));
+                                                                   SharedLayout<F>::bytes));
   });
   return std::max(blocks, 1);
 }
@@ -544,7 +614,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     using F = decltype(f);
     blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
     const dim3 grid(plan.num_splits + 1, cache.num_kv_heads, args.num_seqs);
-    decode_attention_kernel<F><<<grid, kThreads, shared_bytes<F>(), stream>>>(p);
+    decode_attention_kernel<F><<<grid, kThreads, SharedLayout<F>::bytes, stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());
   const int num_rows = args.num_seqs * args.num_q_heads;

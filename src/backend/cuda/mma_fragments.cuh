@@ -1,7 +1,7 @@
 #pragma once
 // Tensor-core helpers for the attention kernels: mma.sync m16n8k16 (fp16 in, fp32 accumulate), cp.async, and
-// the unpacking of 2- and 4-bit codes into fp16 pairs with one byte permute, one mask-and-or and one subtract
-// (a code c in the low mantissa bits of 0x6400 is the fp16 number 1024 + c).
+// the unpacking of 2- and 4-bit codes into fp16 operands with byte permutes and mask-and-or (a code c at bit k of
+// the mantissa of 0x6400 is the fp16 number 1024 + c * 2^k, exact).
 //
 // Fragment layout (PTX ISA, m16n8k16 .f16): g = lane / 4, m = lane % 4
 //   A (16 x 16, row):  a[0] = (row g,   k 2m, 2m+1)  a[1] = (row g+8, k 2m, 2m+1)
@@ -28,18 +28,11 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// (code at bit `shift` of byte `byte` of x, same of y) as an fp16 pair; BITS in {2, 4}. byte/shift are
-// compile-time in the callers' unrolled loops, or `selector` is precomputed.
-template <int BITS>
-__device__ __forceinline__ uint32_t codes_to_half2(uint32_t x, uint32_t y, uint32_t selector, int shift) {
-  constexpr uint32_t mask = ((1u << BITS) - 1) * 0x00010001u;
-  const uint32_t bytes = __byte_perm(x, y, selector) >> shift;
-  const uint32_t biased = (bytes & mask) | 0x64006400u;
-  const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&biased), __half2(__half(1024.0f), __half(1024.0f)));
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
+// The codes selected by `mask` (bits k..k+bits-1 of each 16-bit half, k + bits <= 8) as the fp16 pair
+// 1024 + code * 2^k: OR-ed into the mantissa of 1024.0 (0x6400), one LOP3. Callers remove the bias and 2^k in fp32.
+__device__ __forceinline__ uint32_t biased_codes(uint32_t x, uint32_t mask) { return (x & mask) | 0x64006400u; }
 
-// Selector putting byte b of x in byte 0 and byte b of y in byte 2.
+// __byte_perm selector putting byte b of x in byte 0 and byte b of y in byte 2 (bytes 1, 3: don't care).
 __host__ __device__ constexpr uint32_t pair_selector(int b) {
   return static_cast<uint32_t>(b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12));
 }

@@ -1,8 +1,8 @@
 // decode_attention against float64 attention over what the cache holds: tiles decoded by codec::TileCodec::decode
 // (storage space), the fp16 tail, the query rotated in float64, softmax in float64, output rotated back.
-// Budget: per sequence, ||out - ref|| / ||ref|| <= kRelErrorBudget. What the kernel rounds on the way: the folded
-// query q'*a_K and the weights p*a_V are fp16 tensor-core operands (2^-11 relative each), the output is fp16
-// (2^-11). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty one,
+// Budget: per sequence, ||out - ref|| / ||ref|| <= kRelErrorBudgetCodes (code tiles) or kRelErrorBudgetFp16. What
+// the kernel rounds on the way: the folded query q'*a_K*scale and the weights p*a_V are fp16 tensor-core operands
+// (2^-11 relative each), the output is fp16 (2^-11). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty one,
 // long sequences split over many CTAs, GQA groups of 1, 4 and 8, head_dim 64 and 128, every KVarN preset, the
 // rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured K/V. Outputs
 // are poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
@@ -26,7 +26,9 @@ namespace {
 
 using test::DeviceBuffer;
 
-constexpr double kRelErrorBudget = 4e-3;
+// Code tiles round the folded query q' * a_K * scale to fp16 (2^-12 relative on average), which a 100x sink key
+// turns into ~1e-2 absolute error on its score; fp16 tiles use the fp16 query as given and scale in fp32.
+constexpr double kRelErrorBudgetCodes = 1e-2, kRelErrorBudgetFp16 = 3e-3;
 
 struct SeqSpec {
   int tiles;
@@ -162,7 +164,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
     }
     const double rel = std::sqrt(err2 / ref2);
     worst = std::max(worst, rel);
-    EXPECT_LE(rel, kRelErrorBudget) << dtype_name << " seq " << s << " (" << specs[s].tiles << " tiles, tail "
+    EXPECT_LE(rel, dtype.code_tile() ? kRelErrorBudgetCodes : kRelErrorBudgetFp16) << dtype_name << " seq " << s << " (" << specs[s].tiles << " tiles, tail "
                                     << specs[s].tail << ")";
   }
   std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e over %d sequences (%d splits of %d tiles)\n",

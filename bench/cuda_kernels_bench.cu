@@ -1,0 +1,217 @@
+// kvarn_cuda_bench: times the CUDA KV-cache kernels on the GPU it runs on and writes one CSV row per measurement.
+//   copy      device-to-device cudaMemcpy of 2 GiB: the bandwidth ceiling (bytes read + bytes written)
+//   decode    decode_attention per (model shape, cache dtype, batch, context): median time, bytes really read
+//             (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
+//   flush     flush_full_tiles of N full tails of the Llama-3-8B layer shape: tiles per second
+// Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
+// shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
+// Usage: kvarn_cuda_bench [--csv FILE] [--quick]
+#include "backend/cuda/append_to_tails.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/decode_attention.h"
+#include "backend/cuda/flush_full_tiles.h"
+#include "backend/cuda/kv_layout.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace kvarn::cuda {
+namespace {
+
+// Every 16-bit word becomes a finite fp16 number of magnitude in [0.5, 1): valid scales, arbitrary codes.
+__global__ void fill_plausible_kernel(uint16_t* data, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed ^ static_cast<uint32_t>(i >> 32) * 40503u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    data[i] = static_cast<uint16_t>((h & 0x83ffu) | 0x3800u);
+  }
+}
+
+void fill_plausible(void* data, size_t bytes, uint32_t seed) {
+  fill_plausible_kernel<<<4096, 256>>>(static_cast<uint16_t*>(data), bytes / 2, seed);
+  KVARN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename Fn>
+double median_ms(int reps, Fn&& fn) {
+  cudaEvent_t start, stop;
+  KVARN_CUDA_CHECK(cudaEventCreate(&start));
+  KVARN_CUDA_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) fn(i);
+  std::vector<float> times;
+  for (int i = 0; i < reps; ++i) {
+    KVARN_CUDA_CHECK(cudaEventRecord(start));
+    fn(i);
+    KVARN_CUDA_CHECK(cudaEventRecord(stop));
+    KVARN_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    KVARN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  KVARN_CUDA_CHECK(cudaEventDestroy(start));
+  KVARN_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+struct Csv {
+  FILE* file = nullptr;
+  void row(const std::string& line) {
+    std::printf("%s\n", line.c_str());
+    std::fflush(stdout);
+    if (file) std::fprintf(file, "%s\n", line.c_str()), std::fflush(file);
+  }
+};
+
+double copy_bandwidth(Csv& csv) {
+  const size_t bytes = size_t{2} << 30;
+  void *a, *b;
+  KVARN_CUDA_CHECK(cudaMalloc(&a, bytes));
+  KVARN_CUDA_CHECK(cudaMalloc(&b, bytes));
+  fill_plausible(a, bytes, 1);
+  const double ms = median_ms(10, [&](int) { KVARN_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
+  KVARN_CUDA_CHECK(cudaFree(a));
+  KVARN_CUDA_CHECK(cudaFree(b));
+  const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
+  csv.row("copy,,,,," + std::to_string(ms * 1e3) + "," + std::to_string(2 * bytes) + "," + std::to_string(gbs));
+  return gbs;
+}
+
+struct Shape {
+  const char* name;
+  int q_heads, kv_heads, head_dim;
+};
+
+void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context) {
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
+  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tiles = context / g - 1, tail = g / 2;
+  const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);
+  const size_t cache_bytes = probe.block_bytes() * tiles * batch;
+  const std::string key = std::string(shape.name) + "," + dtype_name + "," + std::to_string(batch) + "," +
+                          std::to_string(context);
+  if (cache_bytes > (size_t{60} << 30)) {
+    csv.row("decode," + key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit,,");
+    return;
+  }
+  const int replicas = static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / cache_bytes + 1, 1, 16));
+  const int num_blocks = tiles * batch * replicas;
+  uint8_t* blocks;
+  uint16_t *tails, *q, *out;
+  KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * num_blocks));
+  KVARN_CUDA_CHECK(cudaMalloc(&tails, probe.tail_slot_elements() * 2 * batch * replicas));
+  KVARN_CUDA_CHECK(cudaMalloc(&q, sizeof(uint16_t) * batch * shape.q_heads * d));
+  KVARN_CUDA_CHECK(cudaMalloc(&out, sizeof(uint16_t) * batch * shape.q_heads * d));
+  fill_plausible(blocks, probe.block_bytes() * num_blocks, 2);
+  fill_plausible(tails, probe.tail_slot_elements() * 2 * batch * replicas, 3);
+  fill_plausible(q, sizeof(uint16_t) * batch * shape.q_heads * d, 4);
+
+  std::mt19937 rng(5);
+  std::vector<int32_t> order(num_blocks);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<SequenceKvView> views;
+  for (int r = 0; r < replicas; ++r)
+    for (int s = 0; s < batch; ++s)
+      views.push_back({(r * batch + s) * tiles, tiles, tail, r * batch + s});
+  int32_t* tables;
+  SequenceKvView* dviews;
+  KVARN_CUDA_CHECK(cudaMalloc(&tables, sizeof(int32_t) * order.size()));
+  KVARN_CUDA_CHECK(cudaMalloc(&dviews, sizeof(SequenceKvView) * views.size()));
+  KVARN_CUDA_CHECK(cudaMemcpy(tables, order.data(), sizeof(int32_t) * order.size(), cudaMemcpyHostToDevice));
+  KVARN_CUDA_CHECK(cudaMemcpy(dviews, views.data(), sizeof(SequenceKvView) * views.size(), cudaMemcpyHostToDevice));
+
+  const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, batch, shape.q_heads, tiles);
+  void* workspace;
+  KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const double ms = median_ms(20, [&](int i) {
+    const int r = i % replicas;
+    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, tiles, scale}, plan, workspace,
+                     nullptr);
+  });
+  const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
+                       2.0 * batch * shape.q_heads * d * 2 + 4.0 * batch * tiles + sizeof(SequenceKvView) * batch +
+                       2.0 * plan.workspace_bytes;
+  const double flops = 4.0 * batch * shape.q_heads * d * (tiles * g + tail);
+  csv.row("decode," + key + "," + std::to_string(ms * 1e3) + "," + std::to_string(bytes) + "," +
+          std::to_string(bytes / (ms * 1e-3) / 1e9) + "," + std::to_string(flops / (ms * 1e-3) / 1e12) + "," +
+          std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split));
+  for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
+                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace})
+    KVARN_CUDA_CHECK(cudaFree(p));
+}
+
+void bench_flush(Csv& csv, const std::string& dtype_name, int jobs) {
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
+  const int g = 128, d = 128, heads = 8;
+  const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, heads, nullptr, nullptr);
+  uint8_t* blocks;
+  uint16_t* tails;
+  KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * jobs));
+  KVARN_CUDA_CHECK(cudaMalloc(&tails, probe.tail_slot_elements() * 2 * jobs));
+  fill_plausible(tails, probe.tail_slot_elements() * 2 * jobs, 6);
+  std::vector<TileFlushJob> host;
+  for (int j = 0; j < jobs; ++j) host.push_back({j, jobs - 1 - j});
+  TileFlushJob* dev;
+  KVARN_CUDA_CHECK(cudaMalloc(&dev, sizeof(TileFlushJob) * jobs));
+  KVARN_CUDA_CHECK(cudaMemcpy(dev, host.data(), sizeof(TileFlushJob) * jobs, cudaMemcpyHostToDevice));
+  const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, heads, blocks, tails);
+  const double ms = median_ms(10, [&](int) { flush_full_tiles(layer, dev, jobs, nullptr); });
+  csv.row("flush,llama3-8b," + dtype_name + "," + std::to_string(jobs) + ",," + std::to_string(ms * 1e3) + ",,," +
+          std::to_string(jobs * heads / (ms * 1e-3)));
+  KVARN_CUDA_CHECK(cudaFree(blocks));
+  KVARN_CUDA_CHECK(cudaFree(tails));
+  KVARN_CUDA_CHECK(cudaFree(dev));
+}
+
+int run(int argc, char** argv) {
+  Csv csv;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+  }
+  cudaDeviceProp prop;
+  KVARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# %s, %d SMs, %.0f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
+  csv.row("kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits");
+  copy_bandwidth(csv);
+  const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
+  const std::vector<int> batches = quick ? std::vector<int>{8} : std::vector<int>{1, 8, 32, 128};
+  const std::vector<int> contexts = quick ? std::vector<int>{8192} : std::vector<int>{1024, 8192, 32768, 131072};
+  for (const Shape& shape : shapes)
+    for (const char* dtype : {"kvarn_k4v2_g128", "fp16"})
+      for (int batch : batches)
+        for (int context : contexts) bench_decode(csv, shape, dtype, batch, context);
+  for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
+    bench_decode(csv, shapes[0], dtype, 32, 32768);
+  for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
+  if (csv.file) std::fclose(csv.file);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvarn::cuda
+
+int main(int argc, char** argv) {
+  try {
+    return kvarn::cuda::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "kvarn_cuda_bench: %s\n", e.what());
+    return 1;
+  }
+}

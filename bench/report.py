@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Merges kvarn_cuda_bench.csv and sdpa_bench.csv into the markdown tables of docs/benchmarks.md.
+Usage: report.py KVARN_CSV SDPA_CSV
+"""
+import csv
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def main():
+    rows = load(sys.argv[1]) + (load(sys.argv[2]) if len(sys.argv) > 2 else [])
+    copy = next((num(r["GB_per_s"]) for r in rows if r["kind"] == "copy"), None)
+    decode = {(r["shape"], r["dtype"], int(r["batch"]), int(r["context"])): r for r in rows if r["kind"] == "decode"}
+    print(f"Device-to-device copy bandwidth (read + write): {copy:.0f} GB/s\n" if copy else "copy: not measured\n")
+    print("| shape | batch | context | k4v2_g128 us | k4v2 GB/s | % of copy | k4v2 TFLOP/s | fp16 us | fp16 GB/s "
+          "| SDPA flash us | SDPA GB/s | k4v2 vs fp16 | k4v2 vs SDPA | fp16 vs SDPA |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    keys = sorted({(s, b, c) for (s, _, b, c) in decode}, key=lambda k: (k[0], k[1], k[2]))
+    for shape, batch, context in keys:
+        k = decode.get((shape, "kvarn_k4v2_g128", batch, context), {})
+        f = decode.get((shape, "fp16", batch, context), {})
+        t = decode.get((shape, "sdpa_flash", batch, context), {})
+        kt, ft, tt = num(k.get("time_us")), num(f.get("time_us")), num(t.get("time_us"))
+
+        def cell(r, field, fmt="{:.0f}"):
+            v = num(r.get(field))
+            if v is not None:
+                return fmt.format(v)
+            return "skipped (memory)" if "skipped" in (r.get("time_us") or "") else "-"
+
+        pct = f"{100 * num(k['GB_per_s']) / copy:.0f}%" if kt and copy else "-"
+        ratio = lambda a, b: f"{b / a:.2f}x" if a and b else "-"
+        print(f"| {shape} | {batch} | {context // 1024}K | {cell(k, 'time_us', '{:.1f}')} | {cell(k, 'GB_per_s')} | {pct} "
+              f"| {cell(k, 'TFLOP_per_s', '{:.1f}')} | {cell(f, 'time_us', '{:.1f}')} | {cell(f, 'GB_per_s')} "
+              f"| {cell(t, 'time_us', '{:.1f}')} | {cell(t, 'GB_per_s')} | {ratio(kt, ft)} | {ratio(kt, tt)} | {ratio(ft, tt)} |")
+    others = [r for r in rows if r["kind"] == "decode" and r["dtype"] not in ("kvarn_k4v2_g128", "fp16", "sdpa_flash")]
+    if others:
+        print("\nOther presets:\n\n| shape | dtype | batch | context | us | GB/s | % of copy |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in others:
+            g = num(r["GB_per_s"])
+            print(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {int(r['context']) // 1024}K | {num(r['time_us']):.1f} "
+                  f"| {g:.0f} | {100 * g / copy:.0f}% |")
+    flush = [r for r in rows if r["kind"] == "flush"]
+    if flush:
+        print("\nFlush (kvarn_k4v2_g128, 8 kv heads, D 128; one job = one sequence's tail in every kv head):\n")
+        print("| jobs | us per launch | tiles/s (per kv head) |\n| ---: | ---: | ---: |")
+        for r in flush:
+            print(f"| {r['batch']} | {num(r['time_us']):.1f} | {num(r['TFLOP_per_s']):.3g} |")
+        f32 = next((num(r["time_us"]) for r in flush if r["batch"] == "32"), None)
+        if f32:
+            print("\nShare of a decode step at batch 128 (one flush per step on average, 32 layers = 32 jobs in one "
+                  "launch, against 32 layers of k4v2_g128 decode attention, Llama-3-8B shape):\n")
+            print("| context | flush us | attention us (32 layers) | share |\n| ---: | ---: | ---: | ---: |")
+            for (shape, dtype, batch, context), r in sorted(decode.items()):
+                if shape == "llama3-8b" and dtype == "kvarn_k4v2_g128" and batch == 128 and num(r["time_us"]):
+                    att = 32 * num(r["time_us"])
+                    print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% |")
+    prefill = [r for r in rows if r["kind"] == "prefill"]
+    if prefill:
+        print("\nPrefill attention (causal chunk over itself, reference only):\n")
+        print("| shape | impl | tokens | us | TFLOP/s |\n| --- | --- | ---: | ---: | ---: |")
+        for r in prefill:
+            print(f"| {r['shape']} | {r['dtype']} | {r['context']} | {num(r['time_us']):.0f} | {num(r['TFLOP_per_s']):.0f} |")
+
+
+if __name__ == "__main__":
+    main()

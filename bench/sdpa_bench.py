@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""PyTorch scaled_dot_product_attention (flash backend) on the shapes of kvarn_cuda_bench, for comparison.
+
+decode: q [B, Hq, 1, D] over contiguous fp16 K/V [B, Hkv, context, D] (enable_gqa); prefill: a causal chunk of
+T tokens attending to itself, [1, Hq, T, D]. Median of 20 timed runs with CUDA events; several K/V copies are
+rotated when one is small enough to stay in L2. Writes CSV rows like kvarn_cuda_bench's.
+Usage: sdpa_bench.py [--csv FILE] [--quick]
+"""
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHAPES = [("llama3-8b", 32, 8, 128), ("qwen3-32b", 64, 8, 128)]
+
+
+def median_ms(fn, reps=20):
+    for i in range(3):
+        fn(i)
+    times = []
+    for i in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def decode(rows, name, hq, hkv, d, batch, context):
+    kv_bytes = 2 * batch * hkv * context * d * 2
+    key = f"{name},sdpa_flash,{batch},{context}"
+    if kv_bytes > 40 * 2**30:
+        rows.append(f"decode,{key},skipped: {kv_bytes >> 30} GiB of K/V does not fit,,")
+        return
+    copies = max(1, min(16, (512 << 20) // kv_bytes + 1))
+    q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
+    kvs = [(torch.randn(batch, hkv, context, d, device="cuda", dtype=torch.float16),
+            torch.randn(batch, hkv, context, d, device="cuda", dtype=torch.float16)) for _ in range(copies)]
+    backend = "flash"
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q, *kvs[0], enable_gqa=True)
+        ctx = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    except RuntimeError:
+        backend = "default"
+        ctx = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    with ctx():
+        ms = median_ms(lambda i: F.scaled_dot_product_attention(q, *kvs[i % copies], enable_gqa=True))
+    bytes_read = kv_bytes + 2 * 2 * batch * hq * d
+    flops = 4.0 * batch * hq * d * context
+    rows.append(f"decode,{key},{ms * 1e3:.3f},{bytes_read},{bytes_read / ms / 1e6:.1f},{flops / ms / 1e9:.3f},{backend}")
+    del kvs
+
+
+def prefill(rows, name, hq, hkv, d, tokens):
+    q = torch.randn(1, hq, tokens, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, hkv, tokens, d, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, hkv, tokens, d, device="cuda", dtype=torch.float16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        ms = median_ms(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    flops = 4.0 * hq * d * tokens * tokens / 2  # causal: half of the score matrix
+    rows.append(f"prefill,{name},sdpa_flash,1,{tokens},{ms * 1e3:.3f},,,{flops / ms / 1e9:.1f},")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--csv")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    rows = ["kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits"]
+    batches = [8] if args.quick else [1, 8, 32, 128]
+    contexts = [8192] if args.quick else [1024, 8192, 32768, 131072]
+    for name, hq, hkv, d in SHAPES:
+        for batch in batches:
+            for context in contexts:
+                decode(rows, name, hq, hkv, d, batch, context)
+                torch.cuda.empty_cache()
+        for tokens in (2048, 8192):
+            prefill(rows, name, hq, hkv, d, tokens)
+    text = "\n".join(rows)
+    print(text)
+    if args.csv:
+        with open(args.csv, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
