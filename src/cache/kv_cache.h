@@ -22,7 +22,9 @@ struct KvCacheShape {
 
   codec::TileLayout tile_layout() const;
   size_t block_bytes_per_layer() const { return tile_layout().bytes * num_kv_heads; }
-  size_t tail_bytes_per_layer() const { return size_t{2} * num_kv_heads * block_size * head_dim * 2; }
+  size_t tail_bytes_per_layer() const {
+    return size_t{2} * num_kv_heads * block_size * head_dim * dtype.tail_element_bytes();
+  }
   // Bytes of the whole cache: blocks and tail slots of every layer.
   size_t total_bytes() const;
 

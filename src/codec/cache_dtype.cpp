@@ -9,6 +9,7 @@ namespace kvarn::codec {
 namespace {
 const std::vector<CacheDtype>& all_dtypes() {
   static const std::vector<CacheDtype> dtypes = {
+      {"fp32", Method::fp32, 32, 32, 0},
       {"fp16", Method::fp16, 16, 16, 0},
       {"fp8_e4m3", Method::fp8_e4m3, 8, 8, 0},
       {"rtn_k4v2_g128", Method::rtn, 4, 2, 128},

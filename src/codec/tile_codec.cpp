@@ -147,6 +147,10 @@ void TileCodec::encode_stored(const float* keys, const float* values, uint8_t* t
   check_finite(keys, g, d, "key");
   check_finite(values, g, d, "value");
   switch (dtype_.method) {
+    case Method::fp32:
+      std::memcpy(tile + layout_.key_codes, keys, 4 * n);
+      std::memcpy(tile + layout_.value_codes, values, 4 * n);
+      return;
     case Method::fp16:
       for (size_t i = 0; i < n; ++i) {
         const uint16_t hk = float_to_half(keys[i]), hv = float_to_half(values[i]);
@@ -178,6 +182,10 @@ void TileCodec::decode(const uint8_t* tile, float* keys, float* values) const {
   const int g = layout_.tokens, d = layout_.head_dim;
   const size_t n = static_cast<size_t>(g) * d;
   switch (dtype_.method) {
+    case Method::fp32:
+      std::memcpy(keys, tile + layout_.key_codes, 4 * n);
+      std::memcpy(values, tile + layout_.value_codes, 4 * n);
+      return;
     case Method::fp16: {
       const auto k = load_half(tile + layout_.key_codes, static_cast<int>(n));
       const auto v = load_half(tile + layout_.value_codes, static_cast<int>(n));

@@ -12,7 +12,7 @@
 //   value_scale    a_V   G   x fp16               per token
 //   value_zero     z_V   G   x fp16               per token
 //   K[c][t] ~= s_tok_K[t] * (a_K[c] * code + z_K[c]);  V[t][c] ~= s_ch_V[c] * (a_V[t] * code + z_V[t])
-// fp16 tiles: keys [G][D] fp16, then values [G][D] fp16 (token-major, unrotated).
+// fp16 tiles: keys [G][D] fp16, then values [G][D] fp16 (token-major, unrotated); fp32 tiles likewise in fp32.
 // fp8_e4m3 tiles: keys [G][D] e4m3, then values [G][D] e4m3 (one per-tensor scale, held by the codec).
 #include <cstddef>
 
@@ -40,7 +40,7 @@ struct TileLayout {
   // fp16 bytes of the same tile: what the compression ratios in the spec are measured against.
   constexpr size_t fp16_bytes() const { return static_cast<size_t>(4) * head_dim * tokens; }
 
-  // Layout of an element-per-byte(s) tile (fp16: 16 bits, fp8: 8 bits).
+  // Layout of an element-per-byte(s) tile (fp32: 32 bits, fp16: 16 bits, fp8: 8 bits).
   static constexpr TileLayout plain(int head_dim, int tokens, int bits) {
     TileLayout l;
     l.head_dim = head_dim;

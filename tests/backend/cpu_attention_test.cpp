@@ -65,8 +65,10 @@ struct Harness {
           auto row_v = std::vector<float>(v.begin() + ((seqs[s].first_row + r) * kKvHeads + h) * d,
                                           v.begin() + ((seqs[s].first_row + r) * kKvHeads + h + 1) * d);
           if (shape.dtype.rotated()) codec::hadamard_rotate(row_k.data(), d), codec::hadamard_rotate(row_v.data(), d);
-          for (auto& x : row_k) x = round_to_half(x);  // the tail is fp16
-          for (auto& x : row_v) x = round_to_half(x);
+          if (shape.dtype.tail_element_bytes() == 2) {  // the tail is fp16
+            for (auto& x : row_k) x = round_to_half(x);
+            for (auto& x : row_v) x = round_to_half(x);
+          }
           stored_k[id][h].insert(stored_k[id][h].end(), row_k.begin(), row_k.end());
           stored_v[id][h].insert(stored_v[id][h].end(), row_v.begin(), row_v.end());
         }
@@ -147,7 +149,7 @@ TEST_P(CpuAttention, MatchesFloat64AttentionOverTheDecodedCache) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CpuAttention,
-                         ::testing::Combine(::testing::Values("fp16", "fp8_e4m3", "rtn_k4v2_g128", "rot_k4v2_g128",
+                         ::testing::Combine(::testing::Values("fp32", "fp16", "fp8_e4m3", "rtn_k4v2_g128", "rot_k4v2_g128",
                                                               "kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k4v2_g64",
                                                               "kvarn_k4v4_g64"),
                                             ::testing::Values(64, 128)));

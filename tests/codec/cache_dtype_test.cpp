@@ -22,7 +22,8 @@ TEST(CacheDtype, ParsesPresetsAndAliases) {
   EXPECT_TRUE(rot.rotated() && !rot.normalized());
   const auto rtn = parse_cache_dtype("rtn_k4v2_g128");
   EXPECT_TRUE(!rtn.rotated() && rtn.code_tile());
-  EXPECT_EQ(cache_dtype_names().size(), 8u);
+  EXPECT_EQ(cache_dtype_names().size(), 9u);
+  EXPECT_EQ(parse_cache_dtype("fp32").tail_element_bytes(), 4);
 }
 
 TEST(CacheDtype, UnknownNameListsTheAllowedOnes) {

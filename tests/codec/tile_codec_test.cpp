@@ -202,6 +202,13 @@ TEST(TileCodec, Fp16StoresHalfRoundedValues) {
   }
 }
 
+TEST(TileCodec, Fp32StoresValuesExactly) {
+  const auto kv = synthetic_kv({.tokens = 16, .head_dim = 32, .seed = 52});
+  const auto r = round_trip(TileCodec(parse_cache_dtype("fp32"), 32, 16), kv.keys, kv.values);
+  EXPECT_EQ(r.keys, kv.keys);
+  EXPECT_EQ(r.values, kv.values);
+}
+
 TEST(TileCodec, Fp8UsesItsPerTensorScaleAndSaturates) {
   std::vector<float> keys(8 * 8, 1.0f), values(8 * 8, -3.0f);
   keys[0] = 1e6f;

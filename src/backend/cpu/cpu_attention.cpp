@@ -148,9 +148,8 @@ void CpuBackend::attention(int layer, std::span<const StepSequence> seqs, Tensor
         want_keys ? keys.load_plain(plain_k.data(), g, d) : values.load_plain(plain_v.data(), g, d);
       };
       auto load_tail = [&](int kind) {
-        const uint16_t* rows = tail_rows(layer, seq.tail_slot, kind, kvh);
         float* dst = kind == 0 ? plain_k.data() : plain_v.data();
-        for (size_t i = 0; i < static_cast<size_t>(tail_tokens) * d; ++i) dst[i] = half_to_float(rows[i]);
+        read_tail(layer, seq.tail_slot, kind, kvh, tail_tokens, dst);
         kind == 0 ? keys.load_plain(dst, tail_tokens, d) : values.load_plain(dst, tail_tokens, d);
       };
       auto visible = [&](int j) { return context - seq.num_rows + j / group + 1; };  // causal within the step

@@ -35,13 +35,16 @@ public:
   void kv_flush(std::span<const cache::TileFlush> flushes) override;
 
 private:
-  // Layer memory: blocks [num_blocks][kv_heads][tile bytes]; tails [slots][2 (K, V)][kv_heads][G][D] fp16.
+  // Layer memory: blocks [num_blocks][kv_heads][tile bytes]; tails [slots][2 (K, V)][kv_heads][G][D] fp16
+  // (fp32 for the fp32 dtype).
   struct LayerKv {
     std::vector<uint8_t> blocks;
-    std::vector<uint16_t> tails;
+    std::vector<uint8_t> tails;
   };
   const uint8_t* tile(int layer, int32_t block, int kv_head) const;
-  uint16_t* tail_rows(int layer, int slot, int kind, int kv_head);
+  uint8_t* tail_rows(int layer, int slot, int kind, int kv_head);
+  // Reads n tail rows of one kv-head as floats.
+  void read_tail(int layer, int slot, int kind, int kv_head, int n, float* out);
 
   ThreadPool pool_;
   cache::KvCacheShape kv_shape_;

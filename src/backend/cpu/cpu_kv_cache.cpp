@@ -1,10 +1,11 @@
-// CPU KV cache memory: appending rotated fp16 rows to tails, and flushing full tails into tiles with the codec.
+// CPU KV cache memory: appending (rotated) rows to the fp16 tails, and flushing full tails into tiles with the codec.
 #include "backend/cpu/cpu_backend.h"
 
 #include "codec/hadamard.h"
 #include "util/error.h"
 #include "util/half.h"
 
+#include <cstring>
 #include <vector>
 
 namespace kvarn::backend {
@@ -15,7 +16,7 @@ void CpuBackend::allocate_kv_cache(const cache::KvCacheShape& shape) {
   kv_.assign(shape.num_layers, {});
   for (auto& layer : kv_) {
     layer.blocks.assign(shape.block_bytes_per_layer() * shape.num_blocks, 0);
-    layer.tails.assign(shape.tail_bytes_per_layer() / 2 * shape.max_seqs, 0);
+    layer.tails.assign(shape.tail_bytes_per_layer() * shape.max_seqs, 0);
   }
 }
 
@@ -24,9 +25,23 @@ const uint8_t* CpuBackend::tile(int layer, int32_t block, int kv_head) const {
                                         codec_->layout().bytes;
 }
 
-uint16_t* CpuBackend::tail_rows(int layer, int slot, int kind, int kv_head) {
-  const size_t rows = static_cast<size_t>(kv_shape_.block_size) * kv_shape_.head_dim;
-  return kv_[layer].tails.data() + ((static_cast<size_t>(slot) * 2 + kind) * kv_shape_.num_kv_heads + kv_head) * rows;
+uint8_t* CpuBackend::tail_rows(int layer, int slot, int kind, int kv_head) {
+  const size_t bytes = static_cast<size_t>(kv_shape_.block_size) * kv_shape_.head_dim * kv_shape_.dtype.tail_element_bytes();
+  return kv_[layer].tails.data() + ((static_cast<size_t>(slot) * 2 + kind) * kv_shape_.num_kv_heads + kv_head) * bytes;
+}
+
+void CpuBackend::read_tail(int layer, int slot, int kind, int kv_head, int n, float* out) {
+  const uint8_t* rows = tail_rows(layer, slot, kind, kv_head);
+  const size_t count = static_cast<size_t>(n) * kv_shape_.head_dim;
+  if (kv_shape_.dtype.tail_element_bytes() == 4) {
+    std::memcpy(out, rows, 4 * count);
+    return;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    uint16_t h;
+    std::memcpy(&h, rows + 2 * i, 2);
+    out[i] = half_to_float(h);
+  }
 }
 
 void CpuBackend::kv_append(int layer, std::span<const StepSequence> seqs, Tensor k, Tensor v) {
@@ -42,8 +57,16 @@ void CpuBackend::kv_append(int layer, std::span<const StepSequence> seqs, Tensor
           const float* src = (kind == 0 ? k : v).row(seq.first_row + i) + h * d;
           row.assign(src, src + d);
           if (kv_shape_.dtype.rotated()) codec::hadamard_rotate(row.data(), d);
-          uint16_t* dst = tail_rows(layer, seq.tail_slot, kind, h) + static_cast<size_t>(seq.tail_len + i) * d;
-          for (int c = 0; c < d; ++c) dst[c] = float_to_half(row[c]);
+          const size_t at = static_cast<size_t>(seq.tail_len + i) * d;
+          uint8_t* dst = tail_rows(layer, seq.tail_slot, kind, h);
+          if (kv_shape_.dtype.tail_element_bytes() == 4) {
+            std::memcpy(dst + 4 * at, row.data(), 4 * d);
+            continue;
+          }
+          for (int c = 0; c < d; ++c) {
+            const uint16_t half = float_to_half(row[c]);
+            std::memcpy(dst + 2 * (at + c), &half, 2);
+          }
         }
   }
 }
@@ -57,9 +80,8 @@ void CpuBackend::kv_flush(std::span<const cache::TileFlush> flushes) {
     for (size_t job = begin; job < end; ++job) {
       const auto& flush = flushes[job / (layers * heads)];
       const int layer = static_cast<int>(job / heads % layers), h = static_cast<int>(job % heads);
-      const uint16_t* k = tail_rows(layer, flush.tail_slot, 0, h);
-      const uint16_t* v = tail_rows(layer, flush.tail_slot, 1, h);
-      for (size_t i = 0; i < rows; ++i) keys[i] = half_to_float(k[i]), values[i] = half_to_float(v[i]);
+      read_tail(layer, flush.tail_slot, 0, h, kv_shape_.block_size, keys.data());
+      read_tail(layer, flush.tail_slot, 1, h, kv_shape_.block_size, values.data());
       uint8_t* dst = kv_[layer].blocks.data() + (static_cast<size_t>(flush.block) * heads + h) * tile_bytes;
       codec_->encode_stored(keys.data(), values.data(), dst);
     }
