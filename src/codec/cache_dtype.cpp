@@ -31,6 +31,14 @@ CacheDtype parse_cache_dtype(std::string_view name) {
               fmt::join(cache_dtype_names(), ", "));
 }
 
+int resolve_block_size(const CacheDtype& dtype, int requested) {
+  if (dtype.tile_tokens == 0) return requested > 0 ? requested : 128;
+  if (requested > 0 && requested != dtype.tile_tokens)
+    throw Error("--block-size {} contradicts --kv-cache-dtype {}, whose tiles hold {} tokens", requested, dtype.name,
+                dtype.tile_tokens);
+  return dtype.tile_tokens;
+}
+
 const std::vector<std::string>& cache_dtype_names() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> out;

@@ -29,6 +29,10 @@ struct CacheDtype {
 // Accepts every name of cache_dtype_names() plus the aliases "auto" (fp16) and "fp8" (fp8_e4m3).
 CacheDtype parse_cache_dtype(std::string_view name);
 
+// The block size a cache dtype implies: its own tile size, or `requested` (0: 128) for fp32/fp16/fp8.
+// A requested size that contradicts the dtype's tile size is an error naming both.
+int resolve_block_size(const CacheDtype& dtype, int requested);
+
 // Canonical names, baselines first: fp32, fp16, fp8_e4m3, rtn_k4v2_g128, rot_k4v2_g128, then the KVarN presets.
 const std::vector<std::string>& cache_dtype_names();
 

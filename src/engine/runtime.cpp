@@ -6,14 +6,6 @@
 
 namespace kvarn::engine {
 
-int resolve_block_size(const codec::CacheDtype& dtype, int requested) {
-  if (dtype.tile_tokens == 0) return requested > 0 ? requested : 128;
-  if (requested > 0 && requested != dtype.tile_tokens)
-    throw Error("--block-size {} contradicts --kv-cache-dtype {}, whose tiles hold {} tokens", requested, dtype.name,
-                dtype.tile_tokens);
-  return dtype.tile_tokens;
-}
-
 Runtime::Runtime(const std::filesystem::path& model_dir, const RuntimeOptions& options) {
   model::ModelConfig config = model::load_config(model_dir);
   max_model_len_ = options.max_model_len > 0 ? options.max_model_len : config.max_position_embeddings;
@@ -30,13 +22,13 @@ Runtime::Runtime(const std::filesystem::path& model_dir, const RuntimeOptions& o
   shape.num_layers = config.num_hidden_layers;
   shape.num_kv_heads = config.num_key_value_heads;
   shape.head_dim = config.head_dim;
-  shape.block_size = resolve_block_size(shape.dtype, options.block_size);
+  shape.block_size = codec::resolve_block_size(shape.dtype, options.block_size);
   shape.max_seqs = options.max_num_seqs;
   const int blocks_per_seq = (max_model_len_ + shape.block_size - 1) / shape.block_size;
   shape.num_blocks = options.kv_cache_bytes > 0 ? cache::KvCacheShape::blocks_for_budget(shape, options.kv_cache_bytes)
                                                 : blocks_per_seq * options.max_num_seqs;
-  backend_->allocate_kv_cache(shape);
   cache_ = std::make_unique<cache::KvCache>(shape);
+  backend_->allocate_kv_cache(shape);
   model_ = std::make_unique<model::LlamaModel>(std::move(config), std::move(weights), *backend_);
   runner_ = std::make_unique<ModelRunner>(*model_, *cache_, *backend_);
 }

@@ -40,8 +40,4 @@ private:
   int max_model_len_ = 0;
 };
 
-// The block size a cache dtype implies: its own tile size, or `requested` (default 128) for fp16/fp8.
-// A requested size that contradicts the dtype's tile size is an error naming both.
-int resolve_block_size(const codec::CacheDtype& dtype, int requested);
-
 }  // namespace kvarn::engine
