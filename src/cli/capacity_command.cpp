@@ -20,6 +20,8 @@ struct CapacityOptions {
 
 void run_capacity(const CapacityOptions& o) {
   if (o.shape.empty() == o.model_dir.empty()) throw Error("capacity: give exactly one of --shape or --model");
+  if (o.block_size < 0) throw Error("--block-size {}: expected a positive number of tokens", o.block_size);
+  if (o.max_model_len < 0) throw Error("--max-model-len {}: expected a positive number of tokens", o.max_model_len);
   const auto config = o.shape.empty() ? model::load_config(o.model_dir) : model::shape_preset(o.shape);
   cache::CapacityQuery q{config.num_hidden_layers, config.num_key_value_heads, config.head_dim, o.memory_gb * 1e9,
                          o.max_num_seqs, o.max_model_len > 0 ? o.max_model_len : config.max_position_embeddings,
@@ -65,16 +67,12 @@ void add_capacity_command(CLI::App& app) {
       ->check(CLI::IsMember(model::shape_preset_names()));
   cmd->add_option("--model", options->model_dir, "A Hugging Face model folder (reads config.json)");
   cmd->add_option("--memory-gb", options->memory_gb, "KV cache memory budget in GB (1e9 bytes)")
-      ->required()
-      ->check(CLI::PositiveNumber);
+      ->required();
   cmd->add_option("--max-num-seqs", options->max_num_seqs, "Running sequences (tail slots reserved)")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->capture_default_str();
   cmd->add_option("--max-model-len", options->max_model_len,
-                  "Context length for the concurrency column (default: max_position_embeddings)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--block-size", options->block_size, "Tokens per block (default: the dtype's tile size, or 128)")
-      ->check(CLI::PositiveNumber);
+                  "Context length for the concurrency column (default: max_position_embeddings)");
+  cmd->add_option("--block-size", options->block_size, "Tokens per block (default: the dtype's tile size, or 128)");
   cmd->add_flag("--json", options->json, "Print JSON instead of a table");
   cmd->callback([options] { run_capacity(*options); });
 }

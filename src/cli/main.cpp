@@ -13,7 +13,7 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return app.exit(e) == 0 ? 0 : 2;  // --help and --version exit 0
   } catch (const kvarn::Error& e) {
     fmt::print(stderr, "kvarn: error: {}\n", e.what());
     return 1;
