@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   kvarn::cli::add_capacity_command(app);
   kvarn::cli::add_codec_eval_command(app);
+  kvarn::cli::add_generate_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
