@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;  // --help and --version exit 0
-  } catch (const kvarn::Error& e) {
+  } catch (const std::exception& e) {  // kvarn::Error, and anything a library let through
     fmt::print(stderr, "kvarn: error: {}\n", e.what());
     return 1;
   }

@@ -95,8 +95,8 @@ ModelConfig parse_config(const std::string& text, const std::string& source) {
   json root;
   try {
     root = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw Error("{}: invalid JSON at byte {}: {}", source, e.byte, e.what());
+  } catch (const json::exception& e) {
+    throw Error("{}: invalid JSON: {}", source, e.what());
   }
   if (!root.is_object()) throw Error("{}: expected a JSON object", source);
   const Reader r{root, source};

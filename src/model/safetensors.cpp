@@ -58,8 +58,8 @@ SafetensorsHeader parse_safetensors(std::span<const std::byte> file, const std::
   try {
     header = json::parse(reinterpret_cast<const char*>(file.data()) + 8,
                          reinterpret_cast<const char*>(file.data()) + 8 + header_len);
-  } catch (const json::parse_error& e) {
-    throw Error("{}: invalid header JSON at byte {}: {}", source, e.byte, e.what());
+  } catch (const json::exception& e) {
+    throw Error("{}: invalid header JSON: {}", source, e.what());
   }
   if (!header.is_object()) throw Error("{}: header is not a JSON object", source);
 
@@ -83,8 +83,12 @@ SafetensorsHeader parse_safetensors(std::span<const std::byte> file, const std::
     size_t numel = 1;
     for (const auto& dim : entry["shape"]) {
       if (!dim.is_number_unsigned()) throw Error("{}: tensor '{}' has a bad dimension {}", source, name, dim.dump());
-      t.shape.push_back(dim.get<int64_t>());
-      numel *= dim.get<size_t>();
+      const size_t size = dim.get<size_t>();
+      if (size != 0 && numel > data_size / size)  // also guards the product against overflow
+        throw Error("{}: tensor '{}' shape {} is larger than the {}-byte data section", source, name,
+                    entry["shape"].dump(), data_size);
+      t.shape.push_back(static_cast<int64_t>(size));
+      numel *= size;
     }
     const auto& offsets = entry["data_offsets"];
     if (!offsets[0].is_number_unsigned() || !offsets[1].is_number_unsigned())
@@ -139,8 +143,8 @@ TensorStore TensorStore::open(const std::filesystem::path& dir) {
     json j;
     try {
       j = json::parse(in);
-    } catch (const json::parse_error& e) {
-      throw Error("{}: invalid JSON at byte {}: {}", index.string(), e.byte, e.what());
+    } catch (const json::exception& e) {
+      throw Error("{}: invalid JSON: {}", index.string(), e.what());
     }
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
       throw Error("{}: missing object 'weight_map' (tensor name -> shard file)", index.string());

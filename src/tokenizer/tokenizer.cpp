@@ -44,8 +44,8 @@ Tokenizer Tokenizer::parse(const std::string& text, const std::string& source) {
   json root;
   try {
     root = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw Error("{}: invalid JSON at byte {}: {}", source, e.byte, e.what());
+  } catch (const json::exception& e) {
+    throw Error("{}: invalid JSON: {}", source, e.what());
   }
   if (!root.is_object() || !root.contains("model") || !root["model"].is_object())
     throw Error("{}: missing object 'model'", source);
