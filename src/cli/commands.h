@@ -7,5 +7,6 @@ namespace kvarn::cli {
 void add_capacity_command(CLI::App& app);
 void add_codec_eval_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
+void add_eval_command(CLI::App& app);
 
 }  // namespace kvarn::cli

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   kvarn::cli::add_capacity_command(app);
   kvarn::cli::add_codec_eval_command(app);
   kvarn::cli::add_generate_command(app);
+  kvarn::cli::add_eval_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
