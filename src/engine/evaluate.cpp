@@ -49,16 +49,15 @@ std::vector<int32_t> greedy(Runtime& rt, std::span<const int32_t> prompt, int co
 std::vector<DtypeScore> evaluate(const std::filesystem::path& model_dir, std::span<const int32_t> tokens, int32_t bos,
                                  const std::vector<std::string>& dtypes, const EvalOptions& o) {
   if (o.ctx < 2) throw Error("--ctx {}: expected at least 2 tokens", o.ctx);
-  const int64_t available = static_cast<int64_t>(tokens.size()) / o.ctx;
-  if (available == 0) throw Error("the text has {} tokens, fewer than one window of --ctx {}", tokens.size(), o.ctx);
-  const int64_t windows = o.max_windows > 0 ? std::min<int64_t>(o.max_windows, available) : available;
-
   auto runtime = [&](const std::string& dtype) {
     return std::make_unique<Runtime>(model_dir, RuntimeOptions{.kv_cache_dtype = dtype, .threads = o.threads});
   };
   auto reference = runtime("fp16");
   if (o.ctx > reference->max_model_len())
     throw Error("--ctx {} exceeds the model's context of {} tokens", o.ctx, reference->max_model_len());
+  const int64_t available = static_cast<int64_t>(tokens.size()) / o.ctx;
+  if (available == 0) throw Error("the text has {} tokens, fewer than one window of --ctx {}", tokens.size(), o.ctx);
+  const int64_t windows = o.max_windows > 0 ? std::min<int64_t>(o.max_windows, available) : available;
   std::vector<std::unique_ptr<Runtime>> runtimes;
   std::vector<DtypeScore> scores;
   for (const auto& d : dtypes) {
