@@ -31,19 +31,6 @@ std::vector<double> window_log_probs(Runtime& rt, std::span<const int32_t> input
   return log_softmax(logits, rt.config().vocab_size);
 }
 
-std::vector<int32_t> greedy(Runtime& rt, std::span<const int32_t> prompt, int count) {
-  const int seq = rt.cache().add_sequence();
-  std::vector<float> logits = prefill(rt, seq, prompt);
-  std::vector<int32_t> out;
-  while (static_cast<int>(out.size()) < count) {
-    out.push_back(static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin()));
-    const StepWork work{seq, std::span(&out.back(), 1), false};
-    if (static_cast<int>(out.size()) < count) logits = rt.runner().execute(std::span(&work, 1))[0];
-  }
-  rt.cache().free_sequence(seq);
-  return out;
-}
-
 }  // namespace
 
 std::vector<DtypeScore> evaluate(const std::filesystem::path& model_dir, std::span<const int32_t> tokens, int32_t bos,
@@ -88,9 +75,9 @@ std::vector<DtypeScore> evaluate(const std::filesystem::path& model_dir, std::sp
     std::vector<int32_t> prompt{bos};
     prompt.insert(prompt.end(), tokens.begin() + g * o.ctx, tokens.begin() + g * o.ctx + std::min(32, o.ctx - 1));
     const int len = std::min(o.gen_len, reference->max_model_len() - static_cast<int>(prompt.size()));
-    const auto ref = greedy(*reference, prompt, len);
+    const auto ref = greedy_continuation(*reference, prompt, len);
     for (size_t d = 0; d < dtypes.size(); ++d) {
-      const auto out = runtimes[d] ? greedy(*runtimes[d], prompt, len) : ref;
+      const auto out = runtimes[d] ? greedy_continuation(*runtimes[d], prompt, len) : ref;
       const auto diverge = std::mismatch(ref.begin(), ref.end(), out.begin()).first - ref.begin();
       scores[d].first_divergence += static_cast<double>(diverge);
       scores[d].identical += diverge == static_cast<ptrdiff_t>(ref.size());

@@ -37,6 +37,18 @@ std::vector<float> prefill(Runtime& rt, int seq, std::span<const int32_t> ids, b
   return logits;
 }
 
+std::vector<int32_t> greedy_continuation(Runtime& rt, std::span<const int32_t> prompt, int count) {
+  SequenceGuard guard{rt.cache(), rt.cache().add_sequence()};
+  std::vector<float> logits = prefill(rt, guard.seq, prompt);
+  std::vector<int32_t> out;
+  for (;;) {
+    out.push_back(static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+    if (static_cast<int>(out.size()) >= count) return out;
+    const StepWork work{guard.seq, std::span(&out.back(), 1), false};
+    logits = rt.runner().execute(std::span(&work, 1))[0];
+  }
+}
+
 GenerationResult generate(Runtime& rt, const tokenizer::Tokenizer& tokenizer, std::span<const int32_t> prompt,
                           const SamplingParams& params, const std::function<void(std::string_view)>& on_text) {
   Sampler sampler(params);

@@ -28,4 +28,7 @@ GenerationResult generate(Runtime& runtime, const tokenizer::Tokenizer& tokenize
 // Feeds ids to a sequence in tile-aligned chunks; returns the logits of the last id (all_logits: of every id).
 std::vector<float> prefill(Runtime& runtime, int seq, std::span<const int32_t> ids, bool all_logits = false);
 
+// The `count` greedy tokens after `prompt` (argmax, no stop conditions), in a sequence of its own.
+std::vector<int32_t> greedy_continuation(Runtime& runtime, std::span<const int32_t> prompt, int count);
+
 }  // namespace kvarn::engine

@@ -1,6 +1,6 @@
 // generate(): streams exactly the returned text, stops at stop strings (excluded from the text, even when they
-// span tokens), at max_tokens ("length") and at stop tokens ("stop"), refuses prompts that fill the context, and returns every
-// KV block to the pool.
+// span tokens), at max_tokens ("length") and at stop tokens ("stop"), refuses prompts that fill the context, and
+// returns every KV block to the pool.
 #include "engine/generate.h"
 
 #include "shared_dir.h"

@@ -1,7 +1,7 @@
 // End to end against Hugging Face transformers (../shared/golden): for every model there, the logits at every
 // prompt position and the greedy continuations; for stories260K the 256-token greedy run from BOS published with
 // the model. KVarN's agreement with fp16 on the same continuations is reported, with a sanity floor.
-#include "engine/runtime.h"
+#include "engine/generate.h"
 #include "shared_dir.h"
 
 #include <gtest/gtest.h>
@@ -33,34 +33,19 @@ std::vector<GoldenPrompt> golden_prompts(const std::string& model) {
   return out;
 }
 
-// Feeds ids in tile-aligned chunks (as the engine does) and returns the logits of every position.
-std::vector<std::vector<float>> prefill(Runtime& rt, int seq, std::span<const int32_t> ids) {
-  std::vector<std::vector<float>> rows;
+// The logits of every position of ids, fed in tile-aligned chunks as the engine does.
+std::vector<std::vector<float>> logits_per_position(Runtime& rt, std::span<const int32_t> ids) {
+  const int seq = rt.cache().add_sequence();
+  const auto all = prefill(rt, seq, ids, true);
+  rt.cache().free_sequence(seq);
   const size_t vocab = rt.config().vocab_size;
-  for (size_t pos = 0; pos < ids.size();) {
-    const size_t n = std::min<size_t>(rt.cache().tail_room(seq), ids.size() - pos);
-    const StepWork work{seq, ids.subspan(pos, n), true};
-    const auto logits = rt.runner().execute(std::span(&work, 1))[0];
-    for (size_t r = 0; r < n; ++r) rows.emplace_back(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
-    pos += n;
-  }
+  std::vector<std::vector<float>> rows;
+  for (size_t r = 0; r < ids.size(); ++r) rows.emplace_back(all.begin() + r * vocab, all.begin() + (r + 1) * vocab);
   return rows;
 }
 
 int32_t argmax(const std::vector<float>& logits) {
   return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-}
-
-// Greedy decoding of `count` tokens after `prompt`.
-std::vector<int32_t> greedy(Runtime& rt, std::span<const int32_t> prompt, int count) {
-  const int seq = rt.cache().add_sequence();
-  std::vector<int32_t> out{argmax(prefill(rt, seq, prompt).back())};
-  while (static_cast<int>(out.size()) < count) {
-    const StepWork work{seq, std::span(&out.back(), 1), false};
-    out.push_back(argmax(rt.runner().execute(std::span(&work, 1))[0]));
-  }
-  rt.cache().free_sequence(seq);
-  return out;
 }
 
 std::filesystem::path model_dir(const std::string& model) { return test::shared_dir() / "models" / model; }
@@ -72,9 +57,7 @@ TEST_P(Golden, LogitsAtEveryPromptPositionMatchTransformers) {
   Runtime rt(model_dir(GetParam()), {.kv_cache_dtype = "fp32", .threads = 2});
   double worst = 0;
   for (const auto& prompt : golden_prompts(GetParam())) {
-    const int seq = rt.cache().add_sequence();
-    const auto logits = prefill(rt, seq, prompt.input_ids);
-    rt.cache().free_sequence(seq);
+    const auto logits = logits_per_position(rt, prompt.input_ids);
     for (size_t pos = 0; pos < logits.size(); ++pos) {
       EXPECT_EQ(argmax(logits[pos]), prompt.top_ids[pos][0]) << "position " << pos;
       for (size_t k = 0; k < prompt.top_ids[pos].size(); ++k)
@@ -100,7 +83,7 @@ TEST_P(Golden, GreedyContinuationsMatchTransformersWithAnFp16Cache) {
   const size_t skip = generate_masked_bos(GetParam()) ? 1 : 0;
   for (const auto& prompt : golden_prompts(GetParam())) {
     const std::span<const int32_t> ids = std::span(prompt.input_ids).subspan(skip);
-    EXPECT_EQ(greedy(rt, ids, static_cast<int>(prompt.greedy_ids.size())), prompt.greedy_ids);
+    EXPECT_EQ(greedy_continuation(rt, ids, static_cast<int>(prompt.greedy_ids.size())), prompt.greedy_ids);
   }
   EXPECT_EQ(rt.cache().free_blocks(), rt.cache().shape().num_blocks) << "every block back in the pool";
 }
@@ -112,7 +95,7 @@ TEST_P(Golden, KvarnContinuationsAgreeWithFp16) {
   Runtime kvarn(model_dir(GetParam()), {.kv_cache_dtype = "kvarn_k4v2_g128", .threads = 2});
   int same = 0, total = 0, prefix = 0;
   for (const auto& prompt : golden_prompts(GetParam())) {
-    const auto a = greedy(fp16, prompt.input_ids, 320), b = greedy(kvarn, prompt.input_ids, 320);
+    const auto a = greedy_continuation(fp16, prompt.input_ids, 320), b = greedy_continuation(kvarn, prompt.input_ids, 320);
     const auto first_diff = std::mismatch(a.begin(), a.end(), b.begin()).first - a.begin();
     prefix += static_cast<int>(first_diff);
     for (size_t i = 0; i < a.size(); ++i) same += a[i] == b[i];
@@ -136,7 +119,7 @@ TEST(Stories260K, GreedyFromBosReproducesLlama2cSample) {
   ASSERT_GE(expected.size(), 257u);
   Runtime rt(model_dir("stories260K"), {.kv_cache_dtype = "fp16", .threads = 2});
   const std::vector<int32_t> bos{expected[0]};
-  const auto got = greedy(rt, bos, static_cast<int>(expected.size()) - 1);
+  const auto got = greedy_continuation(rt, bos, static_cast<int>(expected.size()) - 1);
   EXPECT_EQ(got, std::vector<int32_t>(expected.begin() + 1, expected.end()));
 }
 
