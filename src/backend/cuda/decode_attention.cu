@@ -9,8 +9,8 @@
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
 // (fp16 tiles: the same with the raw fp16 q, p and K/V, the scale applied to the fp32 scores.) q' a_K is folded
-// once per tile for the 4 warps into shared memory. Codes become fp16 operands 1024 + code * 2^k in registers
-// (mma_fragments.cuh), the bias and 2^k removed from the fp32 results; no dequantized copy is ever written. The token and channel orders inside an mma are permuted so that each
+// once per tile for the 4 warps into shared memory. Codes become exact fp16 operands code * 2^k in registers
+// (mma_fragments.cuh), 2^k removed from the fp32 results; no dequantized copy is ever written. The token and channel orders inside an mma are permuted so that each
 // thread's B operand comes from one 32-bit word of the packed rows (any permutation of the reduced index, used
 // consistently in A and B, gives the same sum).
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
@@ -36,6 +36,7 @@ namespace {
 
 constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kKeyCenter = 8;  // 4-bit key codes enter the mma as code - 8
 
 template <int D_, int G_, int VB_>
 struct KvarnTile {
@@ -51,9 +52,16 @@ struct Fp16Tile {
   static constexpr codec::TileLayout L = codec::TileLayout::plain(D, G, 16);
 };
 
+// KVarN: as many tiles in flight as fit with 3 CTAs per SM (~68 KB of ring each); fp16 tiles are 16-64 KB.
+// (4 CTAs per SM cap the registers at 128 and spill; measured slower.)
 template <class F>
 constexpr int stages() {
+  if constexpr (F::kCodes) return std::clamp(static_cast<int>(68000 / F::L.bytes), 2, 4);
   return F::L.bytes <= 20000 ? 4 : F::L.bytes <= 40000 ? 3 : 2;
+}
+template <class F>
+constexpr int min_blocks_per_sm() {
+  return F::kCodes ? 3 : 1;
 }
 
 struct DecodeParams {
@@ -158,13 +166,13 @@ struct SharedLayout {
   static constexpr int D = F::D, KBLK = D / 16;
   static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
                                            sizeof(float) * kMaxGroup * F::G});
-  static constexpr size_t folded = sizeof(uint2) * KBLK * kMaxGroup * 4 + 2 * sizeof(float) * kMaxGroup;
+  static constexpr size_t folded = sizeof(uint2) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup;
   static constexpr size_t query = sizeof(float) * kMaxGroup * D;
   static constexpr size_t bytes = ring + folded + query;
 };
 
 template <class F>
-__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_attention_kernel(const DecodeParams p) {
   constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = stages<F>();
   constexpr codec::TileLayout L = F::L;
   using Shared = SharedLayout<F>;
@@ -172,7 +180,6 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   uint8_t* ring = shared;
   uint2* folded_q = reinterpret_cast<uint2*>(shared + Shared::ring);  // [KBLK][head][m]: (a0, a2) fragments
   float* folded_z = reinterpret_cast<float*>(folded_q + KBLK * kMaxGroup * 4);  // [head]: sum_c q' z_K
-  float* folded_sum = folded_z + kMaxGroup;                                     // [head]: sum_c fp16(q' a_K)
   float* qs = reinterpret_cast<float*>(shared + Shared::ring + Shared::folded);
 
   const int split = blockIdx.x, head = blockIdx.y, seq_index = blockIdx.z;
@@ -248,12 +255,12 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     float s[NT][2];
     if constexpr (F::kCodes) {
       // Fold a_K and the softmax scale into the query once per tile for all warps: q'_c a_K[c] as fp16
-      // fragments, and per head sum_c q'_c z_K[c] and the sum of the fp16 products (for the code bias below).
+      // fragments, and per head sum_c q'_c (z_K[c] + 8 a_K[c]) (codes enter centered: code - 8).
       {
         const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
         const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
         const int h = tid / 16, part = tid % 16;
-        float z_sum = 0, a_sum = 0;
+        float z_sum = 0;
 #pragma unroll
         for (int e = part; e < KBLK * 4; e += 16) {
           const int kb = e / 4, m = e % 4;
@@ -263,31 +270,27 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
             const int c = kb * 16 + m + 4 * i;
             const float q = qs[h * D + c] * p.scale_log2;
             v[i] = q * __half2float(a_k[c]);
-            z_sum += q * __half2float(z_k[c]);
+            z_sum += q * (__half2float(z_k[c]) + kKeyCenter * __half2float(a_k[c]));
           }
           const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
-          const float2 lo_f = __half22float2(lo), hi_f = __half22float2(hi);
-          a_sum += (lo_f.x + lo_f.y) + (hi_f.x + hi_f.y);
           folded_q[(kb * kMaxGroup + h) * 4 + m] =
               make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
         }
 #pragma unroll
-        for (int o = 1; o < 16; o *= 2) {
-          z_sum += __shfl_xor_sync(0xffffffffu, z_sum, o);
-          a_sum += __shfl_xor_sync(0xffffffffu, a_sum, o);
-        }
-        if (part == 0) folded_z[h] = z_sum, folded_sum[h] = a_sum;
+        for (int o = 1; o < 16; o *= 2) z_sum += __shfl_xor_sync(0xffffffffu, z_sum, o);
+        if (part == 0) folded_z[h] = z_sum;
       }
       __syncthreads();
 
-      // Codes enter the mma as fp16 1024 + code * 2^k (code at bit k of a byte, OR-ed into 0x6400: one
-      // byte permute per two n-tiles, one mask-and-or per operand); the bias 1024 * sum(q'a) and the factor
-      // 2^k come off in fp32 below. Channel of k-slot i (0..3 <-> 2m, 2m+1, 2m+8, 2m+9): kb*16 + m + 4i.
+      // Codes enter the mma as fp16 (code - 8) * 2^k (code at bit k of a byte: one byte permute per two
+      // n-tiles, one mask-and-or and one subtract per operand); 2^k comes off in fp32 below. Channel of k-slot i
+      // (0..3 <-> 2m, 2m+1, 2m+8, 2m+9): kb*16 + m + 4i.
       const uint32_t* codes = reinterpret_cast<const uint32_t*>(tile + L.key_codes);
       constexpr int kRowWords = G / 8, kRowChunks = G / 32;
       constexpr int halves = G / 64, warps_per_half = kWarps / halves;
       const int word = col + 8 * (warp / warps_per_half);
       const int first_byte = (warp % warps_per_half) * NT / 2;
+      const __half2 low = code_offset(kKeyCenter, 0), high = code_offset(kKeyCenter, 4);
       float acc[NT][4] = {};
 #pragma unroll
       for (int kb = 0; kb < KBLK; ++kb) {
@@ -304,17 +307,17 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
         for (int jp = 0; jp < NT / 2; ++jp) {
           const uint32_t sel = pair_selector(first_byte + jp);
           const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
-          mma_m16n8k16(acc[2 * jp], a.x, a.y, biased_codes(x01, 0x000f000fu), biased_codes(x23, 0x000f000fu));
-          mma_m16n8k16(acc[2 * jp + 1], a.x, a.y, biased_codes(x01, 0x00f000f0u), biased_codes(x23, 0x00f000f0u));
+          mma_m16n8k16(acc[2 * jp], a.x, a.y, codes_to_half2(x01, 0x000f000fu, low), codes_to_half2(x23, 0x000f000fu, low));
+          mma_m16n8k16(acc[2 * jp + 1], a.x, a.y, codes_to_half2(x01, 0x00f000f0u, high), codes_to_half2(x23, 0x00f000f0u, high));
         }
       }
       const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale);
-      const float z = folded_z[col], bias = 1024.0f * folded_sum[col];
+      const float z = folded_z[col];
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) * ((acc[j][e] - bias) * ((j & 1) ? 0.0625f : 1.0f) + z);
+          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) * (acc[j][e] * ((j & 1) ? 0.0625f : 1.0f) + z);
     } else {
       const uint8_t* keys = tile + L.key_codes;
       float acc[NT][4] = {};
@@ -343,8 +346,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     const float correction = exp2f(m_run - m_new);
     m_run = m_new;
     l_run *= correction;
+    if (__any_sync(0xffffffffu, correction != 1.0f)) {  // after the first tiles the maximum rarely moves
 #pragma unroll
-    for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
+      for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
+    }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -355,15 +360,16 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 
     // ---- values ----
     if constexpr (F::kCodes) {
-      // A = p * a_V (fp16), B = value codes biased like the keys; channel of column x of n-tile i: x*NV + i.
+      // A = p * a_V (fp16), B = value codes centered like the keys (code - 2^(VB-1)), the center folded into pz;
+      // channel of column x of n-tile i: x*NV + i.
       constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;
-      constexpr int kCodesPerByte = 8 / VB;
+      constexpr int kCodesPerByte = 8 / VB, kCenter = 1 << (VB - 1);
       const __half* a_v = reinterpret_cast<const __half*>(tile + L.value_scale);
       const __half* z_v = reinterpret_cast<const __half*>(tile + L.value_zero);
       const uint8_t* codes = tile + L.value_codes;
       uint32_t a0[NT / 2], a2[NT / 2];
       uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
-      float pz = 0, pa_sum = 0;
+      float pz = 0;
 #pragma unroll
       for (int kk = 0; kk < NT / 2; ++kk) {
         float pa[2][2];
@@ -373,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
           for (int e = 0; e < 2; ++e) {
             const int t = token(2 * kk + jj, 2 * m4 + e);
             pa[jj][e] = s[2 * kk + jj][e] * __half2float(a_v[t]);
-            pz += s[2 * kk + jj][e] * __half2float(z_v[t]);
+            pz += s[2 * kk + jj][e] * (__half2float(z_v[t]) + kCenter * __half2float(a_v[t]));
             const uint8_t* row = codes + t * kRowBytes + col * kColBytes;
             if constexpr (kColBytes == 2) {
               v[kk][2 * jj + e][0] = *reinterpret_cast<const uint16_t*>(row);
@@ -383,23 +389,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
                 v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
             }
           }
-        const __half2 h0 = __floats2half2_rn(pa[0][0], pa[0][1]), h2 = __floats2half2_rn(pa[1][0], pa[1][1]);
-        const float2 f0 = __half22float2(h0), f2 = __half22float2(h2);
-        pa_sum += (f0.x + f0.y) + (f2.x + f2.y);
-        a0[kk] = *reinterpret_cast<const uint32_t*>(&h0);
-        a2[kk] = *reinterpret_cast<const uint32_t*>(&h2);
+        a0[kk] = pack_half2(pa[0][0], pa[0][1]);
+        a2[kk] = pack_half2(pa[1][0], pa[1][1]);
       }
       pz += __shfl_xor_sync(0xffffffffu, pz, 1);
       pz += __shfl_xor_sync(0xffffffffu, pz, 2);
-      pa_sum += __shfl_xor_sync(0xffffffffu, pa_sum, 1);
-      pa_sum += __shfl_xor_sync(0xffffffffu, pa_sum, 2);
-      // s_ch of this thread's output channels (2m + e) * NV + i, i = 0..NV-1: NV contiguous halves per e.
-      uint4 s_ch_raw[2][NV / 8];
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int u = 0; u < NV / 8; ++u)
-          s_ch_raw[e][u] = *reinterpret_cast<const uint4*>(tile + L.value_channel_scale + ((2 * m4 + e) * NV + 8 * u) * 2);
+      // s_ch of this thread's output channels (2m + e) * NV + i.
+      const __half* s_ch = reinterpret_cast<const __half*>(tile + L.value_channel_scale) + 2 * m4 * NV;
 #pragma unroll
       for (int byte_group = 0; byte_group < NV / kCodesPerByte; ++byte_group) {
         const int word = byte_group / 4, byte = byte_group % 4;
@@ -416,13 +412,11 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
           float c[4] = {};
 #pragma unroll
           for (int kk = 0; kk < NT / 2; ++kk)
-            mma_m16n8k16(c, a0[kk], a2[kk], biased_codes(x_ab[kk], mask), biased_codes(x_cd[kk], mask));
-          const float inv = 1.0f / static_cast<float>(1 << k), offset = pz - 1024.0f * pa_sum * inv;
+            mma_m16n8k16(c, a0[kk], a2[kk], codes_to_half2(x_ab[kk], mask, code_offset(kCenter, k)),
+                         codes_to_half2(x_cd[kk], mask, code_offset(kCenter, k)));
+          const float inv = 1.0f / static_cast<float>(1 << k);
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const __half s_ch = reinterpret_cast<const __half*>(&s_ch_raw[e][i / 8])[i % 8];
-            o[i][e] = fmaf(__half2float(s_ch), fmaf(c[e], inv, offset), o[i][e]);
-          }
+          for (int e = 0; e < 2; ++e) o[i][e] = fmaf(__half2float(s_ch[e * NV + i]), fmaf(c[e], inv, pz), o[i][e]);
         }
       }
     } else {
