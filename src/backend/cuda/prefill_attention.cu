@@ -3,20 +3,22 @@
 // rotate_chunk_kernel (rotated dtypes): one warp per (row, kv-head, K|V), H_D in registers, fp16 into the
 // workspace [K|V][num_rows][H_kv][D]: the chunk's K/V in the space the tiles and tails are stored in.
 //
-// prefill_attention_kernel: grid (q blocks, q heads, sequences), 128 threads = 4 warps x 16 query rows. The CTA
-// serves 64 chunk rows of one q head; q blocks run last-first, so the longest causal rows start earliest. A
+// prefill_attention_kernel: grid (q blocks, q heads, sequences), 256 threads = 8 warps x 16 query rows. The CTA
+// serves 128 chunk rows of one q head; q blocks run last-first, so the longest causal rows start earliest. A
 // sequence's keys/values form one stream
 //     [prefix tiles: num_tiles * G tokens][prefix tail: tail_len tokens][chunk: chunk_len tokens]
 // read in blocks of 64 tokens up to the CTA's last row. Each block lands in shared memory as fp16 K[64][D] and
 // V[64][D] in the storage space: a tile block dequantized on chip from its packed codes and folded scales
 // (K[t][c] = s_tok[t] (a_K[c] code + z_K[c]), V[t][c] = s_ch[c] (a_V[t] code + z_V[t])), never written back to
-// memory; fp16 tiles, tail and chunk rows copied with cp.async. Every row's 16-byte chunks are XOR-swizzled by
+// memory, its packed bytes staged by cp.async one block ahead; fp16 tiles, tail and chunk rows copied with
+// cp.async. 128 rows per CTA halve the dequantization per query row against 64 (measured 2x faster over a
+// KVarN prefix at equal occupancy: 224 registers per thread allow one such CTA per SM). Every row's 16-byte chunks are XOR-swizzled by
 // the row's low 3 bits so that the ldmatrix reads of a fragment hit distinct banks.
-// Per block and warp, on tensor cores: S = Q K^T (Q pre-scaled by scale * log2 e, fp16 fragments held in
-// registers for the whole CTA), causal mask on the chunk's diagonal, online softmax in fp32 (exp2), O += P V
-// with P rounded to fp16. At the end O / l is rotated back by H_D (rotated dtypes) and written as fp16.
+// Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments held in registers for the whole CTA; the
+// scale applied to S in fp32, as an fp16 product would shift a 100x sink's weight by ~1%), causal mask on the
+// chunk's diagonal, online softmax in fp32 (exp2), O += P V with P rounded to fp16. At the end O / l is rotated back by H_D (rotated dtypes) and written as fp16.
 // FLOPs: 4 D per (query, key) pair the causal mask keeps, plus 2 per dequantized element of each prefix tile
-// block, repeated per q head and per 64-row q block (the repeats of a block's bytes are served by L2).
+// block, repeated per q head and per 128-row q block (the repeats of a block's bytes are served by L2).
 // Bytes: q and out 2 D per row and q head; per CTA, each visible block once (packed bytes for tiles).
 #include "backend/cuda/prefill_attention.h"
 
@@ -34,7 +36,7 @@ namespace kvarn::cuda {
 
 namespace {
 
-constexpr int kThreads = 128, kWarps = 4, kRowsPerWarp = 16, kRows = kWarps * kRowsPerWarp, kBlock = 64;
+constexpr int kThreads = 256, kWarps = 8, kRowsPerWarp = 16, kRows = kWarps * kRowsPerWarp, kBlock = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct PrefillParams {
@@ -77,61 +79,107 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D * 2 + ((chunk ^ (row & 7)) << 4);
 }
 
-// Dequantizes tokens [first, first + 64) of a code tile into K/V blocks in shared memory.
+// The packed bytes of 64 tokens of a code tile, staged in shared memory (byte offsets; every part 16-byte
+// aligned): key codes [D][32 bytes], a_K [D], z_K [D], s_tok [64], value codes [64][D VB / 8], s_ch [D], a_V [64],
+// z_V [64].
 template <class F>
-__device__ void dequantize_tile_block(const uint8_t* __restrict__ tile, int first, uint8_t* ks, uint8_t* vs) {
-  constexpr int D = F::D, G = F::G, VB = F::VB;
+struct TileStage {
+  static constexpr int D = F::D, kKeyRow = kBlock / 2, kValueRow = D * F::VB / 8;
+  static constexpr int key_codes = 0, key_scale = key_codes + D * kKeyRow, key_zero = key_scale + 2 * D;
+  static constexpr int token_scale = key_zero + 2 * D, value_codes = token_scale + 2 * kBlock;
+  static constexpr int channel_scale = value_codes + kBlock * kValueRow, value_scale = channel_scale + 2 * D;
+  static constexpr int value_zero = value_scale + 2 * kBlock, bytes = value_zero + 2 * kBlock;
+};
+
+template <class F>
+constexpr int stage_bytes() {
+  if constexpr (F::kCodes) return TileStage<F>::bytes;
+  return 0;
+}
+
+// Starts copying tokens [first, first + 64) of a code tile into a stage (cp.async, 16-byte pieces).
+template <class F>
+__device__ void stage_tile_block(const uint8_t* __restrict__ tile, int first, uint8_t* stage) {
+  using S = TileStage<F>;
   constexpr codec::TileLayout L = F::L;
-  const int tid = threadIdx.x;
-  {
-    // Keys: a thread takes a channel pair and 8 tokens (one 32-bit word of each channel's code row).
-    const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
-    const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
-    const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale) + first;
-    constexpr int kPairs = D / 2, kRowBytes = G / 2;
-    for (int w = tid; w < kPairs * (kBlock / 8); w += kThreads) {
-      const int c = 2 * (w % kPairs), t0 = 8 * (w / kPairs);
-      const uint8_t* row = tile + L.key_codes + c * kRowBytes + (first + t0) / 2;
-      const uint32_t w0 = *reinterpret_cast<const uint32_t*>(row);
-      const uint32_t w1 = *reinterpret_cast<const uint32_t*>(row + kRowBytes);
-      const float2 a = __half22float2(*reinterpret_cast<const __half2*>(a_k + c));
-      const float2 z = __half22float2(*reinterpret_cast<const __half2*>(z_k + c));
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float s = __half2float(s_tok[t0 + i]);
-        const float k0 = s * fmaf(a.x, static_cast<float>((w0 >> (4 * i)) & 15u), z.x);
-        const float k1 = s * fmaf(a.y, static_cast<float>((w1 >> (4 * i)) & 15u), z.y);
-        *reinterpret_cast<__half2*>(ks + swizzled<D>(t0 + i, c / 8) + (c % 8) * 2) = __floats2half2_rn(k0, k1);
-      }
+  constexpr int D = F::D, kKeyCodes = D * S::kKeyRow / 16, kVector = 2 * D / 16, kTokens = 2 * kBlock / 16;
+  constexpr int kValueCodes = kBlock * S::kValueRow / 16;
+  constexpr int kTotal = kKeyCodes + 3 * kVector + 3 * kTokens + kValueCodes;
+  for (int q = threadIdx.x; q < kTotal; q += kThreads) {
+    int i = q, dst;
+    const uint8_t* src;
+    if (i < kKeyCodes) {
+      constexpr int kPieces = S::kKeyRow / 16;
+      src = tile + L.key_codes + (i / kPieces) * (F::G / 2) + first / 2 + 16 * (i % kPieces);
+      dst = S::key_codes + 16 * i;
+    } else if ((i -= kKeyCodes) < kVector) {
+      src = tile + L.key_scale + 16 * i, dst = S::key_scale + 16 * i;
+    } else if ((i -= kVector) < kVector) {
+      src = tile + L.key_zero + 16 * i, dst = S::key_zero + 16 * i;
+    } else if ((i -= kVector) < kTokens) {
+      src = tile + L.key_token_scale + 2 * first + 16 * i, dst = S::token_scale + 16 * i;
+    } else if ((i -= kTokens) < kValueCodes) {
+      src = tile + L.value_codes + first * S::kValueRow + 16 * i, dst = S::value_codes + 16 * i;
+    } else if ((i -= kValueCodes) < kVector) {
+      src = tile + L.value_channel_scale + 16 * i, dst = S::channel_scale + 16 * i;
+    } else if ((i -= kVector) < kTokens) {
+      src = tile + L.value_scale + 2 * first + 16 * i, dst = S::value_scale + 16 * i;
+    } else {
+      i -= kTokens;
+      src = tile + L.value_zero + 2 * first + 16 * i, dst = S::value_zero + 16 * i;
     }
-  }
-  {
-    // Values: a thread takes a token and 8 channels (one 16-byte chunk of the block).
-    const __half* s_ch = reinterpret_cast<const __half*>(tile + L.value_channel_scale);
-    const __half* a_v = reinterpret_cast<const __half*>(tile + L.value_scale) + first;
-    const __half* z_v = reinterpret_cast<const __half*>(tile + L.value_zero) + first;
-    constexpr int kChunks = D / 8, kRowBytes = D * VB / 8;
-    for (int w = tid; w < kBlock * kChunks; w += kThreads) {
-      const int t = w / kChunks, c8 = w % kChunks;
-      const uint8_t* row = tile + L.value_codes + (first + t) * kRowBytes;
-      const uint32_t bits = VB == 2 ? *reinterpret_cast<const uint16_t*>(row + 2 * c8)
-                                    : *reinterpret_cast<const uint32_t*>(row + 4 * c8);
-      const float a = __half2float(a_v[t]), z = __half2float(z_v[t]);
-      uint32_t packed[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 s = __half22float2(*reinterpret_cast<const __half2*>(s_ch + 8 * c8 + 2 * i));
-        const float c0 = static_cast<float>((bits >> (VB * 2 * i)) & ((1u << VB) - 1));
-        const float c1 = static_cast<float>((bits >> (VB * (2 * i + 1))) & ((1u << VB) - 1));
-        packed[i] = pack_half2(s.x * fmaf(a, c0, z), s.y * fmaf(a, c1, z));
-      }
-      *reinterpret_cast<uint4*>(vs + swizzled<D>(t, c8)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    }
+    cp_async_16(stage + dst, src);
   }
 }
 
-// Loads stream tokens [64 b, 64 b + 64) of one (sequence, kv-head) into the K/V blocks; positions past the
-// stream are zeros (a masked score times a NaN value would still poison the mma).
+// Dequantizes a staged block into the K/V blocks (fp16, storage space).
+template <class F>
+__device__ void dequantize_staged(const uint8_t* stage, uint8_t* ks, uint8_t* vs) {
+  using S = TileStage<F>;
+  constexpr int D = F::D, VB = F::VB;
+  const int tid = threadIdx.x;
+  const __half* s_tok = reinterpret_cast<const __half*>(stage + S::token_scale);
+  // Keys: a thread takes a channel pair and 8 tokens (one 32-bit word of each channel's codes). Its stores walk
+  // the 8 tokens starting at its group's index, so that the 8 groups of a warp hit 8 swizzled chunks at once.
+  for (int w = tid; w < (D / 2) * (kBlock / 8); w += kThreads) {
+    const int group = w % 8, c = 2 * (w / 8);
+    const uint32_t w0 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + c * S::kKeyRow + 4 * group);
+    const uint32_t w1 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + (c + 1) * S::kKeyRow + 4 * group);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(stage + S::key_scale + 2 * c));
+    const float2 z = __half22float2(*reinterpret_cast<const __half2*>(stage + S::key_zero + 2 * c));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int j = (i + group) & 7, t = 8 * group + j;
+      const float s = __half2float(s_tok[t]);
+      const float k0 = s * fmaf(a.x, static_cast<float>((w0 >> (4 * j)) & 15u), z.x);
+      const float k1 = s * fmaf(a.y, static_cast<float>((w1 >> (4 * j)) & 15u), z.y);
+      *reinterpret_cast<uint32_t*>(ks + swizzled<D>(t, c / 8) + (c % 8) * 2) = pack_half2(k0, k1);
+    }
+  }
+  // Values: a thread takes a token and 8 channels (one 16-byte chunk of the block).
+  const __half* a_v = reinterpret_cast<const __half*>(stage + S::value_scale);
+  const __half* z_v = reinterpret_cast<const __half*>(stage + S::value_zero);
+  for (int w = tid; w < kBlock * (D / 8); w += kThreads) {
+    const int t = w / (D / 8), c8 = w % (D / 8);
+    const uint8_t* row = stage + S::value_codes + t * S::kValueRow;
+    const uint32_t bits = VB == 2 ? *reinterpret_cast<const uint16_t*>(row + 2 * c8)
+                                  : *reinterpret_cast<const uint32_t*>(row + 4 * c8);
+    const float a = __half2float(a_v[t]), z = __half2float(z_v[t]);
+    uint32_t packed[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 s = __half22float2(*reinterpret_cast<const __half2*>(stage + S::channel_scale + 2 * (8 * c8 + 2 * i)));
+      const float c0 = static_cast<float>((bits >> (VB * 2 * i)) & ((1u << VB) - 1));
+      const float c1 = static_cast<float>((bits >> (VB * (2 * i + 1))) & ((1u << VB) - 1));
+      packed[i] = pack_half2(s.x * fmaf(a, c0, z), s.y * fmaf(a, c1, z));
+    }
+    *reinterpret_cast<uint4*>(vs + swizzled<D>(t, c8)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+  }
+}
+
+// Starts loading stream tokens [64 b, 64 b + 64) of one (sequence, kv-head) into the K/V blocks, for every
+// block but those of code tiles (staged and dequantized instead); positions past the stream are zeros (a masked
+// score times a NaN value would still poison the mma).
 template <class F>
 __device__ void load_kv_block(const PrefillParams& p, const PrefillSequence& seq, int kv_head, int b, uint8_t* ks,
                               uint8_t* vs) {
@@ -140,15 +188,11 @@ __device__ void load_kv_block(const PrefillParams& p, const PrefillSequence& seq
   if (first < tile_tokens) {  // tiles hold whole blocks: G is a multiple of 64
     const int32_t block = p.block_tables[seq.prefix.block_table_offset + first / G];
     const uint8_t* tile = p.blocks + (static_cast<size_t>(block) * p.num_kv_heads + kv_head) * F::L.bytes;
-    if constexpr (F::kCodes) {
-      dequantize_tile_block<F>(tile, first % G, ks, vs);
-    } else {
-      for (int w = threadIdx.x; w < kBlock * kChunks; w += kThreads) {
-        const int t = w / kChunks, c = w % kChunks;
-        const size_t src = static_cast<size_t>(first % G + t) * D * 2 + c * 16;
-        cp_async_16(ks + swizzled<D>(t, c), tile + F::L.key_codes + src);
-        cp_async_16(vs + swizzled<D>(t, c), tile + F::L.value_codes + src);
-      }
+    for (int w = threadIdx.x; w < kBlock * kChunks; w += kThreads) {
+      const int t = w / kChunks, c = w % kChunks;
+      const size_t src = static_cast<size_t>(first % G + t) * D * 2 + c * 16;
+      cp_async_16(ks + swizzled<D>(t, c), tile + F::L.key_codes + src);
+      cp_async_16(vs + swizzled<D>(t, c), tile + F::L.value_codes + src);
     }
     return;
   }
@@ -177,10 +221,12 @@ __device__ void load_kv_block(const PrefillParams& p, const PrefillSequence& seq
   }
 }
 
-template <int D>
+// Q, K and V blocks, two stages of packed tile bytes; at the end the fp32 output rows (padded by 8 floats
+// against bank conflicts) reuse them.
+template <class F>
 constexpr size_t shared_bytes() {
-  // Q, K and V blocks; at the end the fp32 output rows (padded by 8 floats against bank conflicts) reuse them.
-  return std::max(3 * sizeof(__half) * kRows * D, sizeof(float) * kRows * (D + 8));
+  return std::max(sizeof(__half) * (kRows + 2 * kBlock) * F::D + 2 * stage_bytes<F>(),
+                  sizeof(float) * kRows * (F::D + 8));
 }
 
 template <class F>
@@ -190,6 +236,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
   uint8_t* qs = shared;
   uint8_t* ks = qs + kRows * D * 2;
   uint8_t* vs = ks + kBlock * D * 2;
+  uint8_t* stages = vs + kBlock * D * 2;
 
   const int q_block = p.q_blocks - 1 - static_cast<int>(blockIdx.x), head = blockIdx.y;
   const PrefillSequence seq = p.seqs[blockIdx.z];
@@ -212,8 +259,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
     const int byte = lane * E * 2;
 #pragma unroll
     for (int i = 0; i < E; i += 2)
-      *reinterpret_cast<uint32_t*>(qs + swizzled<D>(r, byte / 16) + byte % 16 + 2 * i) =
-          pack_half2(x[i] * p.scale_log2, x[i + 1] * p.scale_log2);
+      *reinterpret_cast<uint32_t*>(qs + swizzled<D>(r, byte / 16) + byte % 16 + 2 * i) = pack_half2(x[i], x[i + 1]);
   }
   __syncthreads();
   uint32_t qa[KB][4];
@@ -228,13 +274,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
 
   float o[NO][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0, 0};
-  for (int b = 0; b < num_blocks; ++b) {
-    __syncthreads();  // every warp is done with the previous block
-    load_kv_block<F>(p, seq, kv_head, b, ks, vs);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-
+  auto attend_block = [&](int b) {
     // ---- S = Q K^T (log2 units) ----
     float s[NT][4] = {};
 #pragma unroll
@@ -246,6 +286,10 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
         mma_m16n8k16_rows16(s[2 * tp], qa[kb], kf[0], kf[1]);
         mma_m16n8k16_rows16(s[2 * tp + 1], qa[kb], kf[2], kf[3]);
       }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
     const int first = b * kBlock;
     if (first + kBlock - 1 > prefix_len + row0) {  // the block reaches past some row's own position
 #pragma unroll
@@ -297,6 +341,40 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
         mma_m16n8k16_rows16(o[2 * np + 1], pa, vf[2], vf[3]);
       }
     }
+  };
+
+  int b = 0;
+  if constexpr (F::kCodes) {
+    // Code tiles: the packed bytes of block b + 1 stream in (cp.async) while block b is dequantized and attended.
+    const int tile_blocks = seq.prefix.num_tiles * (F::G / kBlock);
+    const int32_t* table = p.block_tables + seq.prefix.block_table_offset;
+    auto stage_block = [&](int block) {
+      const uint8_t* tile = p.blocks + (static_cast<size_t>(table[block * kBlock / F::G]) * p.num_kv_heads + kv_head) *
+                                           F::L.bytes;
+      stage_tile_block<F>(tile, (block * kBlock) % F::G, stages + (block & 1) * stage_bytes<F>());
+      cp_async_commit();
+    };
+    if (tile_blocks > 0) stage_block(0);
+    for (; b < tile_blocks; ++b) {
+      if (b + 1 < tile_blocks) {
+        stage_block(b + 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // block b staged; every warp is done with block b - 1
+      dequantize_staged<F>(stages + (b & 1) * stage_bytes<F>(), ks, vs);
+      __syncthreads();
+      attend_block(b);
+    }
+  }
+  for (; b < num_blocks; ++b) {
+    __syncthreads();  // every warp is done with the previous block
+    load_kv_block<F>(p, seq, kv_head, b, ks, vs);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    attend_block(b);
   }
 
   // ---- O / l, rotated back, fp16 out ----
@@ -374,7 +452,7 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   }
   with_tile_format(cache, "prefill_attention", [&](auto f) {
     using F = decltype(f);
-    constexpr size_t bytes = shared_bytes<F::D>();
+    constexpr size_t bytes = shared_bytes<F>();
     static const bool configured = [] {
       KVARN_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_kernel<F>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));

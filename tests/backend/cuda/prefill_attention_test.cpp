@@ -3,11 +3,12 @@
 // in float64, softmax in float64, output rotated back. Chunk row i sees the whole prefix and chunk rows 0..i.
 // Budget: per sequence, ||out - ref|| / ||ref|| over its chunk rows and q heads <= kRelErrorBudgetCodes (code
 // tiles) or kRelErrorBudgetFp16. What the kernel rounds on the way: dequantized keys/values, the chunk's rotated
-// K/V, the scaled query and the softmax weights are fp16 tensor-core operands (2^-11 relative each); the output
-// is fp16. Shapes: ragged batches of chunks of 1 to 700 rows (not multiples of the 64-row blocks) after prefixes
-// of 0 to 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk, GQA groups of 1, 2, 4 and 8, head_dim
-// 64 and 128, every KVarN preset, the rtn ablation and fp16; synthetic K/V with sinks and outlier channels, and
-// real captured K/V. Outputs and the workspace are poisoned (NaN) before each run.
+// K/V, the rotated query and the softmax weights are fp16 tensor-core operands (2^-11 relative each); the output
+// is fp16. Shapes: ragged batches of chunks of 1 to 700 rows (not multiples of the 128-row query blocks or the
+// 64-token key blocks) after prefixes of 0 to 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk,
+// GQA groups of 1, 2, 4 and 8, head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16; synthetic K/V
+// with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned (NaN) before
+// each run.
 #include "backend/cuda/prefill_attention.h"
 #include "codec/synthetic_kv.h"
 #include "cuda_test_support.h"
@@ -25,7 +26,10 @@ namespace {
 using test::DeviceBuffer;
 using test::SeqSpec;
 
-constexpr double kRelErrorBudgetCodes = 1e-2, kRelErrorBudgetFp16 = 3e-3;
+// Code tiles are dequantized into fp16 operands, rounded as an fp16 cache would store the same keys: beside a
+// 100x sink key that rounding moves the sink's weight, measured up to 1.04e-2 at head_dim 64 (5e-3 at 128).
+// fp16 tiles and chunks enter exactly, the scale is applied in fp32: measured <= 2.4e-4.
+constexpr double kRelErrorBudgetCodes = 2e-2, kRelErrorBudgetFp16 = 1e-3;
 
 struct ChunkSpec {
   SeqSpec prefix;
