@@ -7,13 +7,14 @@
 // serves 128 chunk rows of one q head; q blocks run last-first, so the longest causal rows start earliest. A
 // sequence's keys/values form one stream
 //     [prefix tiles: num_tiles * G tokens][prefix tail: tail_len tokens][chunk: chunk_len tokens]
-// read in blocks of 64 tokens up to the CTA's last row. Each block lands in shared memory as fp16 K[64][D] and
-// V[64][D] in the storage space: a tile block dequantized on chip from its packed codes and folded scales
-// (K[t][c] = s_tok[t] (a_K[c] code + z_K[c]), V[t][c] = s_ch[c] (a_V[t] code + z_V[t])), never written back to
-// memory, its packed bytes staged by cp.async one block ahead; fp16 tiles, tail and chunk rows copied with
-// cp.async. 128 rows per CTA halve the dequantization per query row against 64 (measured 2x faster over a
-// KVarN prefix at equal occupancy: 224 registers per thread allow one such CTA per SM). Every row's 16-byte chunks are XOR-swizzled by
-// the row's low 3 bits so that the ldmatrix reads of a fragment hit distinct banks.
+// read in blocks of 64 tokens up to the CTA's last row. Each block lands in one of two shared-memory buffers as
+// fp16 K[64][D] and V[64][D] in the storage space: a tile block dequantized on chip from its packed codes and
+// folded scales (K[t][c] = s_tok[t] (a_K[c] code + z_K[c]), V[t][c] = s_ch[c] (a_V[t] code + z_V[t])), never
+// written back to memory, its packed bytes staged by cp.async one block ahead; fp16 tiles, tail and chunk rows
+// copied by cp.async one block ahead. 128 rows per CTA halve the dequantization per query row against 64
+// (measured 2x faster over a KVarN prefix at equal occupancy: 224 registers per thread allow one CTA per SM).
+// Every row's 16-byte chunks are XOR-swizzled by the row's low 3 bits so that the ldmatrix reads of a fragment
+// hit distinct banks.
 // Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments held in registers for the whole CTA; the
 // scale applied to S in fp32, as an fp16 product would shift a 100x sink's weight by ~1%), causal mask on the
 // chunk's diagonal, online softmax in fp32 (exp2), O += P V with P rounded to fp16. At the end O / l is rotated back by H_D (rotated dtypes) and written as fp16.
@@ -221,11 +222,11 @@ __device__ void load_kv_block(const PrefillParams& p, const PrefillSequence& seq
   }
 }
 
-// Q, K and V blocks, two stages of packed tile bytes; at the end the fp32 output rows (padded by 8 floats
-// against bank conflicts) reuse them.
+// Q, two buffers of K and V blocks, two stages of packed tile bytes; at the end the fp32 output rows (padded by
+// 8 floats against bank conflicts) reuse them.
 template <class F>
 constexpr size_t shared_bytes() {
-  return std::max(sizeof(__half) * (kRows + 2 * kBlock) * F::D + 2 * stage_bytes<F>(),
+  return std::max(sizeof(__half) * (kRows + 4 * kBlock) * F::D + 2 * stage_bytes<F>(),
                   sizeof(float) * kRows * (F::D + 8));
 }
 
@@ -234,9 +235,10 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
   constexpr int D = F::D, E = D / 32, KB = D / 16, NT = kBlock / 8, NO = D / 8;
   extern __shared__ __align__(16) uint8_t shared[];
   uint8_t* qs = shared;
-  uint8_t* ks = qs + kRows * D * 2;
-  uint8_t* vs = ks + kBlock * D * 2;
-  uint8_t* stages = vs + kBlock * D * 2;
+  uint8_t* kv_buffers = qs + kRows * D * 2;  // [2][K, V][kBlock][D]
+  uint8_t* stages = kv_buffers + 4 * kBlock * D * 2;
+  auto keys = [&](int b) { return kv_buffers + (b & 1) * 2 * kBlock * D * 2; };
+  auto values = [&](int b) { return keys(b) + kBlock * D * 2; };
 
   const int q_block = p.q_blocks - 1 - static_cast<int>(blockIdx.x), head = blockIdx.y;
   const PrefillSequence seq = p.seqs[blockIdx.z];
@@ -275,6 +277,8 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
   float o[NO][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0, 0};
   auto attend_block = [&](int b) {
+    const uint8_t* ks = keys(b);
+    const uint8_t* vs = values(b);
     // ---- S = Q K^T (log2 units) ----
     float s[NT][4] = {};
 #pragma unroll
@@ -362,18 +366,24 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();  // block b staged; every warp is done with block b - 1
-      dequantize_staged<F>(stages + (b & 1) * stage_bytes<F>(), ks, vs);
+      __syncthreads();  // block b staged; every warp is done with block b - 2, the buffer b's dequantization fills
+      dequantize_staged<F>(stages + (b & 1) * stage_bytes<F>(), keys(b), values(b));
       __syncthreads();
       attend_block(b);
     }
   }
-  for (; b < num_blocks; ++b) {
-    __syncthreads();  // every warp is done with the previous block
-    load_kv_block<F>(p, seq, kv_head, b, ks, vs);
+  // fp16 blocks (fp16 tiles, tail, chunk): block b + 1 streams in while block b is attended.
+  if (b < num_blocks) {
+    load_kv_block<F>(p, seq, kv_head, b, keys(b), values(b));
     cp_async_commit();
+  }
+  for (; b < num_blocks; ++b) {
     cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // block b landed; every warp is done with block b - 1, whose buffer block b + 1 fills
+    if (b + 1 < num_blocks) {
+      load_kv_block<F>(p, seq, kv_head, b + 1, keys(b + 1), values(b + 1));
+      cp_async_commit();
+    }
     attend_block(b);
   }
 
