@@ -5,14 +5,18 @@
 // (16-byte copies, several tiles in flight), and leaves one partial softmax state (m, l, o[D]) per q head; the
 // extra split s = num_splits reads the fp16 tail with plain fp32 arithmetic. Every warp owns a fixed quarter of
 // each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
-// Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group, padded to 16):
+// Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
-// (fp16 tiles: the same with the raw fp16 q, p and K/V, the scale applied to the fp32 scores.) q' a_K is folded
-// once per tile for the 4 warps into shared memory. Codes become exact fp16 operands code * 2^k in registers
-// (mma_fragments.cuh), 2^k removed from the fp32 results; no dequantized copy is ever written. The token and channel orders inside an mma are permuted so that each
-// thread's B operand comes from one 32-bit word of the packed rows (any permutation of the reduced index, used
-// consistently in A and B, gives the same sum).
+// KVarN A operands (q' a_K scale, folded once per tile for the 4 warps into shared memory, and p a_V) are split
+// into an fp16 high part (rows 0-7) and the fp16 rounding of the rest (rows 8-15, otherwise padding), so the
+// two row halves of the result add up to the operand with ~2^-22 instead of 2^-12 relative rounding: a sink's
+// large score no longer moves the other weights. Codes enter as the raw bits of fp16 subnormals, code * 2^k *
+// 2^-24 for a code at bit k of a 16-bit half (one mask per two codes, exact; the tensor cores take subnormal
+// fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized copy is ever written. (fp16 tiles: the raw fp16
+// q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside
+// an mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any
+// permutation of the reduced index, used consistently in A and B, gives the same sum).
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
 // FLOPs (tensor cores, useful): 4 * G_q * D per token, padded 16/G_q x on the tensor cores.
 //
@@ -36,7 +40,7 @@ namespace {
 
 constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kKeyCenter = 8;  // 4-bit key codes enter the mma as code - 8
+constexpr float kSubnormalScale = 16777216.0f;  // 2^24: a code c in the low bits of an fp16 is c * 2^-24
 
 template <int D_, int G_, int VB_>
 struct KvarnTile {
@@ -64,6 +68,31 @@ constexpr int min_blocks_per_sm() {
   return F::kCodes ? 3 : 1;
 }
 
+// mma m16n8k16 with all 16 rows of A = {a0, a1, a2, a3} (fragment layout in mma_fragments.cuh).
+__device__ __forceinline__ void mma_rows16(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+// (x0, x1) as an fp16 pair `hi` and the fp16 pair `lo` of what hi misses: hi + lo = x within ~2^-22 relative.
+__device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(x0, x1);
+  const float2 back = __half22float2(h);
+  const __half2 l = __floats2half2_rn(x0 - back.x, x1 - back.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// 2^x for x <= 0 in one MUFU op; exp2f adds a fix-up for results below 2^-126, weights too small to matter here.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 struct DecodeParams {
   const __half* q;
   const uint8_t* blocks;
@@ -77,29 +106,37 @@ struct DecodeParams {
   bool rotated;
 };
 
-// Copies tile `tile` of kv-head `head` into a ring stage, swizzling 16-byte chunks so that the warps' fragment
-// reads hit distinct banks: KVarN key-code rows of 4 chunks swap chunk pairs on bit 1 of the row; fp16 rows
-// XOR the chunk index with the row's low 3 bits.
+// Tile copies swizzle 16-byte chunks so that the warps' fragment reads hit distinct banks: KVarN key-code rows
+// of 4 chunks swap chunk pairs on bit 1 of the row; fp16 rows XOR the chunk index with the row's low 3 bits.
+// Thread i copies chunks i, i + 128, ...; a row's chunk count and 8 rows of them divide 128, so the swizzle moves
+// all of a thread's chunks of the swizzled region by the same offset, computed once per kernel.
 template <class F>
-__device__ __forceinline__ void copy_tile_async(uint8_t* stage, const uint8_t* __restrict__ blocks, int block,
-                                                int num_kv_heads, int head) {
-  const uint8_t* src = blocks + (static_cast<size_t>(block) * num_kv_heads + head) * F::L.bytes;
-  constexpr int kChunks = static_cast<int>(F::L.bytes / 16);
-  for (int q = threadIdx.x; q < kChunks; q += kThreads) {
-    int dst = q;
-    if constexpr (F::kCodes) {
-      constexpr int kRowChunks = F::G / 32, kKeyChunks = F::D * kRowChunks;
-      if (kRowChunks == 4 && q < kKeyChunks) {
-        const int row = q / kRowChunks;
-        dst = row * kRowChunks + ((q % kRowChunks) ^ (((row >> 1) & 1) << 1));
-      }
-    } else {
-      constexpr int kRowChunks = F::D / 8;
-      const int row = q / kRowChunks;  // token row, K rows then V rows
-      dst = row * kRowChunks + ((q % kRowChunks) ^ (row & 7));
-    }
-    cp_async_16(stage + 16 * dst, src + 16 * q);
+__device__ __forceinline__ int chunk_swizzle_offset(int tid) {
+  if constexpr (F::kCodes) {
+    if constexpr (F::G / 32 != 4) return 0;
+    return ((tid >> 3) & 1) ? ((tid & 2) ? -2 : 2) : 0;
+  } else {
+    constexpr int kRowChunks = F::D / 8;
+    static_assert(kRowChunks >= 8 && kThreads % (8 * kRowChunks) == 0);
+    const int x = tid % kRowChunks;
+    return (x ^ ((tid / kRowChunks) & 7)) - x;
   }
+}
+
+// Copies one tile (src: its bytes for one kv-head) into a ring stage: one cp.async per chunk.
+template <class F>
+__device__ __forceinline__ void copy_tile_async(uint8_t* stage, const uint8_t* __restrict__ src, int swizzle) {
+  constexpr int kChunks = static_cast<int>(F::L.bytes / 16), kRounds = (kChunks + kThreads - 1) / kThreads;
+  // KVarN: the key-code rows, whole rounds (D * 4 chunks); fp16: everything.
+  constexpr int kSwizzledRounds = F::kCodes ? (F::G / 32 == 4 ? F::D * 4 / kThreads : 0) : kRounds;
+  static_assert(!F::kCodes || (F::D * 4) % kThreads == 0);
+  const int tid = threadIdx.x;
+  const uint8_t* from = src + 16 * tid;  // then constant offsets: one instruction per chunk
+  uint8_t* to = stage + 16 * tid;
+#pragma unroll
+  for (int i = 0; i < kRounds; ++i)
+    if (kChunks % kThreads == 0 || i < kRounds - 1 || tid + i * kThreads < kChunks)
+      cp_async_16(to + 16 * (i * kThreads + (i < kSwizzledRounds ? swizzle : 0)), from + 16 * i * kThreads);
 }
 
 // The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens.
@@ -160,13 +197,13 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
 }
 
 // Shared memory of a CTA: the ring of tiles (reused by the tail scores and the final merge), then the per-tile
-// folded query fragments (KVarN), then the group's rotated queries.
+// folded query fragments (KVarN: hi and lo parts), then the group's rotated queries.
 template <class F>
 struct SharedLayout {
   static constexpr int D = F::D, KBLK = D / 16;
   static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
                                            sizeof(float) * kMaxGroup * F::G});
-  static constexpr size_t folded = sizeof(uint2) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup;
+  static constexpr size_t folded = sizeof(uint4) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup;
   static constexpr size_t query = sizeof(float) * kMaxGroup * D;
   static constexpr size_t bytes = ring + folded + query;
 };
@@ -178,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   using Shared = SharedLayout<F>;
   extern __shared__ __align__(16) uint8_t shared[];
   uint8_t* ring = shared;
-  uint2* folded_q = reinterpret_cast<uint2*>(shared + Shared::ring);  // [KBLK][head][m]: (a0, a2) fragments
+  uint4* folded_q = reinterpret_cast<uint4*>(shared + Shared::ring);  // [KBLK][head][m]: A fragments, hi/lo
   float* folded_z = reinterpret_cast<float*>(folded_q + KBLK * kMaxGroup * 4);  // [head]: sum_c q' z_K
   float* qs = reinterpret_cast<float*>(shared + Shared::ring + Shared::folded);
 
@@ -237,25 +274,27 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
 
   const int32_t* table = p.block_tables + seq.block_table_offset;
   const int num = end_tile - first_tile;
+  const int swizzle = chunk_swizzle_offset<F>(tid);
+  auto tile_bytes = [&](int i) {
+    return p.blocks + (static_cast<size_t>(table[first_tile + i]) * p.num_kv_heads + head) * L.bytes;
+  };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < num) copy_tile_async<F>(ring + s * L.bytes, p.blocks, table[first_tile + s], p.num_kv_heads, head);
+    if (s < num) copy_tile_async<F>(ring + s * L.bytes, tile_bytes(s), swizzle);
     cp_async_commit();
   }
   for (int it = 0; it < num; ++it) {
     cp_async_wait<S - 2>();
     __syncthreads();
-    if (it + S - 1 < num)
-      copy_tile_async<F>(ring + ((it + S - 1) % S) * L.bytes, p.blocks, table[first_tile + it + S - 1],
-                         p.num_kv_heads, head);
+    if (it + S - 1 < num) copy_tile_async<F>(ring + ((it + S - 1) % S) * L.bytes, tile_bytes(it + S - 1), swizzle);
     cp_async_commit();
     const uint8_t* tile = ring + (it % S) * L.bytes;
 
     // ---- scores (log2 units) ----
     float s[NT][2];
     if constexpr (F::kCodes) {
-      // Fold a_K and the softmax scale into the query once per tile for all warps: q'_c a_K[c] as fp16
-      // fragments, and per head sum_c q'_c (z_K[c] + 8 a_K[c]) (codes enter centered: code - 8).
+      // Fold a_K and the softmax scale into the query once per tile for all warps: q'_c a_K[c] as hi/lo fp16
+      // fragments, and per head sum_c q'_c z_K[c].
       {
         const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
         const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
@@ -270,11 +309,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
             const int c = kb * 16 + m + 4 * i;
             const float q = qs[h * D + c] * p.scale_log2;
             v[i] = q * __half2float(a_k[c]);
-            z_sum += q * (__half2float(z_k[c]) + kKeyCenter * __half2float(a_k[c]));
+            z_sum += q * __half2float(z_k[c]);
           }
-          const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
-          folded_q[(kb * kMaxGroup + h) * 4 + m] =
-              make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+          uint4 a;
+          split_half2(v[0], v[1], a.x, a.y);
+          split_half2(v[2], v[3], a.z, a.w);
+          folded_q[(kb * kMaxGroup + h) * 4 + m] = a;
         }
 #pragma unroll
         for (int o = 1; o < 16; o *= 2) z_sum += __shfl_xor_sync(0xffffffffu, z_sum, o);
@@ -282,19 +322,18 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
       }
       __syncthreads();
 
-      // Codes enter the mma as fp16 (code - 8) * 2^k (code at bit k of a byte: one byte permute per two
-      // n-tiles, one mask-and-or and one subtract per operand); 2^k comes off in fp32 below. Channel of k-slot i
-      // (0..3 <-> 2m, 2m+1, 2m+8, 2m+9): kb*16 + m + 4i.
+      // Key codes enter the mma as fp16 subnormals code * 2^k * 2^-24 (code at bit k = 0 or 4 of a byte: one
+      // byte permute per two n-tiles, one mask per operand); 2^(24-k) comes off in fp32 below. Channel of k-slot
+      // i (0..3 <-> 2m, 2m+1, 2m+8, 2m+9): kb*16 + m + 4i.
       const uint32_t* codes = reinterpret_cast<const uint32_t*>(tile + L.key_codes);
       constexpr int kRowWords = G / 8, kRowChunks = G / 32;
       constexpr int halves = G / 64, warps_per_half = kWarps / halves;
       const int word = col + 8 * (warp / warps_per_half);
       const int first_byte = (warp % warps_per_half) * NT / 2;
-      const __half2 low = code_offset(kKeyCenter, 0), high = code_offset(kKeyCenter, 4);
       float acc[NT][4] = {};
 #pragma unroll
       for (int kb = 0; kb < KBLK; ++kb) {
-        const uint2 a = folded_q[(kb * kMaxGroup + col) * 4 + m4];
+        const uint4 a = folded_q[(kb * kMaxGroup + col) * 4 + m4];
         uint32_t w[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -307,8 +346,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         for (int jp = 0; jp < NT / 2; ++jp) {
           const uint32_t sel = pair_selector(first_byte + jp);
           const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
-          mma_m16n8k16(acc[2 * jp], a.x, a.y, codes_to_half2(x01, 0x000f000fu, low), codes_to_half2(x23, 0x000f000fu, low));
-          mma_m16n8k16(acc[2 * jp + 1], a.x, a.y, codes_to_half2(x01, 0x00f000f0u, high), codes_to_half2(x23, 0x00f000f0u, high));
+          mma_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
+          mma_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
         }
       }
       const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale);
@@ -317,7 +356,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) * (acc[j][e] * ((j & 1) ? 0.0625f : 1.0f) + z);
+          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) *
+                    ((acc[j][e] + acc[j][e + 2]) * ((j & 1) ? kSubnormalScale / 16 : kSubnormalScale) + z);
     } else {
       const uint8_t* keys = tile + L.key_codes;
       float acc[NT][4] = {};
@@ -343,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     const float m_new = fmaxf(m_run, tile_max);
-    const float correction = exp2f(m_run - m_new);
+    const float correction = exp2_approx(m_run - m_new);
     m_run = m_new;
     l_run *= correction;
     if (__any_sync(0xffffffffu, correction != 1.0f)) {  // after the first tiles the maximum rarely moves
@@ -354,20 +394,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[j][e] = exp2f(s[j][e] - m_new);
+        s[j][e] = exp2_approx(s[j][e] - m_new);
         l_run += s[j][e];
       }
 
     // ---- values ----
     if constexpr (F::kCodes) {
-      // A = p * a_V (fp16), B = value codes centered like the keys (code - 2^(VB-1)), the center folded into pz;
-      // channel of column x of n-tile i: x*NV + i.
+      // A = p * a_V as hi/lo fp16, B = value codes as fp16 subnormals like the keys; channel of column x of
+      // n-tile i: x*NV + i.
       constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;
-      constexpr int kCodesPerByte = 8 / VB, kCenter = 1 << (VB - 1);
+      constexpr int kCodesPerByte = 8 / VB;
       const __half* a_v = reinterpret_cast<const __half*>(tile + L.value_scale);
       const __half* z_v = reinterpret_cast<const __half*>(tile + L.value_zero);
       const uint8_t* codes = tile + L.value_codes;
-      uint32_t a0[NT / 2], a2[NT / 2];
+      uint4 a[NT / 2];
       uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
       float pz = 0;
 #pragma unroll
@@ -379,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
           for (int e = 0; e < 2; ++e) {
             const int t = token(2 * kk + jj, 2 * m4 + e);
             pa[jj][e] = s[2 * kk + jj][e] * __half2float(a_v[t]);
-            pz += s[2 * kk + jj][e] * (__half2float(z_v[t]) + kCenter * __half2float(a_v[t]));
+            pz += s[2 * kk + jj][e] * __half2float(z_v[t]);
             const uint8_t* row = codes + t * kRowBytes + col * kColBytes;
             if constexpr (kColBytes == 2) {
               v[kk][2 * jj + e][0] = *reinterpret_cast<const uint16_t*>(row);
@@ -389,8 +429,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
                 v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
             }
           }
-        a0[kk] = pack_half2(pa[0][0], pa[0][1]);
-        a2[kk] = pack_half2(pa[1][0], pa[1][1]);
+        split_half2(pa[0][0], pa[0][1], a[kk].x, a[kk].y);
+        split_half2(pa[1][0], pa[1][1], a[kk].z, a[kk].w);
       }
       pz += __shfl_xor_sync(0xffffffffu, pz, 1);
       pz += __shfl_xor_sync(0xffffffffu, pz, 2);
@@ -411,12 +451,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
           const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << k;
           float c[4] = {};
 #pragma unroll
-          for (int kk = 0; kk < NT / 2; ++kk)
-            mma_m16n8k16(c, a0[kk], a2[kk], codes_to_half2(x_ab[kk], mask, code_offset(kCenter, k)),
-                         codes_to_half2(x_cd[kk], mask, code_offset(kCenter, k)));
-          const float inv = 1.0f / static_cast<float>(1 << k);
+          for (int kk = 0; kk < NT / 2; ++kk) mma_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
+          const float unscale = kSubnormalScale / static_cast<float>(1 << k);
 #pragma unroll
-          for (int e = 0; e < 2; ++e) o[i][e] = fmaf(__half2float(s_ch[e * NV + i]), fmaf(c[e], inv, pz), o[i][e]);
+          for (int e = 0; e < 2; ++e)
+            o[i][e] = fmaf(__half2float(s_ch[e * NV + i]), fmaf(c[e] + c[e + 2], unscale, pz), o[i][e]);
         }
       }
     } else {
