@@ -1,9 +1,10 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
-// decode_attention_kernel: grid (num_splits + 1, H_kv, num_seqs), 128 threads (4 warps). CTA (s, h, n) reads the
-// tiles [s*tps, (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory
-// (16-byte copies, several tiles in flight), and leaves one partial softmax state (m, l, o[D]) per q head; the
-// extra split s = num_splits reads the fp16 tail with plain fp32 arithmetic. Every warp owns a fixed quarter of
+// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
+// threads (4 warps). The first `pairs` CTAs read the fp16 tails with plain fp32 arithmetic (short; first, so that
+// they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
+// sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several tiles in
+// flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter of
 // each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
 // Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
@@ -196,17 +197,38 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
   }
 }
 
+// Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
+// (m = 0..3), which read 4-aligned runs 2 * NV or 16 floats apart, hit distinct banks.
+__device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
+constexpr int padded_size(int n) { return n + n / 8; }
+
 // Shared memory of a CTA: the ring of tiles (reused by the tail scores and the final merge), then the per-tile
-// folded query fragments (KVarN: hi and lo parts), then the group's rotated queries.
+// folded query fragments (KVarN: hi and lo parts) and the tile's scales as fp32, then the group's rotated queries.
 template <class F>
 struct SharedLayout {
-  static constexpr int D = F::D, KBLK = D / 16;
+  static constexpr int D = F::D, G = F::G, KBLK = D / 16;
   static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
                                            sizeof(float) * kMaxGroup * F::G});
-  static constexpr size_t folded = sizeof(uint4) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup;
+  static constexpr size_t scales = sizeof(float) * (3 * padded_size(G) + padded_size(D));
+  static constexpr size_t folded = sizeof(uint4) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup + scales;
   static constexpr size_t query = sizeof(float) * kMaxGroup * D;
   static constexpr size_t bytes = ring + folded + query;
 };
+
+// n consecutive shared floats from a 4n-byte aligned address (n = 2, 4, 8, 16) in 8- or 16-byte loads.
+template <int N>
+__device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
+  if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    out[0] = v.x, out[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
+    }
+  }
+}
 
 template <class F>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_attention_kernel(const DecodeParams p) {
@@ -217,6 +239,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   uint8_t* ring = shared;
   uint4* folded_q = reinterpret_cast<uint4*>(shared + Shared::ring);  // [KBLK][head][m]: A fragments, hi/lo
   float* folded_z = reinterpret_cast<float*>(folded_q + KBLK * kMaxGroup * 4);  // [head]: sum_c q' z_K
+  // The tile's scales as fp32, padded: s_tok_K[t], a_V[t], z_V[t], and s_ch_V[c] * 2^(24-k) (k: the bit of
+  // channel c's code in the 16-bit half its mma operand comes from).
+  float* s_tok_f = folded_z + kMaxGroup;
+  float* a_v_f = s_tok_f + padded_size(G);
+  float* z_v_f = a_v_f + padded_size(G);
+  float* s_ch_f = z_v_f + padded_size(G);
   float* qs = reinterpret_cast<float*>(shared + Shared::ring + Shared::folded);
 
   const int pairs = p.num_seqs * p.num_kv_heads;
@@ -272,6 +300,13 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
     }
   }
 
+  // KVarN: the folded query rows of heads past the group stay zero (the per-tile fold skips them).
+  if constexpr (F::kCodes) {
+    for (int i = tid; i < KBLK * kMaxGroup * 4; i += kThreads)
+      if ((i / 4) % kMaxGroup >= p.group) folded_q[i] = make_uint4(0, 0, 0, 0);
+    if (tid < kMaxGroup && tid >= p.group) folded_z[tid] = 0;
+  }
+
   float o[NV][2] = {};
   float m_run = -FLT_MAX, l_run = 0;
 
@@ -302,26 +337,40 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
         const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
         const int h = tid / 16, part = tid % 16;
-        float z_sum = 0;
+        if (h < p.group) {
+          float z_sum = 0;
 #pragma unroll
-        for (int e = part; e < KBLK * 4; e += 16) {
-          const int kb = e / 4, m = e % 4;
-          float v[4];
+          for (int e = part; e < KBLK * 4; e += 16) {
+            const int kb = e / 4, m = e % 4;
+            float v[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int c = kb * 16 + m + 4 * i;
-            const float q = qs[h * D + c] * p.scale_log2;
-            v[i] = q * __half2float(a_k[c]);
-            z_sum += q * __half2float(z_k[c]);
+            for (int i = 0; i < 4; ++i) {
+              const int c = kb * 16 + m + 4 * i;
+              const float q = qs[h * D + c] * p.scale_log2;
+              v[i] = q * __half2float(a_k[c]);
+              z_sum += q * __half2float(z_k[c]);
+            }
+            uint4 a;
+            split_half2(v[0], v[1], a.x, a.y);
+            split_half2(v[2], v[3], a.z, a.w);
+            folded_q[(kb * kMaxGroup + h) * 4 + m] = a;
           }
-          uint4 a;
-          split_half2(v[0], v[1], a.x, a.y);
-          split_half2(v[2], v[3], a.z, a.w);
-          folded_q[(kb * kMaxGroup + h) * 4 + m] = a;
-        }
+          const unsigned half_warp = 0xffffu << (16 * (h & 1));  // the 16 threads of head h
 #pragma unroll
-        for (int o = 1; o < 16; o *= 2) z_sum += __shfl_xor_sync(0xffffffffu, z_sum, o);
-        if (part == 0) folded_z[h] = z_sum;
+          for (int o = 1; o < 16; o *= 2) z_sum += __shfl_xor_sync(half_warp, z_sum, o);
+          if (part == 0) folded_z[h] = z_sum;
+        }
+        // The scales once per CTA as fp32, instead of once per warp and fragment as fp16 conversions.
+        if (tid < G) {
+          s_tok_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.key_token_scale)[tid]);
+          a_v_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.value_scale)[tid]);
+          z_v_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.value_zero)[tid]);
+        }
+        if (tid < D) {
+          const int k = (tid % NV) % (8 / F::VB) * F::VB;
+          s_ch_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.value_channel_scale)[tid]) *
+                                (kSubnormalScale / static_cast<float>(1 << k));
+        }
       }
       __syncthreads();
 
@@ -353,14 +402,15 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
           mma_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
         }
       }
-      const __half* s_tok = reinterpret_cast<const __half*>(tile + L.key_token_scale);
       const float z = folded_z[col];
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int e = 0; e < 2; ++e) {
+        float s_tok[NT];  // tokens token(j, x) of j = 0..NT-1 are consecutive
+        load_floats(s_tok_f + padded(token(0, 2 * m4 + e)), s_tok);
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
-          s[j][e] = __half2float(s_tok[token(j, 2 * m4 + e)]) *
-                    ((acc[j][e] + acc[j][e + 2]) * ((j & 1) ? kSubnormalScale / 16 : kSubnormalScale) + z);
+        for (int j = 0; j < NT; ++j)
+          s[j][e] = s_tok[j] * ((acc[j][e] + acc[j][e + 2]) * ((j & 1) ? kSubnormalScale / 16 : kSubnormalScale) + z);
+      }
     } else {
       const uint8_t* keys = tile + L.key_codes;
       float acc[NT][4] = {};
@@ -404,12 +454,17 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
     // ---- values ----
     if constexpr (F::kCodes) {
       // A = p * a_V as hi/lo fp16, B = value codes as fp16 subnormals like the keys; channel of column x of
-      // n-tile i: x*NV + i.
+      // n-tile i: x*NV + i. The accumulators start at sum_t p z_V * 2^(k-24), so that one multiply by
+      // s_ch * 2^(24-k) (s_ch_f) finishes the tile's contribution.
       constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;
       constexpr int kCodesPerByte = 8 / VB;
-      const __half* a_v = reinterpret_cast<const __half*>(tile + L.value_scale);
-      const __half* z_v = reinterpret_cast<const __half*>(tile + L.value_zero);
       const uint8_t* codes = tile + L.value_codes;
+      float a_v[2][NT], z_v[2][NT];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        load_floats(a_v_f + padded(token(0, 2 * m4 + e)), a_v[e]);
+        load_floats(z_v_f + padded(token(0, 2 * m4 + e)), z_v[e]);
+      }
       uint4 a[NT / 2];
       uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
       float pz = 0;
@@ -421,8 +476,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int t = token(2 * kk + jj, 2 * m4 + e);
-            pa[jj][e] = s[2 * kk + jj][e] * __half2float(a_v[t]);
-            pz += s[2 * kk + jj][e] * __half2float(z_v[t]);
+            pa[jj][e] = s[2 * kk + jj][e] * a_v[e][2 * kk + jj];
+            pz += s[2 * kk + jj][e] * z_v[e][2 * kk + jj];
             const uint8_t* row = codes + t * kRowBytes + col * kColBytes;
             if constexpr (kColBytes == 2) {
               v[kk][2 * jj + e][0] = *reinterpret_cast<const uint16_t*>(row);
@@ -437,8 +492,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
       }
       pz += __shfl_xor_sync(0xffffffffu, pz, 1);
       pz += __shfl_xor_sync(0xffffffffu, pz, 2);
-      // s_ch of this thread's output channels (2m + e) * NV + i.
-      const __half* s_ch = reinterpret_cast<const __half*>(tile + L.value_channel_scale) + 2 * m4 * NV;
+      // s_ch * 2^(24-k) of this thread's output channels (2m + e) * NV + i.
+      float s_ch[2][NV];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) load_floats(s_ch_f + padded((2 * m4 + e) * NV), s_ch[e]);
 #pragma unroll
       for (int byte_group = 0; byte_group < NV / kCodesPerByte; ++byte_group) {
         const int word = byte_group / 4, byte = byte_group % 4;
@@ -452,13 +509,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         for (int q = 0; q < kCodesPerByte; ++q) {
           const int i = byte_group * kCodesPerByte + q, k = q * VB;
           const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << k;
-          float c[4] = {};
+          const float pz_k = pz * (static_cast<float>(1 << k) / kSubnormalScale);
+          float c[4] = {pz_k, pz_k, 0, 0};
 #pragma unroll
           for (int kk = 0; kk < NT / 2; ++kk) mma_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
-          const float unscale = kSubnormalScale / static_cast<float>(1 << k);
 #pragma unroll
-          for (int e = 0; e < 2; ++e)
-            o[i][e] = fmaf(__half2float(s_ch[e * NV + i]), fmaf(c[e] + c[e + 2], unscale, pz), o[i][e]);
+          for (int e = 0; e < 2; ++e) o[i][e] = fmaf(s_ch[e][i], c[e] + c[e + 2], o[i][e]);
         }
       }
     } else {
