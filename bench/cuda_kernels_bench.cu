@@ -7,7 +7,8 @@
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
-// Usage: kvarn_cuda_bench [--csv FILE] [--quick]
+// Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only] [--batches 8,32] [--contexts 8192,32768]
+//   --decode-only: only the copy and the k4v2_g128 / fp16 decode rows; --batches, --contexts: only these.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -24,6 +25,7 @@
 #include <exception>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -221,12 +223,27 @@ void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, 
     KVARN_CUDA_CHECK(cudaFree(p));
 }
 
+std::vector<int> parse_list(const char* text) {
+  std::vector<int> out;
+  for (const char* p = text; *p;) {
+    char* end = nullptr;
+    out.push_back(static_cast<int>(std::strtol(p, &end, 10)));
+    if (end == p) throw std::runtime_error(std::string("not a list of integers: ") + text);
+    p = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
+
 int run(int argc, char** argv) {
   Csv csv;
-  bool quick = false;
+  bool decode_only = false;
+  std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
-    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
+    if (!std::strcmp(argv[i], "--decode-only")) decode_only = true;
+    if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
+    if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
   }
   cudaDeviceProp prop;
   KVARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -234,12 +251,14 @@ int run(int argc, char** argv) {
   csv.row("kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits");
   copy_bandwidth(csv);
   const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
-  const std::vector<int> batches = quick ? std::vector<int>{8} : std::vector<int>{1, 8, 32, 128};
-  const std::vector<int> contexts = quick ? std::vector<int>{8192} : std::vector<int>{1024, 8192, 32768, 131072};
   for (const Shape& shape : shapes)
     for (const char* dtype : {"kvarn_k4v2_g128", "fp16"})
       for (int batch : batches)
         for (int context : contexts) bench_decode(csv, shape, dtype, batch, context);
+  if (decode_only) {
+    if (csv.file) std::fclose(csv.file);
+    return 0;
+  }
   for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
     bench_decode(csv, shapes[0], dtype, 32, 32768);
   for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
