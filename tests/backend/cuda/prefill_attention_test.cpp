@@ -178,19 +178,7 @@ TEST_P(PrefillTest, MatchesFloat64ReferenceOnRaggedBatch) {
   const std::vector<ChunkSpec> specs = {{{0, 0}, 1},      {{0, 0}, 200}, {{2, 0}, 64},  {{1, 5}, 130},
                                         {{3, g - 1}, 1},  {{0, 1}, 65},  {{1, 0}, 0},   {{4, 33}, 257}};
   // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
-  test::KvSource kv = [&](int s, int tokens) {
-    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
-    for (int h = 0; h < c.kv_heads; ++h) {
-      const auto syn =
-          codec::synthetic_kv({.tokens = std::max(tokens, 1), .head_dim = c.head_dim, .seed = seed + 17u * s + h});
-      for (int t = 0; t < tokens; ++t)
-        for (int ch = 0; ch < c.head_dim; ++ch) {
-          k[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.keys[t * c.head_dim + ch];
-          v[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.values[t * c.head_dim + ch];
-        }
-    }
-    return std::pair{k, v};
-  };
+  const test::KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
   check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
                 random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);

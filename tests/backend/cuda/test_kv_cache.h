@@ -5,6 +5,7 @@
 // what attention must see, in float64 and the storage space (tiles as codec::TileCodec::decode gives them).
 #include "backend/cuda/kv_layout.h"
 #include "codec/cache_dtype.h"
+#include "codec/synthetic_kv.h"
 #include "codec/tile_codec.h"
 #include "util/half.h"
 
@@ -26,6 +27,27 @@ struct SeqSpec {
 
 // Keys and values of sequence s, [tokens][kv_heads][D], model space.
 using KvSource = std::function<std::pair<std::vector<float>, std::vector<float>>(int seq, int tokens)>;
+
+// Keys and values of the synthetic generator (outlier channels, attention sinks) for every kv-head: `options`
+// with the sequence's token count and a seed per (sequence, kv-head).
+inline KvSource synthetic_kv_source(int kv_heads, int head_dim, codec::SyntheticKvOptions options) {
+  return [=](int s, int tokens) {
+    std::vector<float> k(static_cast<size_t>(tokens) * kv_heads * head_dim), v(k.size());
+    for (int h = 0; h < kv_heads; ++h) {
+      codec::SyntheticKvOptions o = options;
+      o.tokens = std::max(tokens, 1);
+      o.head_dim = head_dim;
+      o.seed = options.seed + 31u * static_cast<uint32_t>(s) + static_cast<uint32_t>(h);
+      const auto syn = codec::synthetic_kv(o);
+      for (int t = 0; t < tokens; ++t)
+        for (int c = 0; c < head_dim; ++c) {
+          k[(static_cast<size_t>(t) * kv_heads + h) * head_dim + c] = syn.keys[t * head_dim + c];
+          v[(static_cast<size_t>(t) * kv_heads + h) * head_dim + c] = syn.values[t * head_dim + c];
+        }
+    }
+    return std::pair{k, v};
+  };
+}
 
 inline void hadamard_double(double* x, int d) {
   for (int step = 1; step < d; step *= 2)
