@@ -140,19 +140,35 @@ __device__ __forceinline__ void copy_tile_async(uint8_t* stage, const uint8_t* _
       cp_async_16(to + 16 * (i * kThreads + (i < kSwizzledRounds ? swizzle : 0)), from + 16 * i * kThreads);
 }
 
-// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens.
+// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens. Its key rows,
+// then its value rows, are copied whole into shared memory (`ring`: G rows, then the scores) with cp.async, two
+// round trips to memory instead of one per row and thread; 16-byte chunks swizzled as in fp16 tiles (chunk ^
+// row & 7) so that the threads' row reads hit distinct banks.
 template <class F>
-__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, float* scores,
+__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, uint8_t* ring,
                             int head, size_t partial_row, int partial_index) {
-  constexpr int D = F::D, G = F::G;
+  constexpr int D = F::D, G = F::G, kRowChunks = D / 8;
   const int n = seq.tail_len, tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
   const __half* k = p.tails + ((static_cast<size_t>(seq.tail_slot) * 2) * p.num_kv_heads + head) * G * D;
   const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
+  float* scores = reinterpret_cast<float*>(ring + G * D * 2);  // [head][token]
+  auto stage_rows = [&](const __half* src) {
+    for (int q = tid; q < n * kRowChunks; q += kThreads) {
+      const int row = q / kRowChunks;
+      cp_async_16(ring + 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7))), src + 8 * q);
+    }
+    cp_async_commit();
+  };
+  auto chunk = [&](int t, int c8) { return ring + 16 * (t * kRowChunks + (c8 ^ (t & 7))); };
+
+  stage_rows(k);
+  cp_async_wait<0>();
+  __syncthreads();
   if (tid < n) {
     float acc[kMaxGroup] = {};
-    const uint4* row = reinterpret_cast<const uint4*>(k + static_cast<size_t>(tid) * D);
-    for (int c8 = 0; c8 < D / 8; ++c8) {
-      const uint4 raw = row[c8];
+#pragma unroll 4
+    for (int c8 = 0; c8 < kRowChunks; ++c8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(chunk(tid, c8));
       const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -166,7 +182,8 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
     for (int h = 0; h < kMaxGroup; ++h)
       if (h < p.group) scores[h * G + tid] = acc[h] * p.scale_log2;
   }
-  __syncthreads();
+  __syncthreads();  // the key rows are read: the value rows replace them while the softmax runs
+  stage_rows(v);
   for (int h = warp; h < p.group; h += kWarps) {
     float m = -FLT_MAX;
     for (int t = lane; t < n; t += 32) m = fmaxf(m, scores[h * G + t]);
@@ -174,7 +191,7 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
     for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float l = 0;
     for (int t = lane; t < n; t += 32) {
-      const float e = exp2f(scores[h * G + t] - m);
+      const float e = exp2_approx(scores[h * G + t] - m);
       scores[h * G + t] = e;
       l += e;
     }
@@ -182,11 +199,13 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
     for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
     if (lane == 0) p.partial_ml[(partial_row + h) * (p.num_splits + 1) + partial_index] = make_float2(m, l);
   }
+  cp_async_wait<0>();
   __syncthreads();
   for (int c = tid; c < D; c += kThreads) {
     float acc[kMaxGroup] = {};
+#pragma unroll 4
     for (int t = 0; t < n; ++t) {
-      const float x = __half2float(v[static_cast<size_t>(t) * D + c]);
+      const float x = __half2float(reinterpret_cast<const __half*>(chunk(t, c / 8))[c % 8]);
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h)
         if (h < p.group) acc[h] += scores[h * G + t] * x;
@@ -202,13 +221,14 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
 __device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
 constexpr int padded_size(int n) { return n + n / 8; }
 
-// Shared memory of a CTA: the ring of tiles (reused by the tail scores and the final merge), then the per-tile
-// folded query fragments (KVarN: hi and lo parts) and the tile's scales as fp32, then the group's rotated queries.
+// Shared memory of a CTA: the ring of tiles (reused by the tail's rows and scores and by the final merge), then
+// the per-tile folded query fragments (KVarN: hi and lo parts) and the tile's scales as fp32, then the group's
+// rotated queries.
 template <class F>
 struct SharedLayout {
   static constexpr int D = F::D, G = F::G, KBLK = D / 16;
   static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
-                                           sizeof(float) * kMaxGroup * F::G});
+                                           size_t{2} * G * D + sizeof(float) * kMaxGroup * G});
   static constexpr size_t scales = sizeof(float) * (3 * padded_size(G) + padded_size(D));
   static constexpr size_t folded = sizeof(uint4) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup + scales;
   static constexpr size_t query = sizeof(float) * kMaxGroup * D;
@@ -274,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   }
   __syncthreads();
   if (tail) {
-    attend_tail<F>(p, seq, qs, reinterpret_cast<float*>(ring), head, partial_row, p.num_splits);
+    attend_tail<F>(p, seq, qs, ring, head, partial_row, p.num_splits);
     return;
   }
 
