@@ -1,25 +1,26 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
-// threads (4 warps). The first `pairs` CTAs read the fp16 tails with plain fp32 arithmetic (short; first, so that
-// they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
-// sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several tiles in
-// flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter of
-// each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
+// threads (4 warps). The first `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic; short,
+// and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps,
+// (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several
+// tiles in flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter
+// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
 // Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
-// KVarN A operands (q' a_K scale, folded once per tile for the 4 warps into shared memory, and p a_V) are split
-// into an fp16 high part (rows 0-7) and the fp16 rounding of the rest (rows 8-15, otherwise padding), so the
-// two row halves of the result add up to the operand with ~2^-22 instead of 2^-12 relative rounding: a sink's
-// large score no longer moves the other weights. Codes enter as the raw bits of fp16 subnormals, code * 2^k *
-// 2^-24 for a code at bit k of a 16-bit half (one mask per two codes, exact; the tensor cores take subnormal
-// fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized copy is ever written. (fp16 tiles: the raw fp16
-// q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside
-// an mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any
-// permutation of the reduced index, used consistently in A and B, gives the same sum).
+// KVarN A operands (q' a_K scale, folded once per tile for the 4 warps into shared memory together with the tile's
+// scales as fp32, and p a_V) are split into an fp16 high part (rows 0-7) and the fp16 rounding of the rest (rows 8-15,
+// otherwise padding), so the two row halves of the result add up to the operand with ~2^-22 instead of 2^-12 relative
+// rounding: a sink's large score no longer moves the other weights. Codes enter as the raw bits of fp16 subnormals,
+// code * 2^k * 2^-24 for a code at bit k of a 16-bit half (one mask per two codes, exact; the tensor cores take
+// subnormal fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized copy is ever written. (fp16 tiles: the raw
+// fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside an
+// mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any permutation of
+// the reduced index, used consistently in A and B, gives the same sum).
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
-// FLOPs (tensor cores, useful): 4 * G_q * D per token, padded 16/G_q x on the tensor cores.
+// FLOPs (tensor cores, useful): 4 * G_q * D per token; the mma's 16 rows make 16/G_q x that issued (KVarN: rows
+// 8-15 carry the lo parts).
 //
 // decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
 // for rotated dtypes, writes fp16.
