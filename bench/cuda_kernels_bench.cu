@@ -3,6 +3,8 @@
 //   decode    decode_attention per (model shape, cache dtype, batch, context): median time, bytes really read
 //             (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
 //   flush     flush_full_tiles of N full tails of the Llama-3-8B layer shape: tiles per second
+//   prefill   prefill_attention of one chunk of N tokens after a prefix of P cached tokens (whole tiles): useful
+//             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only] [--batches 8,32] [--contexts 8192,32768]
@@ -12,6 +14,7 @@
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/flush_full_tiles.h"
 #include "backend/cuda/kv_layout.h"
+#include "backend/cuda/prefill_attention.h"
 
 #include <cuda_runtime.h>
 
@@ -179,6 +182,47 @@ void bench_flush(Csv& csv, const std::string& dtype_name, int jobs) {
   KVARN_CUDA_CHECK(cudaFree(dev));
 }
 
+void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, int tokens, int prefix) {
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
+  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tiles = prefix / g;
+  const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);
+  uint8_t* blocks;
+  uint16_t *tails, *q, *kv, *out;
+  int32_t* table;
+  PrefillSequence* seq;
+  const size_t q_elems = static_cast<size_t>(tokens) * shape.q_heads * d;
+  const size_t kv_elems = static_cast<size_t>(tokens) * shape.kv_heads * d;
+  KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * std::max(tiles, 1)));
+  KVARN_CUDA_CHECK(cudaMalloc(&tails, probe.tail_slot_elements() * 2));
+  KVARN_CUDA_CHECK(cudaMalloc(&q, q_elems * 2));
+  KVARN_CUDA_CHECK(cudaMalloc(&kv, kv_elems * 2 * 2));
+  KVARN_CUDA_CHECK(cudaMalloc(&out, q_elems * 2));
+  KVARN_CUDA_CHECK(cudaMalloc(&table, sizeof(int32_t) * std::max(tiles, 1)));
+  KVARN_CUDA_CHECK(cudaMalloc(&seq, sizeof(PrefillSequence)));
+  fill_plausible(blocks, probe.block_bytes() * std::max(tiles, 1), 7);
+  fill_plausible(q, q_elems * 2, 8);
+  fill_plausible(kv, kv_elems * 4, 9);
+  std::vector<int32_t> host_table(std::max(tiles, 1));
+  std::iota(host_table.begin(), host_table.end(), 0);
+  std::shuffle(host_table.begin(), host_table.end(), std::mt19937(5));
+  KVARN_CUDA_CHECK(cudaMemcpy(table, host_table.data(), sizeof(int32_t) * host_table.size(), cudaMemcpyHostToDevice));
+  const PrefillSequence host_seq{{0, tiles, 0, 0}, 0, tokens};
+  KVARN_CUDA_CHECK(cudaMemcpy(seq, &host_seq, sizeof host_seq, cudaMemcpyHostToDevice));
+  const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
+  void* workspace;
+  KVARN_CUDA_CHECK(cudaMalloc(&workspace, std::max<size_t>(1, prefill_attention_workspace_bytes(layer, tokens))));
+  const PrefillAttentionArgs args{q, kv, kv + kv_elems, out, seq, table, 1, tokens, shape.q_heads, tokens,
+                                  1.0f / std::sqrt(static_cast<float>(d))};
+  const double ms = median_ms(10, [&](int) { prefill_attention(layer, args, workspace, nullptr); });
+  const double flops = 4.0 * shape.q_heads * d * (0.5 * tokens * tokens + static_cast<double>(tokens) * tiles * g);
+  csv.row("prefill," + std::string(shape.name) + "," + dtype_name + ",1," + std::to_string(tokens) + "," +
+          std::to_string(ms * 1e3) + ",,," + std::to_string(flops / (ms * 1e-3) / 1e12) + "," +
+          std::to_string(tiles * g));
+  for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(kv),
+                  static_cast<void*>(out), static_cast<void*>(table), static_cast<void*>(seq), workspace})
+    KVARN_CUDA_CHECK(cudaFree(p));
+}
+
 std::vector<int> parse_list(const char* text) {
   std::vector<int> out;
   for (const char* p = text; *p;) {
@@ -218,6 +262,11 @@ int run(int argc, char** argv) {
   for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
     bench_decode(csv, shapes[0], dtype, 32, 32768);
   for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
+  for (const Shape& shape : shapes)
+    for (const char* dtype : {"kvarn_k4v2_g128", "fp16"}) {
+      for (int tokens : {2048, 8192}) bench_prefill(csv, shape, dtype, tokens, 0);
+      bench_prefill(csv, shape, dtype, 2048, 30720);
+    }
   if (csv.file) std::fclose(csv.file);
   return 0;
 }

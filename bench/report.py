@@ -69,13 +69,24 @@ def main():
                 if shape == "llama3-8b" and dtype == "kvarn_k4v2_g128" and batch == 128 and num(r["time_us"]):
                     att = 32 * num(r["time_us"])
                     print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% |")
-    prefill = [r for r in rows if r["kind"] == "prefill"]
+    prefill = {(r["shape"], r["dtype"], int(r["context"]), int(r["splits"] or 0)): r
+               for r in rows if r["kind"] == "prefill"}
     if prefill:
-        print("\nPrefill attention (causal chunk over itself, reference only):\n")
-        print("| shape | impl | tokens | us | TFLOP/s |\n| --- | --- | ---: | ---: | ---: |")
-        for r in prefill:
-            print(f"| {r['shape']} | {r['dtype']} | {r['context']} | {num(r['time_us']):.0f} | {num(r['TFLOP_per_s']):.0f} |")
-
+        print("\nPrefill attention (one causal chunk of `tokens` after `prefix` cached tokens; TFLOP/s of the useful "
+              "causal work, 4 * q_heads * D * (tokens^2 / 2 + tokens * prefix)):\n")
+        print("| shape | tokens | prefix | k4v2_g128 us | k4v2 TFLOP/s | fp16 us | fp16 TFLOP/s | SDPA flash us "
+              "| SDPA TFLOP/s | fp16 vs SDPA | k4v2 vs fp16 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for shape, tokens, prefix in sorted({(s, t, p) for (s, _, t, p) in prefill}):
+            k = prefill.get((shape, "kvarn_k4v2_g128", tokens, prefix), {})
+            f = prefill.get((shape, "fp16", tokens, prefix), {})
+            t = prefill.get((shape, "sdpa_flash", tokens, prefix), {})
+            kt, ft, tt = num(k.get("time_us")), num(f.get("time_us")), num(t.get("time_us"))
+            cell = lambda r, field, fmt: fmt.format(num(r[field])) if num(r.get(field)) is not None else "-"
+            ratio = lambda a, b: f"{b / a:.2f}x" if a and b else "-"
+            print(f"| {shape} | {tokens} | {prefix} | {cell(k, 'time_us', '{:.0f}')} | {cell(k, 'TFLOP_per_s', '{:.0f}')} "
+                  f"| {cell(f, 'time_us', '{:.0f}')} | {cell(f, 'TFLOP_per_s', '{:.0f}')} | {cell(t, 'time_us', '{:.0f}')} "
+                  f"| {cell(t, 'TFLOP_per_s', '{:.0f}')} | {ratio(ft, tt)} | {ratio(kt, ft)} |")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 #include "engine/generate.h"
 
+#include "engine/stop_conditions.h"
+
 #include "util/error.h"
 
 #include <algorithm>
@@ -56,10 +58,9 @@ GenerationResult generate(Runtime& rt, const tokenizer::Tokenizer& tokenizer, st
   if (static_cast<int>(prompt.size()) >= rt.max_model_len())
     throw Error("the prompt has {} tokens; --max-model-len {} leaves no room to generate", prompt.size(),
                 rt.max_model_len());
-  std::vector<int32_t> stop_ids = params.stop_token_ids;
-  if (!params.ignore_eos) stop_ids.insert(stop_ids.end(), rt.config().eos_token_ids.begin(), rt.config().eos_token_ids.end());
-  size_t longest_stop = 0;
-  for (const auto& s : params.stop) longest_stop = std::max(longest_stop, s.size());
+  SamplingParams bounded = params;  // the context limit ends a request like max_tokens
+  bounded.max_tokens = std::min(params.max_tokens, rt.max_model_len() - static_cast<int>(prompt.size()));
+  StopChecker stop(bounded, rt.config().eos_token_ids);
 
   GenerationResult result;
   SequenceGuard guard{rt.cache(), rt.cache().add_sequence()};
@@ -69,39 +70,24 @@ GenerationResult generate(Runtime& rt, const tokenizer::Tokenizer& tokenizer, st
 
   const auto decode_start = Clock::now();
   tokenizer::IncrementalDetokenizer detok(tokenizer, true);
-  size_t emitted = 0;  // bytes of result.text already passed to on_text
-  auto release = [&](size_t upto) {
-    if (upto > emitted) on_text(std::string_view(result.text).substr(emitted, upto - emitted));
-    emitted = std::max(emitted, upto);
+  auto emit = [&](const std::string& text) {
+    result.text += text;
+    if (!text.empty()) on_text(text);
   };
   for (;;) {
     const int32_t token = sampler.sample(logits);
-    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
-      result.finish_reason = "stop";
-      break;
-    }
-    result.output_ids.push_back(token);
-    result.text += detok.push(token);
-    const auto hit = std::find_if(params.stop.begin(), params.stop.end(),
-                                  [&](const std::string& s) { return result.text.find(s) != std::string::npos; });
-    if (hit != params.stop.end()) {
-      result.text.resize(result.text.find(*hit));
-      result.finish_reason = "stop_string";
-      break;
-    }
-    // Hold back what could still be the start of a stop string.
-    release(result.text.size() - std::min(result.text.size(), longest_stop > 0 ? longest_stop - 1 : 0));
-    const int total = static_cast<int>(prompt.size() + result.output_ids.size());
-    if (static_cast<int>(result.output_ids.size()) >= params.max_tokens || total >= rt.max_model_len()) {
-      result.finish_reason = "length";
+    const bool stop_token = stop.is_stop_token(token);
+    if (!stop_token) result.output_ids.push_back(token);
+    emit(stop.push(token, stop_token ? std::string() : detok.push(token)));
+    if (stop.finished()) {
+      // A stop string cuts the text: the detokenizer's pending bytes lie past the cut.
+      if (stop_token || stop.finish_reason() == "length") emit(detok.finish());
       break;
     }
     const StepWork work{guard.seq, std::span(&result.output_ids.back(), 1), false};
     logits = rt.runner().execute(std::span(&work, 1))[0];
   }
-  if (result.finish_reason == "stop_string") result.finish_reason = "stop";
-  else result.text += detok.finish();
-  release(result.text.size());
+  result.finish_reason = stop.finish_reason();
   result.decode_seconds = seconds_since(decode_start);
   result.kv_blocks_used = static_cast<int>(rt.cache().sequence(guard.seq).blocks.size());
   return result;

@@ -12,10 +12,14 @@ StopChecker::StopChecker(const SamplingParams& params, std::span<const int32_t> 
   if (!params.ignore_eos) stop_ids_.insert(stop_ids_.end(), eos_token_ids.begin(), eos_token_ids.end());
 }
 
+bool StopChecker::is_stop_token(int32_t token) const {
+  return std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end();
+}
+
 std::string StopChecker::push(int32_t token, std::string_view piece) {
   if (finished()) throw Error("StopChecker: token {} pushed after the request finished ({})", token, finish_reason_);
   ++tokens_;
-  if (std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end()) return finish("stop");
+  if (is_stop_token(token)) return finish("stop");
 
   // A new match must end inside the new piece; of several, the earliest one counts.
   const size_t old_size = text_.size();

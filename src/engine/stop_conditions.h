@@ -22,6 +22,8 @@ public:
   // emitted now. Once finished(), no more tokens may be pushed.
   std::string push(int32_t token, std::string_view piece);
 
+  // eos (unless ignore_eos) or one of stop_token_ids: it ends the request and its text is not shown.
+  bool is_stop_token(int32_t token) const;
   bool finished() const { return !finish_reason_.empty(); }
   // "stop" or "length", as OpenAI names them; empty while generating.
   const std::string& finish_reason() const { return finish_reason_; }

@@ -29,6 +29,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/mma_fragments.cuh"
+#include "backend/cuda/tile_formats.cuh"
 
 #include <cuda_fp16.h>
 
@@ -43,20 +44,6 @@ namespace {
 constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kSubnormalScale = 16777216.0f;  // 2^24: a code c in the low bits of an fp16 is c * 2^-24
-
-template <int D_, int G_, int VB_>
-struct KvarnTile {
-  static constexpr int D = D_, G = G_, VB = VB_;
-  static constexpr bool kCodes = true;
-  static constexpr codec::TileLayout L = codec::TileLayout::codes(D, G, 4, VB);
-};
-
-template <int D_, int G_>
-struct Fp16Tile {
-  static constexpr int D = D_, G = G_;
-  static constexpr bool kCodes = false;
-  static constexpr codec::TileLayout L = codec::TileLayout::plain(D, G, 16);
-};
 
 // KVarN: as many tiles in flight as fit with 3 CTAs per SM (~68 KB of ring each); fp16 tiles are 16-64 KB.
 // (4 CTAs per SM cap the registers at 128 and spill; measured slower.)
@@ -658,37 +645,12 @@ int blocks_per_sm() {
   return std::max(blocks, 1);
 }
 
-// Calls fn(F{}) with the tile format of the cache.
-template <class Fn>
-void with_format(const KvCacheLayer& cache, Fn&& fn) {
-  const codec::TileLayout& l = cache.layout;
-  const int d = l.head_dim, g = l.tokens;
-  if (!l.code_tile) {
-    if (d == 128 && g == 128) return fn(Fp16Tile<128, 128>{});
-    if (d == 128 && g == 64) return fn(Fp16Tile<128, 64>{});
-    if (d == 64 && g == 128) return fn(Fp16Tile<64, 128>{});
-    if (d == 64 && g == 64) return fn(Fp16Tile<64, 64>{});
-  } else if (l.key_bits == 4) {
-    const int vb = l.value_bits;
-    if (d == 128 && g == 128 && vb == 2) return fn(KvarnTile<128, 128, 2>{});
-    if (d == 128 && g == 128 && vb == 4) return fn(KvarnTile<128, 128, 4>{});
-    if (d == 128 && g == 64 && vb == 2) return fn(KvarnTile<128, 64, 2>{});
-    if (d == 128 && g == 64 && vb == 4) return fn(KvarnTile<128, 64, 4>{});
-    if (d == 64 && g == 128 && vb == 2) return fn(KvarnTile<64, 128, 2>{});
-    if (d == 64 && g == 128 && vb == 4) return fn(KvarnTile<64, 128, 4>{});
-    if (d == 64 && g == 64 && vb == 2) return fn(KvarnTile<64, 64, 2>{});
-    if (d == 64 && g == 64 && vb == 4) return fn(KvarnTile<64, 64, 4>{});
-  }
-  throw_error("decode_attention: no kernel for head_dim " + std::to_string(d) + ", G " + std::to_string(g) +
-              ", bits " + std::to_string(l.key_bits) + "/" + std::to_string(l.value_bits));
-}
-
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles) {
   DecodeAttentionPlan plan;
   int per_sm = 1;
-  with_format(cache, [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
+  with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   // Split-K over tiles. CTAs of equal length run in waves of (SMs x CTAs per SM), and a last wave that is only
   // partly full costs about a whole one (the kernel is bound by issue per SM, not by memory, so the CTAs of a
   // thin wave do not run faster). Choose the split that minimizes waves x (tiles per CTA + ~2 tiles of per-CTA
@@ -738,7 +700,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.num_splits = plan.num_splits;
   p.scale_log2 = args.scale * kLog2e;
   p.rotated = cache.rotated();
-  with_format(cache, [&](auto f) {
+  with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
     blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
     decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, SharedLayout<F>::bytes, stream>>>(p);

@@ -14,6 +14,7 @@
 #include "codec/tile_codec.h"
 #include "cuda_test_support.h"
 #include "shared_dir.h"
+#include "test_kv_cache.h"
 
 #include <gtest/gtest.h>
 
@@ -35,89 +36,23 @@ using test::DeviceBuffer;
 // and scale in fp32.
 constexpr double kRelErrorBudgetCodes = 5e-3, kRelErrorBudgetFp16 = 3e-3;
 
-struct SeqSpec {
-  int tiles;
-  int tail;
-};
-
-void hadamard_double(double* x, int d) {
-  for (int step = 1; step < d; step *= 2)
-    for (int block = 0; block < d; block += 2 * step)
-      for (int i = block; i < block + step; ++i) {
-        const double a = x[i], b = x[i + step];
-        x[i] = a + b;
-        x[i + step] = a - b;
-      }
-  for (int i = 0; i < d; ++i) x[i] /= std::sqrt(static_cast<double>(d));
-}
+using test::KvSource;
+using test::SeqSpec;
 
 // kv(s): keys and values of sequence s, [tokens][kv_heads][D], model space. q: [seqs][q_heads][D].
-using KvSource = std::function<std::pair<std::vector<float>, std::vector<float>>(int seq, int tokens)>;
-
 void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
                   const KvSource& kv, const std::vector<float>& q_model, uint32_t seed) {
-  const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
-  const int g = dtype.tile_tokens ? dtype.tile_tokens : (d == 64 ? 64 : 128);
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
-  const codec::TileCodec codec(dtype, d, g);
-  const codec::TileLayout& l = codec.layout();
-  int total_tiles = 0, max_tiles = 0;
-  for (const auto& s : specs) total_tiles += s.tiles, max_tiles = std::max(max_tiles, s.tiles);
-  const int num_blocks = total_tiles + 3;
   std::mt19937 rng(seed);
-  std::vector<int32_t> free_blocks(num_blocks);
-  std::iota(free_blocks.begin(), free_blocks.end(), 0);
-  std::shuffle(free_blocks.begin(), free_blocks.end(), rng);
-
-  const KvCacheLayer shape = make_kv_cache_layer(dtype, d, g, kv_heads, nullptr, nullptr);
-  std::vector<uint8_t> blocks(shape.block_bytes() * num_blocks, 0xff);
-  std::vector<uint16_t> tails(shape.tail_slot_elements() * num_seqs, 0xffff);
-  std::vector<int32_t> tables;
-  std::vector<SequenceKvView> views;
-  // What the cache holds, storage space: stored[s][h] = [tokens][D] keys then values.
-  std::vector<std::vector<std::vector<double>>> stored_k(num_seqs), stored_v(num_seqs);
-  std::vector<float> tk(static_cast<size_t>(g) * d), tv(tk.size()), dk(tk.size()), dv(tk.size());
-  for (int s = 0; s < num_seqs; ++s) {
-    const int tokens = specs[s].tiles * g + specs[s].tail;
-    auto [k, v] = kv(s, tokens);
-    for (auto& x : k) x = round_to_half(x);
-    for (auto& x : v) x = round_to_half(x);
-    const int slot = num_seqs - 1 - s;
-    views.push_back({static_cast<int32_t>(tables.size()), specs[s].tiles, specs[s].tail, slot});
-    stored_k[s].assign(kv_heads, {});
-    stored_v[s].assign(kv_heads, {});
-    for (int i = 0; i < specs[s].tiles; ++i) {
-      const int32_t block = free_blocks.back();
-      free_blocks.pop_back();
-      tables.push_back(block);
-      for (int h = 0; h < kv_heads; ++h) {
-        for (int t = 0; t < g; ++t)
-          for (int c = 0; c < d; ++c) {
-            tk[t * d + c] = k[(static_cast<size_t>(i * g + t) * kv_heads + h) * d + c];
-            tv[t * d + c] = v[(static_cast<size_t>(i * g + t) * kv_heads + h) * d + c];
-          }
-        uint8_t* tile = blocks.data() + (static_cast<size_t>(block) * kv_heads + h) * l.bytes;
-        codec.encode(tk.data(), tv.data(), tile);
-        codec.decode(tile, dk.data(), dv.data());
-        stored_k[s][h].insert(stored_k[s][h].end(), dk.begin(), dk.end());
-        stored_v[s][h].insert(stored_v[s][h].end(), dv.begin(), dv.end());
-      }
-    }
-    for (int t = 0; t < specs[s].tail; ++t)
-      for (int h = 0; h < kv_heads; ++h)
-        for (int which = 0; which < 2; ++which) {
-          const auto& src = which == 0 ? k : v;
-          std::vector<double> row(d);
-          for (int c = 0; c < d; ++c) row[c] = src[(static_cast<size_t>(specs[s].tiles * g + t) * kv_heads + h) * d + c];
-          if (dtype.rotated()) hadamard_double(row.data(), d);
-          uint16_t* dst = tails.data() + (((static_cast<size_t>(slot) * 2 + which) * kv_heads + h) * g + t) * d;
-          for (int c = 0; c < d; ++c) {
-            dst[c] = float_to_half(static_cast<float>(row[c]));
-            (which == 0 ? stored_k : stored_v)[s][h].push_back(half_to_float(dst[c]));
-          }
-        }
-  }
-  if (tables.empty()) tables.push_back(0);
+  const test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
+  const codec::CacheDtype& dtype = cache.dtype;
+  const int g = cache.tile_tokens, max_tiles = cache.max_tiles;
+  const auto& blocks = cache.blocks;
+  const auto& tails = cache.tails;
+  const auto& tables = cache.tables;
+  const auto& views = cache.views;
+  const auto& stored_k = cache.stored_k;
+  const auto& stored_v = cache.stored_v;
 
   DeviceBuffer<uint8_t> dblocks(blocks);
   DeviceBuffer<uint16_t> dtails(tails), dq(test::to_half(q_model));
@@ -143,7 +78,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
       const int kvh = h / group;
       std::vector<double> qr(d), o(d, 0.0);
       for (int c = 0; c < d; ++c) qr[c] = half_to_float(float_to_half(q_model[(static_cast<size_t>(s) * q_heads + h) * d + c]));
-      if (dtype.rotated()) hadamard_double(qr.data(), d);
+      if (dtype.rotated()) test::hadamard_double(qr.data(), d);
       std::vector<double> scores(tokens);
       double mx = -INFINITY, sum = 0;
       for (int t = 0; t < tokens; ++t) {
@@ -155,7 +90,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
       for (int t = 0; t < tokens; ++t) sum += scores[t] = std::exp(scores[t] - mx);
       for (int t = 0; t < tokens; ++t)
         for (int c = 0; c < d; ++c) o[c] += scores[t] / sum * stored_v[s][kvh][static_cast<size_t>(t) * d + c];
-      if (dtype.rotated()) hadamard_double(o.data(), d);
+      if (dtype.rotated()) test::hadamard_double(o.data(), d);
       for (int c = 0; c < d; ++c) {
         const double got = out[(static_cast<size_t>(s) * q_heads + h) * d + c];
         ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " head " << h << " channel " << c << " not written";
@@ -192,20 +127,8 @@ TEST_P(DecodeTest, MatchesFloat64ReferenceOnRaggedBatch) {
   const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {5, 1}, {2, 127 % g}, {40, 33}};
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
-  // Keys and values from the synthetic generator (sinks, outlier channels) plus noise, per kv-head.
-  KvSource kv = [&](int s, int tokens) {
-    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
-    for (int h = 0; h < c.kv_heads; ++h) {
-      const auto syn = codec::synthetic_kv(
-          {.tokens = std::max(tokens, 1), .head_dim = c.head_dim, .seed = seed + 17u * s + h});
-      for (int t = 0; t < tokens; ++t)
-        for (int ch = 0; ch < c.head_dim; ++ch) {
-          k[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.keys[t * c.head_dim + ch];
-          v[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.values[t * c.head_dim + ch];
-        }
-    }
-    return std::pair{k, v};
-  };
+  // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
+  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::vector<float> q(specs.size() * c.q_heads * c.head_dim);
   for (auto& x : q) x = normal(rng) * 1.5f;
   check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv, q, seed);
@@ -223,22 +146,8 @@ TEST_P(DecodeTest, ResolvesScoresBesideA100xAttentionSink) {
   std::vector<SeqSpec> specs(12, SeqSpec{1, 0});
   specs.push_back({1, g / 2});
   specs.push_back({2, 0});
-  KvSource kv = [&](int s, int tokens) {
-    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
-    for (int h = 0; h < c.kv_heads; ++h) {
-      const auto syn = codec::synthetic_kv({.tokens = tokens,
-                                            .head_dim = c.head_dim,
-                                            .sink_min = 100,
-                                            .sink_max = 100,
-                                            .seed = seed + 31u * s + h});
-      for (int t = 0; t < tokens; ++t)
-        for (int ch = 0; ch < c.head_dim; ++ch) {
-          k[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.keys[t * c.head_dim + ch];
-          v[(static_cast<size_t>(t) * c.kv_heads + h) * c.head_dim + ch] = syn.values[t * c.head_dim + ch];
-        }
-    }
-    return std::pair{k, v};
-  };
+  const KvSource kv =
+      test::synthetic_kv_source(c.kv_heads, c.head_dim, {.sink_min = 100, .sink_max = 100, .seed = seed});
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   std::vector<float> q(specs.size() * c.q_heads * c.head_dim);

@@ -1,0 +1,263 @@
+// prefill_attention against float64 causal attention over what the cache holds plus the chunk: prefix tiles
+// decoded by codec::TileCodec::decode and the fp16 tail (storage space), the chunk's K/V and the queries rotated
+// in float64, softmax in float64, output rotated back. Chunk row i sees the whole prefix and chunk rows 0..i.
+// Budget: per sequence, ||out - ref|| / ||ref|| over its chunk rows and q heads <= kRelErrorBudgetCodes (code
+// tiles) or kRelErrorBudgetFp16. What the kernel rounds on the way: dequantized keys/values, the chunk's rotated
+// K/V, the rotated query and the softmax weights are fp16 tensor-core operands (2^-11 relative each); the output
+// is fp16. Shapes: ragged batches of chunks of 1 to 700 rows (not multiples of the 128-row query blocks or the
+// 64-token key blocks) after prefixes of 0 to 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk,
+// GQA groups of 1, 2, 4 and 8, head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16; synthetic K/V
+// with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned (NaN) before
+// each run.
+#include "backend/cuda/prefill_attention.h"
+#include "codec/synthetic_kv.h"
+#include "cuda_test_support.h"
+#include "shared_dir.h"
+#include "test_kv_cache.h"
+#include "util/error.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+
+namespace kvarn::cuda {
+namespace {
+
+using test::DeviceBuffer;
+using test::SeqSpec;
+
+// Code tiles are dequantized into fp16 operands, rounded as an fp16 cache would store the same keys: beside a
+// 100x sink key that rounding moves the sink's weight, measured up to 1.04e-2 at head_dim 64 (5e-3 at 128).
+// fp16 tiles and chunks enter exactly, the scale is applied in fp32: measured <= 2.4e-4.
+constexpr double kRelErrorBudgetCodes = 2e-2, kRelErrorBudgetFp16 = 1e-3;
+
+struct ChunkSpec {
+  SeqSpec prefix;
+  int chunk;
+};
+
+// kv(s, tokens): the keys and values of sequence s (prefix then chunk), [tokens][kv_heads][D], model space.
+// q: [chunk rows of all sequences][q_heads][D], model space.
+void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_heads,
+                   const std::vector<ChunkSpec>& specs, const test::KvSource& kv, const std::vector<float>& q_model,
+                   uint32_t seed) {
+  const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(dtype_name), d);
+  std::vector<std::pair<std::vector<float>, std::vector<float>>> full(num_seqs);
+  std::vector<SeqSpec> prefixes;
+  for (int s = 0; s < num_seqs; ++s) {
+    const int prefix = specs[s].prefix.tiles * g + specs[s].prefix.tail;
+    full[s] = kv(s, prefix + specs[s].chunk);
+    for (auto* x : {&full[s].first, &full[s].second})
+      for (auto& e : *x) e = round_to_half(e);
+    prefixes.push_back(specs[s].prefix);
+  }
+  std::mt19937 rng(seed);
+  const test::TestCache cache = test::build_test_cache(
+      dtype_name, d, kv_heads, prefixes,
+      [&](int s, int tokens) {
+        const size_t n = static_cast<size_t>(tokens) * kv_heads * d;
+        return std::pair{std::vector<float>(full[s].first.begin(), full[s].first.begin() + n),
+                         std::vector<float>(full[s].second.begin(), full[s].second.begin() + n)};
+      },
+      rng);
+
+  // The chunks, back to back: rows [chunk_begin, chunk_begin + chunk) of k/v/q/out.
+  std::vector<PrefillSequence> seqs;
+  std::vector<float> chunk_k, chunk_v;
+  int num_rows = 0, max_chunk = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    const size_t prefix = static_cast<size_t>(specs[s].prefix.tiles * g + specs[s].prefix.tail) * kv_heads * d;
+    seqs.push_back({cache.views[s], num_rows, specs[s].chunk});
+    chunk_k.insert(chunk_k.end(), full[s].first.begin() + prefix, full[s].first.end());
+    chunk_v.insert(chunk_v.end(), full[s].second.begin() + prefix, full[s].second.end());
+    num_rows += specs[s].chunk;
+    max_chunk = std::max(max_chunk, specs[s].chunk);
+  }
+  ASSERT_EQ(q_model.size(), static_cast<size_t>(num_rows) * q_heads * d);
+
+  DeviceBuffer<uint8_t> dblocks(cache.blocks);
+  DeviceBuffer<uint16_t> dtails(cache.tails), dq(test::to_half(q_model)), dk(test::to_half(chunk_k)),
+      dv(test::to_half(chunk_v)), dout(q_model.size());
+  DeviceBuffer<int32_t> dtables(cache.tables);
+  DeviceBuffer<PrefillSequence> dseqs(seqs);
+  const KvCacheLayer layer = make_kv_cache_layer(cache.dtype, d, g, kv_heads, dblocks.get(), dtails.get());
+  DeviceBuffer<uint8_t> workspace(std::max<size_t>(1, prefill_attention_workspace_bytes(layer, num_rows)));
+  workspace.poison();
+  dout.poison();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  prefill_attention(layer,
+                    {dq.get(), dk.get(), dv.get(), dout.get(), dseqs.get(), dtables.get(), num_seqs, num_rows,
+                     q_heads, max_chunk, scale},
+                    workspace.get(), nullptr);
+  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto out = test::to_float(dout.download());
+
+  double worst = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    if (specs[s].chunk == 0) continue;
+    const int prefix = specs[s].prefix.tiles * g + specs[s].prefix.tail;
+    // Keys and values the rows may see, storage space, per kv-head: the cached prefix, then the chunk.
+    std::vector<std::vector<double>> keys(kv_heads), values(kv_heads);
+    for (int h = 0; h < kv_heads; ++h) {
+      keys[h] = cache.stored_k[s][h];
+      values[h] = cache.stored_v[s][h];
+      for (int t = 0; t < specs[s].chunk; ++t)
+        for (int which = 0; which < 2; ++which) {
+          const auto& src = which == 0 ? full[s].first : full[s].second;
+          std::vector<double> row(d);
+          for (int c = 0; c < d; ++c) row[c] = src[(static_cast<size_t>(prefix + t) * kv_heads + h) * d + c];
+          if (cache.dtype.rotated()) test::hadamard_double(row.data(), d);
+          (which == 0 ? keys : values)[h].insert((which == 0 ? keys : values)[h].end(), row.begin(), row.end());
+        }
+    }
+    double err2 = 0, ref2 = 0;
+    std::vector<double> qr(d), o(d), scores;
+    for (int i = 0; i < specs[s].chunk; ++i) {
+      const int visible = prefix + i + 1;
+      for (int h = 0; h < q_heads; ++h) {
+        const size_t at = (static_cast<size_t>(seqs[s].chunk_begin + i) * q_heads + h) * d;
+        const auto& kh = keys[h / group];
+        const auto& vh = values[h / group];
+        for (int c = 0; c < d; ++c) qr[c] = round_to_half(q_model[at + c]);
+        if (cache.dtype.rotated()) test::hadamard_double(qr.data(), d);
+        scores.assign(visible, 0.0);
+        double mx = -INFINITY, sum = 0;
+        for (int t = 0; t < visible; ++t) {
+          double dot = 0;
+          for (int c = 0; c < d; ++c) dot += qr[c] * kh[static_cast<size_t>(t) * d + c];
+          scores[t] = dot * scale;
+          mx = std::max(mx, scores[t]);
+        }
+        for (int t = 0; t < visible; ++t) sum += scores[t] = std::exp(scores[t] - mx);
+        std::fill(o.begin(), o.end(), 0.0);
+        for (int t = 0; t < visible; ++t)
+          for (int c = 0; c < d; ++c) o[c] += scores[t] / sum * vh[static_cast<size_t>(t) * d + c];
+        if (cache.dtype.rotated()) test::hadamard_double(o.data(), d);
+        for (int c = 0; c < d; ++c) {
+          const double got = out[at + c];
+          ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " row " << i << " head " << h << " channel " << c
+                                          << " not written";
+          err2 += (got - o[c]) * (got - o[c]);
+          ref2 += o[c] * o[c];
+        }
+      }
+    }
+    const double rel = std::sqrt(err2 / ref2);
+    worst = std::max(worst, rel);
+    EXPECT_LE(rel, cache.dtype.code_tile() ? kRelErrorBudgetCodes : kRelErrorBudgetFp16)
+        << dtype_name << " seq " << s << " (" << specs[s].prefix.tiles << " tiles, tail " << specs[s].prefix.tail
+        << ", chunk " << specs[s].chunk << ")";
+  }
+  std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e over %d sequences (%d rows)\n", dtype_name.c_str(), d,
+              q_heads, kv_heads, worst, num_seqs, num_rows);
+}
+
+std::vector<float> random_queries(const std::vector<ChunkSpec>& specs, int q_heads, int d, std::mt19937& rng,
+                                  float scale) {
+  int rows = 0;
+  for (const auto& s : specs) rows += s.chunk;
+  std::normal_distribution<float> normal;
+  std::vector<float> q(static_cast<size_t>(rows) * q_heads * d);
+  for (auto& x : q) x = normal(rng) * scale;
+  return q;
+}
+
+struct PrefillCase {
+  std::string dtype;
+  int head_dim, q_heads, kv_heads;
+};
+
+class PrefillTest : public ::testing::TestWithParam<PrefillCase> {};
+
+TEST_P(PrefillTest, MatchesFloat64ReferenceOnRaggedBatch) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = std::random_device{}();
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
+  const std::vector<ChunkSpec> specs = {{{0, 0}, 1},      {{0, 0}, 200}, {{2, 0}, 64},  {{1, 5}, 130},
+                                        {{3, g - 1}, 1},  {{0, 1}, 65},  {{1, 0}, 0},   {{4, 33}, 257}};
+  // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
+  const test::KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
+  std::mt19937 rng(seed);
+  check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+                random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
+}
+
+TEST_P(PrefillTest, LongChunkOverLongPrefix) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = std::random_device{}();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  test::KvSource kv = [&](int, int tokens) {
+    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
+    for (auto& x : k) x = normal(rng);
+    for (auto& x : v) x = normal(rng);
+    return std::pair{k, v};
+  };
+  const std::vector<ChunkSpec> specs = {{{16, 7}, 700}};
+  check_prefill(c.dtype, c.head_dim, c.kv_heads, c.kv_heads, specs, kv,
+                random_queries(specs, c.kv_heads, c.head_dim, rng, 2.0f), seed);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, PrefillTest,
+    ::testing::Values(PrefillCase{"kvarn_k4v2_g128", 128, 8, 2}, PrefillCase{"kvarn_k4v2_g128", 128, 8, 1},
+                      PrefillCase{"kvarn_k4v4_g128", 128, 4, 2}, PrefillCase{"kvarn_k4v2_g64", 128, 4, 2},
+                      PrefillCase{"kvarn_k4v4_g64", 64, 4, 1}, PrefillCase{"kvarn_k4v2_g128", 64, 2, 2},
+                      PrefillCase{"rtn_k4v2_g128", 128, 4, 2}, PrefillCase{"fp16", 128, 8, 2},
+                      PrefillCase{"fp16", 64, 4, 2}),
+    [](const auto& info) {
+      return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
+             std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
+    });
+
+TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto captured =
+      test::load_captured_kv((kvarn::test::shared_dir() / "golden/kvarn-test-lm/kv_capture.safetensors").string());
+  if (captured.empty()) GTEST_SKIP() << "kv_capture.safetensors not found under " << kvarn::test::shared_dir();
+  const uint32_t seed = std::random_device{}();
+  for (const std::string layer : {"layer0", "layer7"}) {
+    const auto& ck = captured.at(layer + ".k");
+    const auto& cv = captured.at(layer + ".v");
+    const int kv_heads = ck.shape[0], captured_tokens = ck.shape[1], d = ck.shape[2], q_heads = 2 * kv_heads;
+    test::KvSource kv = [&](int, int tokens) {
+      std::vector<float> k(static_cast<size_t>(tokens) * kv_heads * d), v(k.size());
+      for (int t = 0; t < tokens; ++t)
+        for (int h = 0; h < kv_heads; ++h)
+          for (int c = 0; c < d; ++c) {
+            const size_t src = (static_cast<size_t>(h) * captured_tokens + t % captured_tokens) * d + c;
+            k[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(ck.data[src]);
+            v[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(cv.data[src]);
+          }
+      return std::pair{k, v};
+    };
+    const std::vector<ChunkSpec> specs = {{{3, 0}, 128}, {{1, 40}, 97}};
+    // Queries: captured keys (post-RoPE, so they score like real queries), per q head.
+    std::mt19937 rng(seed);
+    std::vector<float> q(static_cast<size_t>(128 + 97) * q_heads * d);
+    for (size_t r = 0; r < 128 + 97; ++r)
+      for (int h = 0; h < q_heads; ++h) {
+        const int t = std::uniform_int_distribution<int>(0, captured_tokens - 1)(rng);
+        for (int c = 0; c < d; ++c)
+          q[(r * q_heads + h) * d + c] = half_to_float(ck.data[(static_cast<size_t>(h / 2) * captured_tokens + t) * d + c]);
+      }
+    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "fp16"})
+      check_prefill(dtype, d, q_heads, kv_heads, specs, kv, q, seed);
+  }
+}
+
+TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeads) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 3, nullptr, nullptr);
+  PrefillAttentionArgs args;
+  args.num_seqs = 1;
+  args.num_q_heads = 8;
+  args.max_chunk_len = 1;
+  EXPECT_THROW(prefill_attention(layer, args, nullptr, nullptr), kvarn::Error);
+}
+
+}  // namespace
+}  // namespace kvarn::cuda
