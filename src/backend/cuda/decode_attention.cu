@@ -652,10 +652,11 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   // Split-K over tiles. CTAs of equal length run in waves of (SMs x CTAs per SM), and a last wave that is only
-  // partly full costs about a whole one (the kernel is bound by issue per SM, not by memory, so the CTAs of a
-  // thin wave do not run faster). Choose the split that minimizes waves x (tiles per CTA + ~2 tiles of per-CTA
-  // start and merge); the tail CTAs are short and run first, so they are left out. Measured on the H100 (k4v2_g128,
-  // batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran up to 1.12x slower.
+  // partly full costs much of a whole one (a CTA's pace is set by its own instruction latencies more than by
+  // memory, so the CTAs of a thin wave run only a little faster). Choose the split that minimizes waves x (tiles per
+  // CTA + ~2 tiles of per-CTA start and merge); the tail CTAs are short and run first, so they are left out.
+  // Measured on the H100 (k4v2_g128, batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran
+  // up to 1.12x slower.
   constexpr double kCtaOverheadTiles = 2.0;
   const long slots = static_cast<long>(multiprocessors()) * per_sm;
   const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
