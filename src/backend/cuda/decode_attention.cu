@@ -57,15 +57,6 @@ constexpr int min_blocks_per_sm() {
   return F::kCodes ? 3 : 1;
 }
 
-// mma m16n8k16 with all 16 rows of A = {a0, a1, a2, a3} (fragment layout in mma_fragments.cuh).
-__device__ __forceinline__ void mma_rows16(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-
 // (x0, x1) as an fp16 pair `hi` and the fp16 pair `lo` of what hi misses: hi + lo = x within ~2^-22 relative.
 __device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
   const __half2 h = __floats2half2_rn(x0, x1);
@@ -358,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
               v[i] = q * __half2float(a_k[c]);
               z_sum += q * __half2float(z_k[c]);
             }
-            uint4 a;
+            uint4 a;  // A fragment {a0, a1, a2, a3}: rows g (hi) and g + 8 (lo)
             split_half2(v[0], v[1], a.x, a.y);
             split_half2(v[2], v[3], a.z, a.w);
             folded_q[(kb * kMaxGroup + h) * 4 + m] = a;
@@ -393,7 +384,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
       float acc[NT][4] = {};
 #pragma unroll
       for (int kb = 0; kb < KBLK; ++kb) {
-        const uint4 a = folded_q[(kb * kMaxGroup + col) * 4 + m4];
+        const uint4 q4 = folded_q[(kb * kMaxGroup + col) * 4 + m4];
+        const uint32_t a[4] = {q4.x, q4.y, q4.z, q4.w};
         uint32_t w[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -406,8 +398,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         for (int jp = 0; jp < NT / 2; ++jp) {
           const uint32_t sel = pair_selector(first_byte + jp);
           const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
-          mma_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
-          mma_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
+          mma_m16n8k16_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
+          mma_m16n8k16_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
         }
       }
       const float z = folded_z[col];
@@ -473,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         load_floats(a_v_f + padded(token(0, 2 * m4 + e)), a_v[e]);
         load_floats(z_v_f + padded(token(0, 2 * m4 + e)), z_v[e]);
       }
-      uint4 a[NT / 2];
+      uint32_t a[NT / 2][4];
       uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
       float pz = 0;
 #pragma unroll
@@ -495,8 +487,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
                 v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
             }
           }
-        split_half2(pa[0][0], pa[0][1], a[kk].x, a[kk].y);
-        split_half2(pa[1][0], pa[1][1], a[kk].z, a[kk].w);
+        split_half2(pa[0][0], pa[0][1], a[kk][0], a[kk][1]);
+        split_half2(pa[1][0], pa[1][1], a[kk][2], a[kk][3]);
       }
       pz += __shfl_xor_sync(0xffffffffu, pz, 1);
       pz += __shfl_xor_sync(0xffffffffu, pz, 2);
@@ -520,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
           const float pz_k = pz * (static_cast<float>(1 << k) / kSubnormalScale);
           float c[4] = {pz_k, pz_k, 0, 0};
 #pragma unroll
-          for (int kk = 0; kk < NT / 2; ++kk) mma_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
+          for (int kk = 0; kk < NT / 2; ++kk) mma_m16n8k16_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
 #pragma unroll
           for (int e = 0; e < 2; ++e) o[i][e] = fmaf(s_ch[e][i], c[e] + c[e + 2], o[i][e]);
         }
