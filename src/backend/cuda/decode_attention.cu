@@ -1,25 +1,26 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
-// threads (4 warps). The first `pairs` CTAs read the fp16 tails with plain fp32 arithmetic (short; first, so that
-// they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
-// sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several tiles in
-// flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter of
-// each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
+// threads (4 warps). The first `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic; short,
+// and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps,
+// (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several
+// tiles in flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter
+// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
 // Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
-// KVarN A operands (q' a_K scale, folded once per tile for the 4 warps into shared memory, and p a_V) are split
-// into an fp16 high part (rows 0-7) and the fp16 rounding of the rest (rows 8-15, otherwise padding), so the
-// two row halves of the result add up to the operand with ~2^-22 instead of 2^-12 relative rounding: a sink's
-// large score no longer moves the other weights. Codes enter as the raw bits of fp16 subnormals, code * 2^k *
-// 2^-24 for a code at bit k of a 16-bit half (one mask per two codes, exact; the tensor cores take subnormal
-// fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized copy is ever written. (fp16 tiles: the raw fp16
-// q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside
-// an mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any
-// permutation of the reduced index, used consistently in A and B, gives the same sum).
+// KVarN A operands (q' a_K scale, folded once per tile for the 4 warps into shared memory together with the tile's
+// scales as fp32, and p a_V) are split into an fp16 high part (rows 0-7) and the fp16 rounding of the rest (rows 8-15,
+// otherwise padding), so the two row halves of the result add up to the operand with ~2^-22 instead of 2^-12 relative
+// rounding: a sink's large score no longer moves the other weights. Codes enter as the raw bits of fp16 subnormals,
+// code * 2^k * 2^-24 for a code at bit k of a 16-bit half (one mask per two codes, exact; the tensor cores take
+// subnormal fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized copy is ever written. (fp16 tiles: the raw
+// fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside an
+// mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any permutation of
+// the reduced index, used consistently in A and B, gives the same sum).
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
-// FLOPs (tensor cores, useful): 4 * G_q * D per token, padded 16/G_q x on the tensor cores.
+// FLOPs (tensor cores, useful): 4 * G_q * D per token; the mma's 16 rows make 16/G_q x that issued (KVarN: rows
+// 8-15 carry the lo parts).
 //
 // decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
 // for rotated dtypes, writes fp16.
@@ -54,15 +55,6 @@ constexpr int stages() {
 template <class F>
 constexpr int min_blocks_per_sm() {
   return F::kCodes ? 3 : 1;
-}
-
-// mma m16n8k16 with all 16 rows of A = {a0, a1, a2, a3} (fragment layout in mma_fragments.cuh).
-__device__ __forceinline__ void mma_rows16(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
 // (x0, x1) as an fp16 pair `hi` and the fp16 pair `lo` of what hi misses: hi + lo = x within ~2^-22 relative.
@@ -127,19 +119,35 @@ __device__ __forceinline__ void copy_tile_async(uint8_t* stage, const uint8_t* _
       cp_async_16(to + 16 * (i * kThreads + (i < kSwizzledRounds ? swizzle : 0)), from + 16 * i * kThreads);
 }
 
-// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens.
+// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens. Its key rows,
+// then its value rows, are copied whole into shared memory (`ring`: G rows, then the scores) with cp.async, two
+// round trips to memory instead of one per row and thread; 16-byte chunks swizzled as in fp16 tiles (chunk ^
+// row & 7) so that the threads' row reads hit distinct banks.
 template <class F>
-__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, float* scores,
+__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, uint8_t* ring,
                             int head, size_t partial_row, int partial_index) {
-  constexpr int D = F::D, G = F::G;
+  constexpr int D = F::D, G = F::G, kRowChunks = D / 8;
   const int n = seq.tail_len, tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
   const __half* k = p.tails + ((static_cast<size_t>(seq.tail_slot) * 2) * p.num_kv_heads + head) * G * D;
   const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
+  float* scores = reinterpret_cast<float*>(ring + G * D * 2);  // [head][token]
+  auto stage_rows = [&](const __half* src) {
+    for (int q = tid; q < n * kRowChunks; q += kThreads) {
+      const int row = q / kRowChunks;
+      cp_async_16(ring + 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7))), src + 8 * q);
+    }
+    cp_async_commit();
+  };
+  auto chunk = [&](int t, int c8) { return ring + 16 * (t * kRowChunks + (c8 ^ (t & 7))); };
+
+  stage_rows(k);
+  cp_async_wait<0>();
+  __syncthreads();
   if (tid < n) {
     float acc[kMaxGroup] = {};
-    const uint4* row = reinterpret_cast<const uint4*>(k + static_cast<size_t>(tid) * D);
-    for (int c8 = 0; c8 < D / 8; ++c8) {
-      const uint4 raw = row[c8];
+#pragma unroll 4
+    for (int c8 = 0; c8 < kRowChunks; ++c8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(chunk(tid, c8));
       const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -153,7 +161,8 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
     for (int h = 0; h < kMaxGroup; ++h)
       if (h < p.group) scores[h * G + tid] = acc[h] * p.scale_log2;
   }
-  __syncthreads();
+  __syncthreads();  // the key rows are read: the value rows replace them while the softmax runs
+  stage_rows(v);
   for (int h = warp; h < p.group; h += kWarps) {
     float m = -FLT_MAX;
     for (int t = lane; t < n; t += 32) m = fmaxf(m, scores[h * G + t]);
@@ -161,7 +170,7 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
     for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float l = 0;
     for (int t = lane; t < n; t += 32) {
-      const float e = exp2f(scores[h * G + t] - m);
+      const float e = exp2_approx(scores[h * G + t] - m);
       scores[h * G + t] = e;
       l += e;
     }
@@ -169,11 +178,13 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
     for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
     if (lane == 0) p.partial_ml[(partial_row + h) * (p.num_splits + 1) + partial_index] = make_float2(m, l);
   }
+  cp_async_wait<0>();
   __syncthreads();
   for (int c = tid; c < D; c += kThreads) {
     float acc[kMaxGroup] = {};
+#pragma unroll 4
     for (int t = 0; t < n; ++t) {
-      const float x = __half2float(v[static_cast<size_t>(t) * D + c]);
+      const float x = __half2float(reinterpret_cast<const __half*>(chunk(t, c / 8))[c % 8]);
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h)
         if (h < p.group) acc[h] += scores[h * G + t] * x;
@@ -189,13 +200,14 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
 __device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
 constexpr int padded_size(int n) { return n + n / 8; }
 
-// Shared memory of a CTA: the ring of tiles (reused by the tail scores and the final merge), then the per-tile
-// folded query fragments (KVarN: hi and lo parts) and the tile's scales as fp32, then the group's rotated queries.
+// Shared memory of a CTA: the ring of tiles (reused by the tail's rows and scores and by the final merge), then
+// the per-tile folded query fragments (KVarN: hi and lo parts) and the tile's scales as fp32, then the group's
+// rotated queries.
 template <class F>
 struct SharedLayout {
   static constexpr int D = F::D, G = F::G, KBLK = D / 16;
   static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
-                                           sizeof(float) * kMaxGroup * F::G});
+                                           size_t{2} * G * D + sizeof(float) * kMaxGroup * G});
   static constexpr size_t scales = sizeof(float) * (3 * padded_size(G) + padded_size(D));
   static constexpr size_t folded = sizeof(uint4) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup + scales;
   static constexpr size_t query = sizeof(float) * kMaxGroup * D;
@@ -261,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   }
   __syncthreads();
   if (tail) {
-    attend_tail<F>(p, seq, qs, reinterpret_cast<float*>(ring), head, partial_row, p.num_splits);
+    attend_tail<F>(p, seq, qs, ring, head, partial_row, p.num_splits);
     return;
   }
 
@@ -337,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
               v[i] = q * __half2float(a_k[c]);
               z_sum += q * __half2float(z_k[c]);
             }
-            uint4 a;
+            uint4 a;  // A fragment {a0, a1, a2, a3}: rows g (hi) and g + 8 (lo)
             split_half2(v[0], v[1], a.x, a.y);
             split_half2(v[2], v[3], a.z, a.w);
             folded_q[(kb * kMaxGroup + h) * 4 + m] = a;
@@ -372,7 +384,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
       float acc[NT][4] = {};
 #pragma unroll
       for (int kb = 0; kb < KBLK; ++kb) {
-        const uint4 a = folded_q[(kb * kMaxGroup + col) * 4 + m4];
+        const uint4 q4 = folded_q[(kb * kMaxGroup + col) * 4 + m4];
+        const uint32_t a[4] = {q4.x, q4.y, q4.z, q4.w};
         uint32_t w[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -385,8 +398,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         for (int jp = 0; jp < NT / 2; ++jp) {
           const uint32_t sel = pair_selector(first_byte + jp);
           const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
-          mma_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
-          mma_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
+          mma_m16n8k16_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
+          mma_m16n8k16_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
         }
       }
       const float z = folded_z[col];
@@ -452,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         load_floats(a_v_f + padded(token(0, 2 * m4 + e)), a_v[e]);
         load_floats(z_v_f + padded(token(0, 2 * m4 + e)), z_v[e]);
       }
-      uint4 a[NT / 2];
+      uint32_t a[NT / 2][4];
       uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
       float pz = 0;
 #pragma unroll
@@ -474,8 +487,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
                 v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
             }
           }
-        split_half2(pa[0][0], pa[0][1], a[kk].x, a[kk].y);
-        split_half2(pa[1][0], pa[1][1], a[kk].z, a[kk].w);
+        split_half2(pa[0][0], pa[0][1], a[kk][0], a[kk][1]);
+        split_half2(pa[1][0], pa[1][1], a[kk][2], a[kk][3]);
       }
       pz += __shfl_xor_sync(0xffffffffu, pz, 1);
       pz += __shfl_xor_sync(0xffffffffu, pz, 2);
@@ -499,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
           const float pz_k = pz * (static_cast<float>(1 << k) / kSubnormalScale);
           float c[4] = {pz_k, pz_k, 0, 0};
 #pragma unroll
-          for (int kk = 0; kk < NT / 2; ++kk) mma_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
+          for (int kk = 0; kk < NT / 2; ++kk) mma_m16n8k16_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
 #pragma unroll
           for (int e = 0; e < 2; ++e) o[i][e] = fmaf(s_ch[e][i], c[e] + c[e + 2], o[i][e]);
         }
@@ -631,10 +644,11 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   // Split-K over tiles. CTAs of equal length run in waves of (SMs x CTAs per SM), and a last wave that is only
-  // partly full costs about a whole one (the kernel is bound by issue per SM, not by memory, so the CTAs of a
-  // thin wave do not run faster). Choose the split that minimizes waves x (tiles per CTA + ~2 tiles of per-CTA
-  // start and merge); the tail CTAs are short and run first, so they are left out. Measured on the H100 (k4v2_g128,
-  // batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran up to 1.12x slower.
+  // partly full costs much of a whole one (a CTA's pace is set by its own instruction latencies more than by
+  // memory, so the CTAs of a thin wave run only a little faster). Choose the split that minimizes waves x (tiles per
+  // CTA + ~2 tiles of per-CTA start and merge); the tail CTAs are short and run first, so they are left out.
+  // Measured on the H100 (k4v2_g128, batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran
+  // up to 1.12x slower.
   constexpr double kCtaOverheadTiles = 2.0;
   const long slots = static_cast<long>(multiprocessors()) * per_sm;
   const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);

@@ -1,7 +1,6 @@
 #pragma once
-// Tensor-core helpers for the attention kernels: mma.sync m16n8k16 (fp16 in, fp32 accumulate), cp.async, and
-// the unpacking of 2- and 4-bit codes into centered fp16 operands with byte permutes, mask-and-or and one subtract
-// (a code c at bit k of the mantissa of 0x6400 is the fp16 number 1024 + c * 2^k, exact).
+// Tensor-core helpers for the attention kernels: mma.sync m16n8k16 (fp16 in, fp32 accumulate), ldmatrix,
+// cp.async, and the byte permute that pairs packed codes of two rows in the two halves of an operand register.
 //
 // Fragment layout (PTX ISA, m16n8k16 .f16): g = lane / 4, m = lane % 4
 //   A (16 x 16, row):  a[0] = (row g,   k 2m, 2m+1)  a[1] = (row g+8, k 2m, 2m+1)
@@ -50,22 +49,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// The codes selected by `mask` (bits k..k+bits-1 of each 16-bit half, k + bits <= 8) as the exact fp16 pair
-// (code - center) * 2^k: OR-ed into the mantissa of 1024.0 (0x6400) by one LOP3, then 1024 + center * 2^k
-// (`offset`) subtracted by one HSUB2. Callers remove 2^k in fp32 and add center * (the A operand's exact sum).
-// Centering matters: the fp16 rounding error of the A operand (q' a_K or p a_V) is multiplied by the B values,
-// and a code-sized B cancels against the folded zero point (errors of 1e-2 were measured with uncentered codes).
-__device__ __forceinline__ uint32_t codes_to_half2(uint32_t x, uint32_t mask, __half2 offset) {
-  const uint32_t biased = (x & mask) | 0x64006400u;
-  const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&biased), offset);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// 1024 + center * 2^k as an fp16 pair (exact for the centers and k used here).
-__device__ __forceinline__ __half2 code_offset(int center, int k) {
-  return __float2half2_rn(1024.0f + static_cast<float>(center * (1 << k)));
 }
 
 // __byte_perm selector putting byte b of x in byte 0 and byte b of y in byte 2 (bytes 1, 3: don't care).

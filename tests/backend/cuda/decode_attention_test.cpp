@@ -2,8 +2,9 @@
 // (storage space), the fp16 tail, the query rotated in float64, softmax in float64, output rotated back.
 // Budget: per sequence, ||out - ref|| / ||ref|| <= kRelErrorBudgetCodes (code tiles) or kRelErrorBudgetFp16. What
 // the kernel rounds on the way: code tiles split the folded query q'*a_K*scale and the weights p*a_V into fp16
-// hi + lo tensor-core operands (~2^-22 relative), the fp16 tail and fp16 tiles use the fp16 query and fp16
-// weights p (2^-12), the output is fp16 (2^-12). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty one,
+// hi + lo tensor-core operands (~2^-22 relative); fp16 tiles use the fp16 query and fp16 weights p (2^-12); the
+// fp16 tail is read in fp32; the output is fp16 (2^-12). Shapes: ragged batches, tails of 0, 1, 64 and G-1
+// tokens, a sequence with only a tail, an empty one, one-tile sequences with a 100x attention sink,
 // long sequences split over many CTAs, GQA groups of 1, 4 and 8, head_dim 64 and 128, every KVarN preset, the
 // rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured K/V. Outputs
 // are poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
