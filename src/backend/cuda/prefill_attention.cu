@@ -17,7 +17,8 @@
 // hit distinct banks.
 // Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments held in registers for the whole CTA; the
 // scale applied to S in fp32, as an fp16 product would shift a 100x sink's weight by ~1%), causal mask on the
-// chunk's diagonal, online softmax in fp32 (exp2), O += P V with P rounded to fp16. At the end O / l is rotated back by H_D (rotated dtypes) and written as fp16.
+// chunk's diagonal, online softmax in fp32 (exp2), O += P V with P rounded to fp16. At the end O / l is rotated
+// back by H_D (rotated dtypes) and written as fp16.
 // FLOPs: 4 D per (query, key) pair the causal mask keeps, plus 2 per dequantized element of each prefix tile
 // block, repeated per q head and per 128-row q block (the repeats of a block's bytes are served by L2).
 // Bytes: q and out 2 D per row and q head; per CTA, each visible block once (packed bytes for tiles).
@@ -169,7 +170,8 @@ __device__ void dequantize_staged(const uint8_t* stage, uint8_t* ks, uint8_t* vs
     uint32_t packed[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 s = __half22float2(*reinterpret_cast<const __half2*>(stage + S::channel_scale + 2 * (8 * c8 + 2 * i)));
+      const auto* scales = reinterpret_cast<const __half2*>(stage + S::channel_scale) + 4 * c8 + i;
+      const float2 s = __half22float2(*scales);
       const float c0 = static_cast<float>((bits >> (VB * 2 * i)) & ((1u << VB) - 1));
       const float c1 = static_cast<float>((bits >> (VB * (2 * i + 1))) & ((1u << VB) - 1));
       packed[i] = pack_half2(s.x * fmaf(a, c0, z), s.y * fmaf(a, c1, z));

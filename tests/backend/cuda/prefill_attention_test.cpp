@@ -242,7 +242,8 @@ TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
       for (int h = 0; h < q_heads; ++h) {
         const int t = std::uniform_int_distribution<int>(0, captured_tokens - 1)(rng);
         for (int c = 0; c < d; ++c)
-          q[(r * q_heads + h) * d + c] = half_to_float(ck.data[(static_cast<size_t>(h / 2) * captured_tokens + t) * d + c]);
+          q[(r * q_heads + h) * d + c] =
+              half_to_float(ck.data[(static_cast<size_t>(h / 2) * captured_tokens + t) * d + c]);
       }
     for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "fp16"})
       check_prefill(dtype, d, q_heads, kv_heads, specs, kv, q, seed);
