@@ -10,8 +10,6 @@
 // are poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/kv_layout.h"
-#include "codec/synthetic_kv.h"
-#include "codec/tile_codec.h"
 #include "cuda_test_support.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
@@ -20,8 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <numeric>
 #include <random>
 
 namespace kvarn::cuda {
@@ -47,18 +43,14 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   const test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
   const codec::CacheDtype& dtype = cache.dtype;
   const int g = cache.tile_tokens, max_tiles = cache.max_tiles;
-  const auto& blocks = cache.blocks;
-  const auto& tails = cache.tails;
-  const auto& tables = cache.tables;
-  const auto& views = cache.views;
   const auto& stored_k = cache.stored_k;
   const auto& stored_v = cache.stored_v;
 
-  DeviceBuffer<uint8_t> dblocks(blocks);
-  DeviceBuffer<uint16_t> dtails(tails), dq(test::to_half(q_model));
+  DeviceBuffer<uint8_t> dblocks(cache.blocks);
+  DeviceBuffer<uint16_t> dtails(cache.tails), dq(test::to_half(q_model));
   DeviceBuffer<uint16_t> dout(q_model.size());
-  DeviceBuffer<int32_t> dtables(tables);
-  DeviceBuffer<SequenceKvView> dviews(views);
+  DeviceBuffer<int32_t> dtables(cache.tables);
+  DeviceBuffer<SequenceKvView> dviews(cache.views);
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, kv_heads, dblocks.get(), dtails.get());
   const DecodeAttentionPlan plan = plan_decode_attention(layer, num_seqs, q_heads, max_tiles);
   DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
@@ -122,16 +114,13 @@ TEST_P(DecodeTest, MatchesFloat64ReferenceOnRaggedBatch) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = std::random_device{}();
-  const int g = codec::parse_cache_dtype(c.dtype).tile_tokens ? codec::parse_cache_dtype(c.dtype).tile_tokens
-                                                               : (c.head_dim == 64 ? 64 : 128);
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
   const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {5, 1}, {2, 127 % g}, {40, 33}};
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
   // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
   const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
-  std::vector<float> q(specs.size() * c.q_heads * c.head_dim);
-  for (auto& x : q) x = normal(rng) * 1.5f;
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv, q, seed);
+  std::mt19937 rng(seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
 }
 
 // The case that an fp16 folded query failed: one-tile sequences whose first token is a 100x sink (key and
@@ -141,18 +130,15 @@ TEST_P(DecodeTest, ResolvesScoresBesideA100xAttentionSink) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = std::random_device{}();
-  const int g = codec::parse_cache_dtype(c.dtype).tile_tokens ? codec::parse_cache_dtype(c.dtype).tile_tokens
-                                                               : (c.head_dim == 64 ? 64 : 128);
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
   std::vector<SeqSpec> specs(12, SeqSpec{1, 0});
   specs.push_back({1, g / 2});
   specs.push_back({2, 0});
   const KvSource kv =
       test::synthetic_kv_source(c.kv_heads, c.head_dim, {.sink_min = 100, .sink_max = 100, .seed = seed});
   std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> q(specs.size() * c.q_heads * c.head_dim);
-  for (auto& x : q) x = normal(rng) * 1.5f;
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv, q, seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
 }
 
 TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
@@ -160,17 +146,10 @@ TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
   const auto& c = GetParam();
   const uint32_t seed = std::random_device{}();
   std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
-  KvSource kv = [&](int, int tokens) {
-    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
-    for (auto& x : k) x = normal(rng);
-    for (auto& x : v) x = normal(rng);
-    return std::pair{k, v};
-  };
+  const KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
   const std::vector<SeqSpec> specs = {{300, 5}, {77, 0}};
-  std::vector<float> q(specs.size() * c.q_heads * c.head_dim);
-  for (auto& x : q) x = normal(rng) * 2.0f;
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv, q, seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 2.0f, rng), seed);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -196,29 +175,11 @@ TEST(DecodeCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
   for (const std::string layer : {"layer0", "layer4", "layer7"}) {
     const auto& ck = captured.at(layer + ".k");
     const auto& cv = captured.at(layer + ".v");
-    const int kv_heads = ck.shape[0], captured_tokens = ck.shape[1], d = ck.shape[2], q_heads = 4 * kv_heads;
-    KvSource kv = [&](int, int tokens) {
-      std::vector<float> k(static_cast<size_t>(tokens) * kv_heads * d), v(k.size());
-      for (int t = 0; t < tokens; ++t)
-        for (int h = 0; h < kv_heads; ++h)
-          for (int c = 0; c < d; ++c) {
-            const size_t src = (static_cast<size_t>(h) * captured_tokens + t) * d + c;
-            k[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(ck.data[src]);
-            v[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(cv.data[src]);
-          }
-      return std::pair{k, v};
-    };
+    const int kv_heads = ck.shape[0], d = ck.shape[2], q_heads = 4 * kv_heads;
+    const KvSource kv = test::captured_kv_source(ck, cv);
     const std::vector<SeqSpec> specs = {{16, 0}, {7, 104}, {1, 1}, {0, 127}};
-    // Queries: captured keys of later tokens (post-RoPE, so they score like real queries), per q head.
     std::mt19937 rng(seed);
-    std::vector<float> q(specs.size() * q_heads * d);
-    for (size_t s = 0; s < specs.size(); ++s)
-      for (int h = 0; h < q_heads; ++h) {
-        const int t = std::uniform_int_distribution<int>(0, captured_tokens - 1)(rng);
-        for (int c = 0; c < d; ++c)
-          q[(s * q_heads + h) * d + c] =
-              half_to_float(ck.data[(static_cast<size_t>(h / 4) * captured_tokens + t) * d + c]);
-      }
+    const std::vector<float> q = test::captured_queries(ck, static_cast<int>(specs.size()), q_heads, rng);
     for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "fp16"})
       check_decode(dtype, d, q_heads, kv_heads, specs, kv, q, seed);
   }

@@ -10,7 +10,6 @@
 // with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned (NaN) before
 // each run.
 #include "backend/cuda/prefill_attention.h"
-#include "codec/synthetic_kv.h"
 #include "cuda_test_support.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
@@ -155,12 +154,9 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
 
 std::vector<float> random_queries(const std::vector<ChunkSpec>& specs, int q_heads, int d, std::mt19937& rng,
                                   float scale) {
-  int rows = 0;
+  size_t rows = 0;
   for (const auto& s : specs) rows += s.chunk;
-  std::normal_distribution<float> normal;
-  std::vector<float> q(static_cast<size_t>(rows) * q_heads * d);
-  for (auto& x : q) x = normal(rng) * scale;
-  return q;
+  return test::normal_values(rows * q_heads * d, scale, rng);
 }
 
 struct PrefillCase {
@@ -189,13 +185,7 @@ TEST_P(PrefillTest, LongChunkOverLongPrefix) {
   const auto& c = GetParam();
   const uint32_t seed = std::random_device{}();
   std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
-  test::KvSource kv = [&](int, int tokens) {
-    std::vector<float> k(static_cast<size_t>(tokens) * c.kv_heads * c.head_dim), v(k.size());
-    for (auto& x : k) x = normal(rng);
-    for (auto& x : v) x = normal(rng);
-    return std::pair{k, v};
-  };
+  const test::KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
   const std::vector<ChunkSpec> specs = {{{16, 7}, 700}};
   check_prefill(c.dtype, c.head_dim, c.kv_heads, c.kv_heads, specs, kv,
                 random_queries(specs, c.kv_heads, c.head_dim, rng, 2.0f), seed);
@@ -222,29 +212,11 @@ TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
   for (const std::string layer : {"layer0", "layer7"}) {
     const auto& ck = captured.at(layer + ".k");
     const auto& cv = captured.at(layer + ".v");
-    const int kv_heads = ck.shape[0], captured_tokens = ck.shape[1], d = ck.shape[2], q_heads = 2 * kv_heads;
-    test::KvSource kv = [&](int, int tokens) {
-      std::vector<float> k(static_cast<size_t>(tokens) * kv_heads * d), v(k.size());
-      for (int t = 0; t < tokens; ++t)
-        for (int h = 0; h < kv_heads; ++h)
-          for (int c = 0; c < d; ++c) {
-            const size_t src = (static_cast<size_t>(h) * captured_tokens + t % captured_tokens) * d + c;
-            k[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(ck.data[src]);
-            v[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(cv.data[src]);
-          }
-      return std::pair{k, v};
-    };
+    const int kv_heads = ck.shape[0], d = ck.shape[2], q_heads = 2 * kv_heads;
+    const test::KvSource kv = test::captured_kv_source(ck, cv);
     const std::vector<ChunkSpec> specs = {{{3, 0}, 128}, {{1, 40}, 97}};
-    // Queries: captured keys (post-RoPE, so they score like real queries), per q head.
     std::mt19937 rng(seed);
-    std::vector<float> q(static_cast<size_t>(128 + 97) * q_heads * d);
-    for (size_t r = 0; r < 128 + 97; ++r)
-      for (int h = 0; h < q_heads; ++h) {
-        const int t = std::uniform_int_distribution<int>(0, captured_tokens - 1)(rng);
-        for (int c = 0; c < d; ++c)
-          q[(r * q_heads + h) * d + c] =
-              half_to_float(ck.data[(static_cast<size_t>(h / 2) * captured_tokens + t) * d + c]);
-      }
+    const std::vector<float> q = test::captured_queries(ck, 128 + 97, q_heads, rng);
     for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "fp16"})
       check_prefill(dtype, d, q_heads, kv_heads, specs, kv, q, seed);
   }

@@ -7,6 +7,7 @@
 #include "codec/cache_dtype.h"
 #include "codec/synthetic_kv.h"
 #include "codec/tile_codec.h"
+#include "cuda_test_support.h"
 #include "util/half.h"
 
 #include <algorithm>
@@ -47,6 +48,57 @@ inline KvSource synthetic_kv_source(int kv_heads, int head_dim, codec::Synthetic
     }
     return std::pair{k, v};
   };
+}
+
+// Keys and values drawn from N(0, 1) by `rng` (which must outlive the source).
+inline KvSource normal_kv_source(int kv_heads, int head_dim, std::mt19937& rng) {
+  return [kv_heads, head_dim, &rng](int, int tokens) {
+    std::normal_distribution<float> normal;
+    std::vector<float> k(static_cast<size_t>(tokens) * kv_heads * head_dim), v(k.size());
+    for (auto& x : k) x = normal(rng);
+    for (auto& x : v) x = normal(rng);
+    return std::pair{k, v};
+  };
+}
+
+// `count` values of N(0, scale^2).
+inline std::vector<float> normal_values(size_t count, float scale, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> out(count);
+  for (auto& x : out) x = normal(rng) * scale;
+  return out;
+}
+
+// The captured post-RoPE keys/values of one layer ([kv_heads][tokens][D]) as every sequence's K/V, repeating
+// from the start when a sequence is longer than the capture.
+inline KvSource captured_kv_source(const CapturedTensor& k, const CapturedTensor& v) {
+  return [&k, &v](int, int tokens) {
+    const int kv_heads = k.shape[0], captured = k.shape[1], d = k.shape[2];
+    std::vector<float> keys(static_cast<size_t>(tokens) * kv_heads * d), values(keys.size());
+    for (int t = 0; t < tokens; ++t)
+      for (int h = 0; h < kv_heads; ++h)
+        for (int c = 0; c < d; ++c) {
+          const size_t src = (static_cast<size_t>(h) * captured + t % captured) * d + c;
+          keys[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(k.data[src]);
+          values[(static_cast<size_t>(t) * kv_heads + h) * d + c] = half_to_float(v.data[src]);
+        }
+    return std::pair{keys, values};
+  };
+}
+
+// Queries for `rows` rows of q_heads heads: captured keys of random tokens (post-RoPE, so they score like real
+// queries), q head h taking kv-head h / (q_heads / kv_heads).
+inline std::vector<float> captured_queries(const CapturedTensor& k, int rows, int q_heads, std::mt19937& rng) {
+  const int kv_heads = k.shape[0], captured = k.shape[1], d = k.shape[2], group = q_heads / kv_heads;
+  std::vector<float> q(static_cast<size_t>(rows) * q_heads * d);
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < q_heads; ++h) {
+      const int t = std::uniform_int_distribution<int>(0, captured - 1)(rng);
+      for (int c = 0; c < d; ++c)
+        q[(static_cast<size_t>(r) * q_heads + h) * d + c] =
+            half_to_float(k.data[(static_cast<size_t>(h / group) * captured + t) * d + c]);
+    }
+  return q;
 }
 
 inline void hadamard_double(double* x, int d) {
