@@ -1,7 +1,8 @@
 // kvarn_cuda_bench: times the CUDA KV-cache kernels on the GPU it runs on and writes one CSV row per measurement.
 //   copy      device-to-device cudaMemcpy of 2 GiB: the bandwidth ceiling (bytes read + bytes written)
-//   decode    decode_attention per (model shape, cache dtype, batch, context): median time, bytes really read
-//             (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
+//   decode    decode_attention per (model shape, cache dtype, batch, context): time per call in a CUDA graph of 32
+//             back-to-back calls (as one decode step calls it once per layer, launch latency hidden), bytes really
+//             read (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
 //   flush     flush_full_tiles of N full tails of the Llama-3-8B layer shape: tiles per second
 //   prefill   prefill_attention of one chunk of N tokens after a prefix of P cached tokens (whole tiles): useful
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
@@ -50,16 +51,16 @@ void fill_plausible(void* data, size_t bytes, uint32_t seed) {
 }
 
 template <typename Fn>
-double median_ms(int reps, Fn&& fn) {
+double median_ms(int reps, Fn&& fn, cudaStream_t stream = nullptr) {
   cudaEvent_t start, stop;
   KVARN_CUDA_CHECK(cudaEventCreate(&start));
   KVARN_CUDA_CHECK(cudaEventCreate(&stop));
   for (int i = 0; i < 3; ++i) fn(i);
   std::vector<float> times;
   for (int i = 0; i < reps; ++i) {
-    KVARN_CUDA_CHECK(cudaEventRecord(start));
+    KVARN_CUDA_CHECK(cudaEventRecord(start, stream));
     fn(i);
-    KVARN_CUDA_CHECK(cudaEventRecord(stop));
+    KVARN_CUDA_CHECK(cudaEventRecord(stop, stream));
     KVARN_CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
     KVARN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
@@ -69,6 +70,26 @@ double median_ms(int reps, Fn&& fn) {
   KVARN_CUDA_CHECK(cudaEventDestroy(stop));
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+// Per call: median over 10 replays of one CUDA graph of `calls` back-to-back fn(i, stream), i = 0..calls-1.
+template <typename Fn>
+double graph_median_ms(int calls, Fn&& fn) {
+  cudaStream_t stream;
+  KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  fn(0, stream);
+  KVARN_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  KVARN_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) fn(i, stream);
+  KVARN_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  KVARN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms = median_ms(10, [&](int) { KVARN_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, stream);
+  KVARN_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  KVARN_CUDA_CHECK(cudaGraphDestroy(graph));
+  KVARN_CUDA_CHECK(cudaStreamDestroy(stream));
+  return ms / calls;
 }
 
 struct Csv {
@@ -140,12 +161,15 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
   const DecodeAttentionPlan plan = plan_decode_attention(layer, batch, shape.q_heads, tiles);
   void* workspace;
+  uint32_t* arrivals;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
+  KVARN_CUDA_CHECK(cudaMalloc(&arrivals, sizeof(uint32_t) * batch * shape.kv_heads));
+  KVARN_CUDA_CHECK(cudaMemset(arrivals, 0, sizeof(uint32_t) * batch * shape.kv_heads));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const double ms = median_ms(20, [&](int i) {
+  const double ms = graph_median_ms(32, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
-    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, tiles, scale}, plan, workspace,
-                     nullptr);
+    decode_attention(layer, {q, out, dviews + r * batch, tables, arrivals, batch, shape.q_heads, tiles, scale}, plan,
+                     workspace, stream);
   });
   const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
                        2.0 * batch * shape.q_heads * d * 2 + 4.0 * batch * tiles + sizeof(SequenceKvView) * batch +
@@ -155,7 +179,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
           std::to_string(bytes / (ms * 1e-3) / 1e9) + "," + std::to_string(flops / (ms * 1e-3) / 1e12) + "," +
           std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split));
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
-                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace})
+                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace, static_cast<void*>(arrivals)})
     KVARN_CUDA_CHECK(cudaFree(p));
 }
 

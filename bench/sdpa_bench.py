@@ -2,8 +2,9 @@
 """PyTorch scaled_dot_product_attention (flash backend) on the shapes of kvarn_cuda_bench, for comparison.
 
 decode: q [B, Hq, 1, D] over contiguous fp16 K/V [B, Hkv, context, D] (enable_gqa); prefill: a causal chunk of
-T tokens attending to itself, [1, Hq, T, D]. Median of 20 timed runs with CUDA events; several K/V copies are
-rotated when one is small enough to stay in L2. Writes CSV rows like kvarn_cuda_bench's.
+T tokens attending to itself, [1, Hq, T, D]. Decode: per call in a CUDA graph of 32 back-to-back calls (as in a
+captured decode step, one call per layer), median of 10 replays; prefill: median of 20 calls timed with CUDA events.
+Several K/V copies are rotated when one is small enough to stay in L2. Writes CSV rows like kvarn_cuda_bench's.
 Usage: sdpa_bench.py [--csv FILE] [--quick]
 """
 import argparse
@@ -31,6 +32,20 @@ def median_ms(fn, reps=20):
     return times[len(times) // 2]
 
 
+def graph_ms(fn, calls=32):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    return median_ms(lambda i: graph.replay(), reps=10) / calls
+
+
 def decode(rows, name, hq, hkv, d, batch, context):
     kv_bytes = 2 * batch * hkv * context * d * 2
     key = f"{name},sdpa_flash,{batch},{context}"
@@ -50,7 +65,7 @@ def decode(rows, name, hq, hkv, d, batch, context):
         backend = "default"
         ctx = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     with ctx():
-        ms = median_ms(lambda i: F.scaled_dot_product_attention(q, *kvs[i % copies], enable_gqa=True))
+        ms = graph_ms(lambda i: F.scaled_dot_product_attention(q, *kvs[i % copies], enable_gqa=True))
     bytes_read = kv_bytes + 2 * 2 * batch * hq * d
     flops = 4.0 * batch * hq * d * context
     rows.append(f"decode,{key},{ms * 1e3:.3f},{bytes_read},{bytes_read / ms / 1e6:.1f},{flops / ms / 1e9:.3f},{backend}")

@@ -5,7 +5,9 @@
 // and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps,
 // (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several
 // tiles in flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter
-// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
+// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end. The CTA that arrives last
+// at its pair (a counter per pair, fenced) merges the pair's partials, divides by l, rotates back (H_D) for rotated
+// dtypes and writes fp16: one launch, no second kernel's start and drain on the critical path of small batches.
 // Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
@@ -18,12 +20,10 @@
 // fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside an
 // mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any permutation of
 // the reduced index, used consistently in A and B, gives the same sum).
-// Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
+// Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small: written
+// once, read back once from L2 by the last CTA).
 // FLOPs (tensor cores, useful): 4 * G_q * D per token; the mma's 16 rows make 16/G_q x that issued (KVarN: rows
 // 8-15 carry the lo parts).
-//
-// decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
-// for rotated dtypes, writes fp16.
 #include "backend/cuda/decode_attention.h"
 
 #include "backend/cuda/cuda_check.h"
@@ -79,6 +79,8 @@ struct DecodeParams {
   const __half* tails;
   const SequenceKvView* seqs;
   const int32_t* block_tables;
+  uint32_t* arrivals;   // [num_seqs * num_kv_heads]
+  __half* out;
   float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
   float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
   int num_seqs, num_kv_heads, group, tiles_per_split, num_splits;
@@ -229,6 +231,52 @@ __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
   }
 }
 
+// One warp: merges the partial states of q-head row `row` (its sequence's used splits and tail), divides by l,
+// rotates back and writes fp16. The partials come from other CTAs: read through L2 (ld.cg), not a stale L1.
+template <int D>
+__device__ void combine_row(const DecodeParams& p, const SequenceKvView& seq, size_t row, int lane) {
+  constexpr int E = D / 32;
+  const int used = (seq.num_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  const size_t base = row * (p.num_splits + 1);
+  float mx = -FLT_MAX;
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, __ldcg(&p.partial_ml[base + s]).x);
+  if (seq.tail_len > 0) mx = fmaxf(mx, __ldcg(&p.partial_ml[base + p.num_splits]).x);
+  float l = 0, acc[E] = {};
+  auto add = [&](int s) {
+    const float2 ml = __ldcg(&p.partial_ml[base + s]);
+    const float f = exp2f(ml.x - mx);
+    l += ml.y * f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) acc[i] += __ldcg(&p.partial_o[(base + s) * D + lane * E + i]) * f;
+  };
+  for (int s = 0; s < used; ++s) add(s);
+  if (seq.tail_len > 0) add(p.num_splits);
+  const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+  for (int i = 0; i < E; ++i) acc[i] *= inv;
+  if (p.rotated) hadamard_warp<D>(acc);
+#pragma unroll
+  for (int i = 0; i < E; ++i) p.out[row * D + lane * E + i] = __float2half_rn(acc[i]);
+}
+
+// Called by every CTA after writing its partials: counts the CTA's arrival at its pair; the last of the pair's
+// CTAs (used splits + the tail CTA if there is a tail) combines the group's rows. atomicInc wraps the counter
+// back to zero at the last arrival, ready for the next call.
+template <int D>
+__device__ void combine_if_last(const DecodeParams& p, const SequenceKvView& seq, int pair, size_t partial_row) {
+  __shared__ bool last;
+  __threadfence();  // this thread's partials are visible GPU-wide before the arrival below is
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned arrivals = (seq.num_tiles + p.tiles_per_split - 1) / p.tiles_per_split + (seq.tail_len > 0);
+    last = atomicInc(&p.arrivals[pair], arrivals - 1) == arrivals - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int h = threadIdx.x / 32; h < p.group; h += kWarps) combine_row<D>(p, seq, partial_row + h, threadIdx.x & 31);
+}
+
 template <class F>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_attention_kernel(const DecodeParams p) {
   constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = stages<F>();
@@ -255,8 +303,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, col = lane / 4, m4 = lane % 4;
   const int first_tile = split * p.tiles_per_split;
   const int end_tile = min(first_tile + p.tiles_per_split, seq.num_tiles);
-  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
   const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
+  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) {
+    if (tail && seq.num_tiles == 0)  // an empty sequence: no CTA arrives to combine
+      for (int i = tid; i < p.group * D; i += kThreads) p.out[partial_row * D + i] = __float2half_rn(0.0f);
+    return;
+  }
 
   // The group's queries, rotated into the storage space (rows past the group are zero).
   for (int h = warp; h < kMaxGroup; h += kWarps) {
@@ -274,6 +326,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   __syncthreads();
   if (tail) {
     attend_tail<F>(p, seq, qs, ring, head, partial_row, p.num_splits);
+    combine_if_last<D>(p, seq, pair, partial_row);
     return;
   }
 
@@ -580,37 +633,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
     p.partial_o[slot * D + c] = acc;
     if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
   }
-}
-
-template <int D>
-__global__ void decode_combine_kernel(const float* __restrict__ partial_o, const float2* __restrict__ partial_ml,
-                                      const SequenceKvView* __restrict__ seqs, int num_q_heads, int tiles_per_split,
-                                      int num_splits, int num_rows, bool rotated, __half* __restrict__ out) {
-  constexpr int E = D / 32;
-  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x & 31;
-  if (row >= num_rows) return;
-  const SequenceKvView seq = seqs[row / num_q_heads];
-  const int used = (seq.num_tiles + tiles_per_split - 1) / tiles_per_split;
-  const size_t base = static_cast<size_t>(row) * (num_splits + 1);
-  float mx = -FLT_MAX;
-  for (int s = 0; s < used; ++s) mx = fmaxf(mx, partial_ml[base + s].x);
-  if (seq.tail_len > 0) mx = fmaxf(mx, partial_ml[base + num_splits].x);
-  float l = 0, acc[E] = {};
-  auto add = [&](int s) {
-    const float2 ml = partial_ml[base + s];
-    const float f = exp2f(ml.x - mx);
-    l += ml.y * f;
-#pragma unroll
-    for (int i = 0; i < E; ++i) acc[i] += partial_o[(base + s) * D + lane * E + i] * f;
-  };
-  for (int s = 0; s < used; ++s) add(s);
-  if (seq.tail_len > 0) add(num_splits);
-  const float inv = l > 0 ? 1.0f / l : 0.0f;
-#pragma unroll
-  for (int i = 0; i < E; ++i) acc[i] *= inv;
-  if (rotated) hadamard_warp<D>(acc);
-#pragma unroll
-  for (int i = 0; i < E; ++i) out[static_cast<size_t>(row) * D + lane * E + i] = __float2half_rn(acc[i]);
+  combine_if_last<D>(p, seq, pair, partial_row);
 }
 
 int multiprocessors() {
@@ -670,6 +693,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream) {
   if (args.num_seqs == 0) return;
+  if (args.arrivals == nullptr) throw_error("decode_attention: args.arrivals is null; expected num_seqs * num_kv_heads zeroed counters");
   if (args.num_q_heads % cache.num_kv_heads != 0 || args.num_q_heads / cache.num_kv_heads > kMaxGroup)
     throw_error("decode_attention: " + std::to_string(args.num_q_heads) + " q heads over " +
                 std::to_string(cache.num_kv_heads) + " kv heads; expected a multiple with at most 8 per kv head");
@@ -684,6 +708,8 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.tails = reinterpret_cast<const __half*>(cache.tails);
   p.seqs = args.seqs;
   p.block_tables = args.block_tables;
+  p.arrivals = args.arrivals;
+  p.out = reinterpret_cast<__half*>(args.out);
   p.partial_o = static_cast<float*>(workspace);
   p.partial_ml = reinterpret_cast<float2*>(p.partial_o + rows * d);
   p.num_seqs = args.num_seqs;
@@ -698,18 +724,6 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
     decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, SharedLayout<F>::bytes, stream>>>(p);
   });
-  KVARN_CUDA_CHECK(cudaGetLastError());
-  const int num_rows = args.num_seqs * args.num_q_heads;
-  const int blocks = (num_rows * 32 + 255) / 256;
-  auto* out = reinterpret_cast<__half*>(args.out);
-  if (d == 128)
-    decode_combine_kernel<128><<<blocks, 256, 0, stream>>>(p.partial_o, p.partial_ml, args.seqs, args.num_q_heads,
-                                                           plan.tiles_per_split, plan.num_splits, num_rows,
-                                                           cache.rotated(), out);
-  else
-    decode_combine_kernel<64><<<blocks, 256, 0, stream>>>(p.partial_o, p.partial_ml, args.seqs, args.num_q_heads,
-                                                          plan.tiles_per_split, plan.num_splits, num_rows,
-                                                          cache.rotated(), out);
   KVARN_CUDA_CHECK(cudaGetLastError());
 }
 
