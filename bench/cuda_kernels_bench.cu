@@ -161,14 +161,11 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
   const DecodeAttentionPlan plan = plan_decode_attention(layer, batch, shape.q_heads, tiles);
   void* workspace;
-  uint32_t* arrivals;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
-  KVARN_CUDA_CHECK(cudaMalloc(&arrivals, sizeof(uint32_t) * batch * shape.kv_heads));
-  KVARN_CUDA_CHECK(cudaMemset(arrivals, 0, sizeof(uint32_t) * batch * shape.kv_heads));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const double ms = graph_median_ms(32, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
-    decode_attention(layer, {q, out, dviews + r * batch, tables, arrivals, batch, shape.q_heads, tiles, scale}, plan,
+    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, tiles, scale}, plan,
                      workspace, stream);
   });
   const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
@@ -179,7 +176,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
           std::to_string(bytes / (ms * 1e-3) / 1e9) + "," + std::to_string(flops / (ms * 1e-3) / 1e12) + "," +
           std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split));
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
-                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace, static_cast<void*>(arrivals)})
+                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace})
     KVARN_CUDA_CHECK(cudaFree(p));
 }
 

@@ -5,9 +5,7 @@
 // and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps,
 // (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several
 // tiles in flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter
-// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end. The CTA that arrives last
-// at its pair (a counter per pair, fenced) merges the pair's partials, divides by l, rotates back (H_D) for rotated
-// dtypes and writes fp16: one launch, no second kernel's start and drain on the critical path of small batches.
+// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
 // Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
@@ -20,10 +18,18 @@
 // fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside an
 // mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any permutation of
 // the reduced index, used consistently in A and B, gives the same sum).
-// Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small: written
-// once, read back once from L2 by the last CTA).
+// Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
 // FLOPs (tensor cores, useful): 4 * G_q * D per token; the mma's 16 rows make 16/G_q x that issued (KVarN: rows
 // 8-15 carry the lo parts).
+//
+// decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
+// for rotated dtypes, writes fp16. The lanes read the partials' (m, l) in parallel and the partial outputs four at
+// a time (a split-K of 32 at batch 1 was 64 dependent round trips to L2). On Hopper it is launched as a
+// programmatic dependent of the attention kernel, whose CTAs release it when they start: it is resident and
+// waiting (griddepcontrol.wait) when the last attention CTA finishes. The step still costs ~6 us per call at
+// batch 1 (H200: 14.9 us with it, 8.8 us for the attention kernel alone at 8K). Combining in the last CTA of
+// each pair instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape of the benchmark
+// (docs/benchmarks.md), so the two kernels stay.
 #include "backend/cuda/decode_attention.h"
 
 #include "backend/cuda/cuda_check.h"
@@ -79,8 +85,6 @@ struct DecodeParams {
   const __half* tails;
   const SequenceKvView* seqs;
   const int32_t* block_tables;
-  uint32_t* arrivals;   // [num_seqs * num_kv_heads]
-  __half* out;
   float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
   float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
   int num_seqs, num_kv_heads, group, tiles_per_split, num_splits;
@@ -216,7 +220,7 @@ struct SharedLayout {
   static constexpr size_t bytes = ring + folded + query;
 };
 
-// n consecutive shared floats from a 4n-byte aligned address (n = 2, 4, 8, 16) in 8- or 16-byte loads.
+// n consecutive floats from a 4n-byte aligned address (n = 2, 4, 8, 16) in 8- or 16-byte loads.
 template <int N>
 __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
   if constexpr (N == 2) {
@@ -229,52 +233,6 @@ __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
       out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
     }
   }
-}
-
-// One warp: merges the partial states of q-head row `row` (its sequence's used splits and tail), divides by l,
-// rotates back and writes fp16. The partials come from other CTAs: read through L2 (ld.cg), not a stale L1.
-template <int D>
-__device__ void combine_row(const DecodeParams& p, const SequenceKvView& seq, size_t row, int lane) {
-  constexpr int E = D / 32;
-  const int used = (seq.num_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
-  const size_t base = row * (p.num_splits + 1);
-  float mx = -FLT_MAX;
-  for (int s = 0; s < used; ++s) mx = fmaxf(mx, __ldcg(&p.partial_ml[base + s]).x);
-  if (seq.tail_len > 0) mx = fmaxf(mx, __ldcg(&p.partial_ml[base + p.num_splits]).x);
-  float l = 0, acc[E] = {};
-  auto add = [&](int s) {
-    const float2 ml = __ldcg(&p.partial_ml[base + s]);
-    const float f = exp2f(ml.x - mx);
-    l += ml.y * f;
-#pragma unroll
-    for (int i = 0; i < E; ++i) acc[i] += __ldcg(&p.partial_o[(base + s) * D + lane * E + i]) * f;
-  };
-  for (int s = 0; s < used; ++s) add(s);
-  if (seq.tail_len > 0) add(p.num_splits);
-  const float inv = l > 0 ? 1.0f / l : 0.0f;
-#pragma unroll
-  for (int i = 0; i < E; ++i) acc[i] *= inv;
-  if (p.rotated) hadamard_warp<D>(acc);
-#pragma unroll
-  for (int i = 0; i < E; ++i) p.out[row * D + lane * E + i] = __float2half_rn(acc[i]);
-}
-
-// Called by every CTA after writing its partials: counts the CTA's arrival at its pair; the last of the pair's
-// CTAs (used splits + the tail CTA if there is a tail) combines the group's rows. atomicInc wraps the counter
-// back to zero at the last arrival, ready for the next call.
-template <int D>
-__device__ void combine_if_last(const DecodeParams& p, const SequenceKvView& seq, int pair, size_t partial_row) {
-  __shared__ bool last;
-  __threadfence();  // this thread's partials are visible GPU-wide before the arrival below is
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned arrivals = (seq.num_tiles + p.tiles_per_split - 1) / p.tiles_per_split + (seq.tail_len > 0);
-    last = atomicInc(&p.arrivals[pair], arrivals - 1) == arrivals - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int h = threadIdx.x / 32; h < p.group; h += kWarps) combine_row<D>(p, seq, partial_row + h, threadIdx.x & 31);
 }
 
 template <class F>
@@ -294,6 +252,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   float* s_ch_f = z_v_f + padded_size(G);
   float* qs = reinterpret_cast<float*>(shared + Shared::ring + Shared::folded);
 
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
+#endif
   const int pairs = p.num_seqs * p.num_kv_heads;
   const bool tail = static_cast<int>(blockIdx.x) < pairs;
   const int pair = tail ? blockIdx.x : (blockIdx.x - pairs) / p.num_splits;
@@ -303,12 +264,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, col = lane / 4, m4 = lane % 4;
   const int first_tile = split * p.tiles_per_split;
   const int end_tile = min(first_tile + p.tiles_per_split, seq.num_tiles);
+  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
   const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
-  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) {
-    if (tail && seq.num_tiles == 0)  // an empty sequence: no CTA arrives to combine
-      for (int i = tid; i < p.group * D; i += kThreads) p.out[partial_row * D + i] = __float2half_rn(0.0f);
-    return;
-  }
 
   // The group's queries, rotated into the storage space (rows past the group are zero).
   for (int h = warp; h < kMaxGroup; h += kWarps) {
@@ -326,7 +283,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   __syncthreads();
   if (tail) {
     attend_tail<F>(p, seq, qs, ring, head, partial_row, p.num_splits);
-    combine_if_last<D>(p, seq, pair, partial_row);
     return;
   }
 
@@ -633,7 +589,49 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
     p.partial_o[slot * D + c] = acc;
     if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
   }
-  combine_if_last<D>(p, seq, pair, partial_row);
+}
+
+template <int D>
+__global__ void decode_combine_kernel(const float* __restrict__ partial_o, const float2* __restrict__ partial_ml,
+                                      const SequenceKvView* __restrict__ seqs, int num_q_heads, int tiles_per_split,
+                                      int num_splits, int num_rows, bool rotated, __half* __restrict__ out) {
+  constexpr int E = D / 32;
+  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x & 31;
+  if (row >= num_rows) return;
+  const SequenceKvView seq = seqs[row / num_q_heads];
+  const int used = (seq.num_tiles + tiles_per_split - 1) / tiles_per_split;
+  const int parts = used + (seq.tail_len > 0);  // part `used` is the tail's, stored at index num_splits
+  const size_t base = static_cast<size_t>(row) * (num_splits + 1);
+  auto slot = [&](int part) { return base + (part < used ? part : num_splits); };
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // the attention grid has finished and its writes are visible
+#endif
+  float mx = -FLT_MAX;
+  for (int i = lane; i < parts; i += 32) mx = fmaxf(mx, partial_ml[slot(i)].x);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float l = 0, acc[E] = {};
+  for (int i = lane; i < parts; i += 32) {
+    const float2 ml = partial_ml[slot(i)];
+    l += ml.y * exp2f(ml.x - mx);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+#pragma unroll 4
+  for (int i = 0; i < parts; ++i) {
+    const size_t s = slot(i);
+    const float f = exp2f(partial_ml[s].x - mx);
+    float x[E];
+    load_floats(partial_o + s * D + lane * E, x);
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += x[e] * f;
+  }
+  const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+  for (int i = 0; i < E; ++i) acc[i] *= inv;
+  if (rotated) hadamard_warp<D>(acc);
+#pragma unroll
+  for (int i = 0; i < E; ++i) out[static_cast<size_t>(row) * D + lane * E + i] = __float2half_rn(acc[i]);
 }
 
 int multiprocessors() {
@@ -645,6 +643,18 @@ int multiprocessors() {
     KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   });
   return sms;
+}
+
+// Programmatic dependent launch (griddepcontrol) exists from compute capability 9.0.
+bool hopper_or_newer() {
+  static std::once_flag once;
+  static int major = 0;
+  std::call_once(once, [] {
+    int device = 0;
+    KVARN_CUDA_CHECK(cudaGetDevice(&device));
+    KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  });
+  return major >= 9;
 }
 
 template <class F>
@@ -693,7 +703,6 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream) {
   if (args.num_seqs == 0) return;
-  if (args.arrivals == nullptr) throw_error("decode_attention: args.arrivals is null; expected num_seqs * num_kv_heads zeroed counters");
   if (args.num_q_heads % cache.num_kv_heads != 0 || args.num_q_heads / cache.num_kv_heads > kMaxGroup)
     throw_error("decode_attention: " + std::to_string(args.num_q_heads) + " q heads over " +
                 std::to_string(cache.num_kv_heads) + " kv heads; expected a multiple with at most 8 per kv head");
@@ -708,8 +717,6 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.tails = reinterpret_cast<const __half*>(cache.tails);
   p.seqs = args.seqs;
   p.block_tables = args.block_tables;
-  p.arrivals = args.arrivals;
-  p.out = reinterpret_cast<__half*>(args.out);
   p.partial_o = static_cast<float*>(workspace);
   p.partial_ml = reinterpret_cast<float2*>(p.partial_o + rows * d);
   p.num_seqs = args.num_seqs;
@@ -725,6 +732,20 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, SharedLayout<F>::bytes, stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());
+  const int num_rows = args.num_seqs * args.num_q_heads;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((num_rows * 32 + 255) / 256);
+  config.blockDim = dim3(256);
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (hopper_or_newer()) config.attrs = &attribute, config.numAttrs = 1;
+  auto* out = reinterpret_cast<__half*>(args.out);
+  KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, d == 128 ? decode_combine_kernel<128> : decode_combine_kernel<64>,
+                                      static_cast<const float*>(p.partial_o),
+                                      static_cast<const float2*>(p.partial_ml), args.seqs, args.num_q_heads,
+                                      plan.tiles_per_split, plan.num_splits, num_rows, cache.rotated(), out));
 }
 
 }  // namespace kvarn::cuda

@@ -1,9 +1,8 @@
 #pragma once
 // Decode attention: one query token per sequence over its full tiles (read packed, dequantized in registers)
 // plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are the rows of one tensor-core tile,
-// so every byte of a tile is read once per kv-head. Split-K over tiles in one launch: the last CTA of a
-// (sequence, kv-head) to finish combines the partial softmax states and rotates the output back to the model's
-// space.
+// so every byte of a tile is read once per kv-head. Split-K over tiles, then a reduction kernel that combines
+// the partial softmax states and rotates the output back to the model's space.
 #include "backend/cuda/kv_layout.h"
 
 #include <cuda_runtime.h>
@@ -18,9 +17,6 @@ struct DecodeAttentionArgs {
   uint16_t* out = nullptr;                 // [num_seqs][num_q_heads][D] fp16, model space
   const SequenceKvView* seqs = nullptr;    // [num_seqs], device
   const int32_t* block_tables = nullptr;   // device; indexed through SequenceKvView::block_table_offset
-  uint32_t* arrivals = nullptr;            // [num_seqs * num_kv_heads], device: zero before the first call (one
-                                           // cudaMemset when allocated); each call counts its CTAs in it and
-                                           // leaves it zero, so calls on one stream (all layers) share one
   int num_seqs = 0;
   int num_q_heads = 0;                     // a multiple of num_kv_heads, at most 8 per kv-head
   int max_tiles = 0;                       // >= every sequence's num_tiles
@@ -36,8 +32,8 @@ struct DecodeAttentionPlan {
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles);
 
-// workspace: plan.workspace_bytes of device memory. One launch on `stream`. A sequence with no tokens gets
-// zeros. Throws kvarn::Error for unsupported shapes or a missing arrivals buffer.
+// workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets
+// zeros. Throws kvarn::Error for unsupported shapes.
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream);
 
