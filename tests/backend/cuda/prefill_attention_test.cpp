@@ -6,9 +6,9 @@
 // K/V, the rotated query and the softmax weights are fp16 tensor-core operands (2^-11 relative each); the output
 // is fp16. Shapes: ragged batches of chunks of 1 to 700 rows (not multiples of the 128-row query blocks or the
 // 64-token key blocks) after prefixes of 0 to 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk,
-// GQA groups of 1, 2, 4 and 8, head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16; synthetic K/V
-// with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned (NaN) before
-// each run.
+// GQA groups of 1, 2, 3, 4, 7, 8 and 16, head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16;
+// synthetic K/V with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned
+// (NaN) before each run.
 #include "backend/cuda/prefill_attention.h"
 #include "cuda_test_support.h"
 #include "shared_dir.h"
@@ -187,8 +187,8 @@ TEST_P(PrefillTest, LongChunkOverLongPrefix) {
   std::mt19937 rng(seed);
   const test::KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
   const std::vector<ChunkSpec> specs = {{{16, 7}, 700}};
-  check_prefill(c.dtype, c.head_dim, c.kv_heads, c.kv_heads, specs, kv,
-                random_queries(specs, c.kv_heads, c.head_dim, rng, 2.0f), seed);
+  check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+                random_queries(specs, c.q_heads, c.head_dim, rng, 2.0f), seed);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -197,7 +197,8 @@ INSTANTIATE_TEST_SUITE_P(
                       PrefillCase{"kvarn_k4v4_g128", 128, 4, 2}, PrefillCase{"kvarn_k4v2_g64", 128, 4, 2},
                       PrefillCase{"kvarn_k4v4_g64", 64, 4, 1}, PrefillCase{"kvarn_k4v2_g128", 64, 2, 2},
                       PrefillCase{"rtn_k4v2_g128", 128, 4, 2}, PrefillCase{"fp16", 128, 8, 2},
-                      PrefillCase{"fp16", 64, 4, 2}),
+                      PrefillCase{"fp16", 64, 4, 2}, PrefillCase{"kvarn_k4v2_g128", 128, 6, 2},
+                      PrefillCase{"fp16", 128, 7, 1}, PrefillCase{"kvarn_k4v2_g128", 64, 16, 1}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
