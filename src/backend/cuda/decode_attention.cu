@@ -634,27 +634,21 @@ __global__ void decode_combine_kernel(const float* __restrict__ partial_o, const
   for (int i = 0; i < E; ++i) out[static_cast<size_t>(row) * D + lane * E + i] = __float2half_rn(acc[i]);
 }
 
-int multiprocessors() {
-  static std::once_flag once;
-  static int sms = 0;
-  std::call_once(once, [] {
-    int device = 0;
+// The current device's properties the launches depend on, read once.
+struct DeviceTraits {
+  int multiprocessors = 0;
+  bool programmatic_launch = false;  // griddepcontrol (programmatic dependent launch): compute capability >= 9.0
+};
+
+const DeviceTraits& device_traits() {
+  static const DeviceTraits traits = [] {
+    int device = 0, sms = 0, major = 0;
     KVARN_CUDA_CHECK(cudaGetDevice(&device));
     KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  });
-  return sms;
-}
-
-// Programmatic dependent launch (griddepcontrol) exists from compute capability 9.0.
-bool hopper_or_newer() {
-  static std::once_flag once;
-  static int major = 0;
-  std::call_once(once, [] {
-    int device = 0;
-    KVARN_CUDA_CHECK(cudaGetDevice(&device));
     KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  });
-  return major >= 9;
+    return DeviceTraits{sms, major >= 9};
+  }();
+  return traits;
 }
 
 template <class F>
@@ -683,7 +677,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   // Measured on the H100 (k4v2_g128, batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran
   // up to 1.12x slower.
   constexpr double kCtaOverheadTiles = 2.0;
-  const long slots = static_cast<long>(multiprocessors()) * per_sm;
+  const long slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
   plan.tiles_per_split = std::max(1, max_tiles);
   double best = -1;
@@ -740,7 +734,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (hopper_or_newer()) config.attrs = &attribute, config.numAttrs = 1;
+  if (device_traits().programmatic_launch) config.attrs = &attribute, config.numAttrs = 1;
   auto* out = reinterpret_cast<__half*>(args.out);
   KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, d == 128 ? decode_combine_kernel<128> : decode_combine_kernel<64>,
                                       static_cast<const float*>(p.partial_o),
