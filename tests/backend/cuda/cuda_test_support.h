@@ -6,10 +6,12 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,12 @@ inline bool have_gpu() {
 
 #define KVARN_SKIP_WITHOUT_GPU() \
   if (!::kvarn::cuda::test::have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+// Fresh random inputs on every run; KVARN_TEST_SEED=N replays the run whose failure message printed seed N.
+inline uint32_t test_seed() {
+  if (const char* seed = std::getenv("KVARN_TEST_SEED")) return static_cast<uint32_t>(std::strtoul(seed, nullptr, 10));
+  return std::random_device{}();
+}
 
 template <typename T>
 class DeviceBuffer {
