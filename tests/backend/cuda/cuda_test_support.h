@@ -12,6 +12,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -27,8 +28,14 @@ inline bool have_gpu() {
 
 // Fresh random inputs on every run; KVARN_TEST_SEED=N replays the run whose failure message printed seed N.
 inline uint32_t test_seed() {
-  if (const char* seed = std::getenv("KVARN_TEST_SEED")) return static_cast<uint32_t>(std::strtoul(seed, nullptr, 10));
-  return std::random_device{}();
+  const char* text = std::getenv("KVARN_TEST_SEED");
+  if (!text) return std::random_device{}();
+  char* end = nullptr;
+  const unsigned long long seed = std::strtoull(text, &end, 10);
+  if (end == text || *end != '\0' || text[0] == '-' || seed > UINT32_MAX)
+    throw std::invalid_argument(std::string("KVARN_TEST_SEED: expected an unsigned 32-bit integer, got '") + text +
+                                "'");
+  return static_cast<uint32_t>(seed);
 }
 
 template <typename T>
