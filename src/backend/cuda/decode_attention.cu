@@ -1,23 +1,26 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
-// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
-// threads (4 warps). The first `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic; short,
-// and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps,
-// (s+1)*tps) of sequence n, kv-head h, through a cp.async ring of whole tiles in shared memory (16-byte copies, several
-// tiles in flight). Each CTA leaves one partial softmax state (m, l, o[D]) per q head. Every warp owns a fixed quarter
-// of each tile's tokens and keeps its own online softmax; the 4 states merge at the end.
-// Per tile, per warp, on tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
+// Attention kernels (decode_attention_kvarn_kernel for code tiles, decode_attention_fp16_kernel for fp16 tiles):
+// 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128 threads (4 warps). The first
+// `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic; short, and first so that they do
+// not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of sequence
+// n, kv-head h through cp.async copies of whole tiles into shared memory (16-byte pieces, tiles in flight while
+// others are read). Each CTA leaves one partial softmax state (m, l, o[D]) per q head; its 4 warps keep their own
+// online softmax and merge at the end. On tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
-// KVarN A operands (q' a_K scale, folded once per tile for the 4 warps into shared memory together with the tile's
-// scales as fp32, and p a_V) are split into an fp16 high part (rows 0-7) and the fp16 rounding of the rest (rows 8-15,
-// otherwise padding), so the two row halves of the result add up to the operand with ~2^-22 instead of 2^-12 relative
-// rounding: a sink's large score no longer moves the other weights. Codes enter as the raw bits of fp16 subnormals,
-// code * 2^k * 2^-24 for a code at bit k of a 16-bit half (one mask per two codes, exact; the tensor cores take
-// subnormal fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized copy is ever written. (fp16 tiles: the raw
-// fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.) The token and channel orders inside an
-// mma are permuted so that each thread's B operand comes from one 32-bit word of the packed rows (any permutation of
-// the reduced index, used consistently in A and B, gives the same sum).
+// KVarN: one warp reads a whole tile (warps take every 4th tile of the split, each through its own two slots), so
+// that the fold of a_K into the query, the scales and the per-channel end of the values are paid per tile rather
+// than per quarter tile, and nothing but warp barriers separates tiles (1.24-1.38x the speed of 4 warps sharing
+// each tile, H200, docs/benchmarks.md). The A operands (q' a_K, p a_V) are split into an fp16 high part (rows 0-7)
+// and the fp16 rounding of the rest (rows 8-15, otherwise padding), so the two row halves of the result add up to
+// the operand with ~2^-22 instead of 2^-12 relative rounding: a sink's large score does not move the other weights.
+// Codes enter as the raw bits of fp16 subnormals, code * 2^k * 2^-24 for a code at bit k of a 16-bit half (one mask
+// per two codes, exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off in fp32; no dequantized
+// copy is ever written. The token and channel orders inside an mma are permuted so that each thread's B operand
+// comes from one 32-bit word of the packed rows (any permutation of the reduced index, used consistently in A and B,
+// gives the same sum). fp16 tiles: the 4 warps share each tile (a quarter of its tokens each) through a ring of
+// several tiles; the raw fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
 // FLOPs (tensor cores, useful): 4 * G_q * D per token; the mma's 16 rows make 16/G_q x that issued (KVarN: rows
 // 8-15 carry the lo parts).
@@ -51,18 +54,6 @@ constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kSubnormalScale = 16777216.0f;  // 2^24: a code c in the low bits of an fp16 is c * 2^-24
 
-// KVarN: as many tiles in flight as fit with 3 CTAs per SM (~68 KB of ring each); fp16 tiles are 16-64 KB.
-// (4 CTAs per SM cap the registers at 128 and spill; measured slower.)
-template <class F>
-constexpr int stages() {
-  if constexpr (F::kCodes) return std::clamp(static_cast<int>(68000 / F::L.bytes), 2, 4);
-  return F::L.bytes <= 20000 ? 4 : F::L.bytes <= 40000 ? 3 : 2;
-}
-template <class F>
-constexpr int min_blocks_per_sm() {
-  return F::kCodes ? 3 : 1;
-}
-
 // (x0, x1) as an fp16 pair `hi` and the fp16 pair `lo` of what hi misses: hi + lo = x within ~2^-22 relative.
 __device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
   const __half2 h = __floats2half2_rn(x0, x1);
@@ -91,39 +82,6 @@ struct DecodeParams {
   float scale_log2;
   bool rotated;
 };
-
-// Tile copies swizzle 16-byte chunks so that the warps' fragment reads hit distinct banks: KVarN key-code rows
-// of 4 chunks swap chunk pairs on bit 1 of the row; fp16 rows XOR the chunk index with the row's low 3 bits.
-// Thread i copies chunks i, i + 128, ...; a row's chunk count and 8 rows of them divide 128, so the swizzle moves
-// all of a thread's chunks of the swizzled region by the same offset, computed once per kernel.
-template <class F>
-__device__ __forceinline__ int chunk_swizzle_offset(int tid) {
-  if constexpr (F::kCodes) {
-    if constexpr (F::G / 32 != 4) return 0;
-    return ((tid >> 3) & 1) ? ((tid & 2) ? -2 : 2) : 0;
-  } else {
-    constexpr int kRowChunks = F::D / 8;
-    static_assert(kRowChunks >= 8 && kThreads % (8 * kRowChunks) == 0);
-    const int x = tid % kRowChunks;
-    return (x ^ ((tid / kRowChunks) & 7)) - x;
-  }
-}
-
-// Copies one tile (src: its bytes for one kv-head) into a ring stage: one cp.async per chunk.
-template <class F>
-__device__ __forceinline__ void copy_tile_async(uint8_t* stage, const uint8_t* __restrict__ src, int swizzle) {
-  constexpr int kChunks = static_cast<int>(F::L.bytes / 16), kRounds = (kChunks + kThreads - 1) / kThreads;
-  // KVarN: the key-code rows, whole rounds (D * 4 chunks); fp16: everything.
-  constexpr int kSwizzledRounds = F::kCodes ? (F::G / 32 == 4 ? F::D * 4 / kThreads : 0) : kRounds;
-  static_assert(!F::kCodes || (F::D * 4) % kThreads == 0);
-  const int tid = threadIdx.x;
-  const uint8_t* from = src + 16 * tid;  // then constant offsets: one instruction per chunk
-  uint8_t* to = stage + 16 * tid;
-#pragma unroll
-  for (int i = 0; i < kRounds; ++i)
-    if (kChunks % kThreads == 0 || i < kRounds - 1 || tid + i * kThreads < kChunks)
-      cp_async_16(to + 16 * (i * kThreads + (i < kSwizzledRounds ? swizzle : 0)), from + 16 * i * kThreads);
-}
 
 // The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens. Its key rows,
 // then its value rows, are copied whole into shared memory (`ring`: G rows, then the scores) with cp.async, two
@@ -206,20 +164,6 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
 __device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
 constexpr int padded_size(int n) { return n + n / 8; }
 
-// Shared memory of a CTA: the ring of tiles (reused by the tail's rows and scores and by the final merge), then
-// the per-tile folded query fragments (KVarN: hi and lo parts) and the tile's scales as fp32, then the group's
-// rotated queries.
-template <class F>
-struct SharedLayout {
-  static constexpr int D = F::D, G = F::G, KBLK = D / 16;
-  static constexpr size_t ring = std::max({stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
-                                           size_t{2} * G * D + sizeof(float) * kMaxGroup * G});
-  static constexpr size_t scales = sizeof(float) * (3 * padded_size(G) + padded_size(D));
-  static constexpr size_t folded = sizeof(uint4) * KBLK * kMaxGroup * 4 + sizeof(float) * kMaxGroup + scales;
-  static constexpr size_t query = sizeof(float) * kMaxGroup * D;
-  static constexpr size_t bytes = ring + folded + query;
-};
-
 // n consecutive floats from a 4n-byte aligned address (n = 2, 4, 8, 16) in 8- or 16-byte loads.
 template <int N>
 __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
@@ -235,22 +179,110 @@ __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
   }
 }
 
+// The group's queries, rotated into the storage space, as fp32 rows [kMaxGroup][D] (rows past the group zero).
+template <int D>
+__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, float* qs) {
+  constexpr int E = D / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  for (int h = warp; h < kMaxGroup; h += kWarps) {
+    float x[E] = {};
+    if (h < p.group) {
+      const __half* src = p.q + (partial_row + h) * D + lane * E;
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
+      if (p.rotated) hadamard_warp<D>(x);
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i];
+  }
+}
+
+// Merges the 4 warps' softmax states (lane (g, m): head g, channels (2m + e) NV + i in o[i][e]; l over the
+// lane's own tokens) through shared memory and writes the CTA's partial. Every warp of the CTA calls it.
+template <int D>
+__device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* shared, const float (&o)[D / 8][2],
+                                              float m_run, float l_run, size_t partial_row, int split) {
+  constexpr int NV = D / 8;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  float* merge = reinterpret_cast<float*>(shared);  // [warp][group][D + 2]
+  if (g < p.group) {
+    float* dst = merge + (warp * kMaxGroup + g) * (D + 2);
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) dst[(2 * m4 + e) * NV + i] = o[i][e];
+    if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < p.group * D; idx += kThreads) {
+    const int h = idx / D, c = idx % D;
+    float mx = -FLT_MAX;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, merge[(w * kMaxGroup + h) * (D + 2) + D]);
+    float l = 0, acc = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const float* src = merge + (w * kMaxGroup + h) * (D + 2);
+      const float f = exp2f(src[D] - mx);
+      l += src[D + 1] * f;
+      acc += src[c] * f;
+    }
+    const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
+    p.partial_o[slot * D + c] = acc;
+    if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
+  }
+}
+
+// ---- fp16 tiles: the 4 warps share each tile ----
+
+// Tiles in flight: fp16 tiles are 16-64 KB.
 template <class F>
-__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_attention_kernel(const DecodeParams p) {
-  constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = stages<F>();
+constexpr int fp16_stages() {
+  return F::L.bytes <= 20000 ? 4 : F::L.bytes <= 40000 ? 3 : 2;
+}
+
+// Tile copies XOR the 16-byte chunk index of every row with the row's low 3 bits, so that the warps' fragment
+// reads hit distinct banks. Thread i copies chunks i, i + 128, ...; 8 rows of chunks divide 128, so the swizzle
+// moves all of a thread's chunks by the same offset, computed once per kernel.
+template <class F>
+__device__ __forceinline__ int fp16_chunk_swizzle_offset(int tid) {
+  constexpr int kRowChunks = F::D / 8;
+  static_assert(kRowChunks >= 8 && kThreads % (8 * kRowChunks) == 0);
+  const int x = tid % kRowChunks;
+  return (x ^ ((tid / kRowChunks) & 7)) - x;
+}
+
+// Copies one fp16 tile (src: its bytes for one kv-head) into a ring stage: one cp.async per chunk.
+template <class F>
+__device__ __forceinline__ void copy_fp16_tile(uint8_t* stage, const uint8_t* __restrict__ src, int swizzle) {
+  constexpr int kChunks = static_cast<int>(F::L.bytes / 16);
+  static_assert(kChunks % kThreads == 0);
+  const uint8_t* from = src + 16 * threadIdx.x;  // then constant offsets: one instruction per chunk
+  uint8_t* to = stage + 16 * threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) cp_async_16(to + 16 * (i * kThreads + swizzle), from + 16 * i * kThreads);
+}
+
+// Shared memory of an fp16 CTA: the ring of tiles (reused by the tail's rows and scores and by the final merge),
+// then the group's rotated queries.
+template <class F>
+struct Fp16SharedLayout {
+  static constexpr int D = F::D, G = F::G;
+  static constexpr size_t ring = std::max({fp16_stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
+                                           size_t{2} * G * D + sizeof(float) * kMaxGroup * G});
+  static constexpr size_t bytes = ring + sizeof(float) * kMaxGroup * D;
+};
+
+// Per tile, per warp (a quarter of the tile's tokens, 8 consecutive per n-tile), on tensor cores: S = q K^T with
+// the raw fp16 query as A (rows 8-15 zero) and the scale applied to the fp32 scores, then O += P V.
+template <class F>
+__global__ void __launch_bounds__(kThreads, 1) decode_attention_fp16_kernel(const DecodeParams p) {
+  constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = fp16_stages<F>();
   constexpr codec::TileLayout L = F::L;
-  using Shared = SharedLayout<F>;
+  using Shared = Fp16SharedLayout<F>;
   extern __shared__ __align__(16) uint8_t shared[];
   uint8_t* ring = shared;
-  uint4* folded_q = reinterpret_cast<uint4*>(shared + Shared::ring);  // [KBLK][head][m]: A fragments, hi/lo
-  float* folded_z = reinterpret_cast<float*>(folded_q + KBLK * kMaxGroup * 4);  // [head]: sum_c q' z_K
-  // The tile's scales as fp32, padded: s_tok_K[t], a_V[t], z_V[t], and s_ch_V[c] * 2^(24-k) (k: the bit of
-  // channel c's code in the 16-bit half its mma operand comes from).
-  float* s_tok_f = folded_z + kMaxGroup;
-  float* a_v_f = s_tok_f + padded_size(G);
-  float* z_v_f = a_v_f + padded_size(G);
-  float* s_ch_f = z_v_f + padded_size(G);
-  float* qs = reinterpret_cast<float*>(shared + Shared::ring + Shared::folded);
+  float* qs = reinterpret_cast<float*>(shared + Shared::ring);
 
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
@@ -267,167 +299,52 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
   if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
   const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
 
-  // The group's queries, rotated into the storage space (rows past the group are zero).
-  for (int h = warp; h < kMaxGroup; h += kWarps) {
-    constexpr int E = D / 32;
-    float x[E] = {};
-    if (h < p.group) {
-      const __half* src = p.q + (partial_row + h) * D + lane * E;
-#pragma unroll
-      for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
-      if (p.rotated) hadamard_warp<D>(x);
-    }
-#pragma unroll
-    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i];
-  }
+  load_rotated_queries<D>(p, partial_row, qs);
   __syncthreads();
   if (tail) {
     attend_tail<F>(p, seq, qs, ring, head, partial_row, p.num_splits);
     return;
   }
 
-  // Token of column x of this warp's local n-tile j. KVarN: the nibble index inside a key-code word is the
-  // n-tile, the word is the column; fp16: n-tile j holds 8 consecutive tokens.
-  auto token = [warp](int j, int x) {
-    if constexpr (F::kCodes) {
-      constexpr int halves = G / 64, warps_per_half = kWarps / halves;
-      return 8 * (x + 8 * (warp / warps_per_half)) + (warp % warps_per_half) * NT + j;
-    } else {
-      return 8 * (warp * NT + j) + x;
-    }
-  };
-
-  // fp16 tiles: the raw query is the A operand for every tile (channels kb*16 + 4m + i <-> k-slots).
-  uint32_t q_frag[F::kCodes ? 1 : KBLK][2];
-  if constexpr (!F::kCodes) {
+  // The raw query is the A operand for every tile (channels kb*16 + 4m + i <-> k-slots).
+  uint32_t q_frag[KBLK][2];
 #pragma unroll
-    for (int kb = 0; kb < KBLK; ++kb) {
-      const float* q = qs + col * D + kb * 16 + 4 * m4;
-      q_frag[kb][0] = pack_half2(q[0], q[1]);
-      q_frag[kb][1] = pack_half2(q[2], q[3]);
-    }
-  }
-
-  // KVarN: the folded query rows of heads past the group stay zero (the per-tile fold skips them).
-  if constexpr (F::kCodes) {
-    for (int i = tid; i < KBLK * kMaxGroup * 4; i += kThreads)
-      if ((i / 4) % kMaxGroup >= p.group) folded_q[i] = make_uint4(0, 0, 0, 0);
-    if (tid < kMaxGroup && tid >= p.group) folded_z[tid] = 0;
+  for (int kb = 0; kb < KBLK; ++kb) {
+    const float* q = qs + col * D + kb * 16 + 4 * m4;
+    q_frag[kb][0] = pack_half2(q[0], q[1]);
+    q_frag[kb][1] = pack_half2(q[2], q[3]);
   }
 
   float o[NV][2] = {};
   float m_run = -FLT_MAX, l_run = 0;
-
   const int32_t* table = p.block_tables + seq.block_table_offset;
   const int num = end_tile - first_tile;
-  const int swizzle = chunk_swizzle_offset<F>(tid);
+  const int swizzle = fp16_chunk_swizzle_offset<F>(tid);
   auto tile_bytes = [&](int i) {
     return p.blocks + (static_cast<size_t>(table[first_tile + i]) * p.num_kv_heads + head) * L.bytes;
   };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < num) copy_tile_async<F>(ring + s * L.bytes, tile_bytes(s), swizzle);
+    if (s < num) copy_fp16_tile<F>(ring + s * L.bytes, tile_bytes(s), swizzle);
     cp_async_commit();
   }
   for (int it = 0; it < num; ++it) {
     cp_async_wait<S - 2>();
     __syncthreads();
-    if (it + S - 1 < num) copy_tile_async<F>(ring + ((it + S - 1) % S) * L.bytes, tile_bytes(it + S - 1), swizzle);
+    if (it + S - 1 < num) copy_fp16_tile<F>(ring + ((it + S - 1) % S) * L.bytes, tile_bytes(it + S - 1), swizzle);
     cp_async_commit();
-    const uint8_t* tile = ring + (it % S) * L.bytes;
+    const uint8_t* keys = ring + (it % S) * L.bytes + L.key_codes;
+    const uint8_t* values = ring + (it % S) * L.bytes + L.value_codes;
 
-    // ---- scores (log2 units) ----
+    // ---- scores (log2 units); n-tile j of this warp holds tokens 8 (warp NT + j) .. + 7 ----
     float s[NT][2];
-    if constexpr (F::kCodes) {
-      // Fold a_K and the softmax scale into the query once per tile for all warps: q'_c a_K[c] as hi/lo fp16
-      // fragments, and per head sum_c q'_c z_K[c].
-      {
-        const __half* a_k = reinterpret_cast<const __half*>(tile + L.key_scale);
-        const __half* z_k = reinterpret_cast<const __half*>(tile + L.key_zero);
-        const int h = tid / 16, part = tid % 16;
-        if (h < p.group) {
-          float z_sum = 0;
-#pragma unroll
-          for (int e = part; e < KBLK * 4; e += 16) {
-            const int kb = e / 4, m = e % 4;
-            float v[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int c = kb * 16 + m + 4 * i;
-              const float q = qs[h * D + c] * p.scale_log2;
-              v[i] = q * __half2float(a_k[c]);
-              z_sum += q * __half2float(z_k[c]);
-            }
-            uint4 a;  // A fragment {a0, a1, a2, a3}: rows g (hi) and g + 8 (lo)
-            split_half2(v[0], v[1], a.x, a.y);
-            split_half2(v[2], v[3], a.z, a.w);
-            folded_q[(kb * kMaxGroup + h) * 4 + m] = a;
-          }
-          const unsigned half_warp = 0xffffu << (16 * (h & 1));  // the 16 threads of head h
-#pragma unroll
-          for (int o = 1; o < 16; o *= 2) z_sum += __shfl_xor_sync(half_warp, z_sum, o);
-          if (part == 0) folded_z[h] = z_sum;
-        }
-        // The scales once per CTA as fp32, instead of once per warp and fragment as fp16 conversions.
-        if (tid < G) {
-          s_tok_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.key_token_scale)[tid]);
-          a_v_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.value_scale)[tid]);
-          z_v_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.value_zero)[tid]);
-        }
-        if (tid < D) {
-          const int k = (tid % NV) % (8 / F::VB) * F::VB;
-          s_ch_f[padded(tid)] = __half2float(reinterpret_cast<const __half*>(tile + L.value_channel_scale)[tid]) *
-                                (kSubnormalScale / static_cast<float>(1 << k));
-        }
-      }
-      __syncthreads();
-
-      // Key codes enter the mma as fp16 subnormals code * 2^k * 2^-24 (code at bit k = 0 or 4 of a byte: one
-      // byte permute per two n-tiles, one mask per operand); 2^(24-k) comes off in fp32 below. Channel of k-slot
-      // i (0..3 <-> 2m, 2m+1, 2m+8, 2m+9): kb*16 + m + 4i.
-      const uint32_t* codes = reinterpret_cast<const uint32_t*>(tile + L.key_codes);
-      constexpr int kRowWords = G / 8, kRowChunks = G / 32;
-      constexpr int halves = G / 64, warps_per_half = kWarps / halves;
-      const int word = col + 8 * (warp / warps_per_half);
-      const int first_byte = (warp % warps_per_half) * NT / 2;
-      float acc[NT][4] = {};
-#pragma unroll
-      for (int kb = 0; kb < KBLK; ++kb) {
-        const uint4 q4 = folded_q[(kb * kMaxGroup + col) * 4 + m4];
-        const uint32_t a[4] = {q4.x, q4.y, q4.z, q4.w};
-        uint32_t w[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int c = kb * 16 + m4 + 4 * i;
-          int chunk = word / 4;
-          if (kRowChunks == 4) chunk ^= ((c >> 1) & 1) << 1;
-          w[i] = codes[c * kRowWords + chunk * 4 + word % 4];
-        }
-#pragma unroll
-        for (int jp = 0; jp < NT / 2; ++jp) {
-          const uint32_t sel = pair_selector(first_byte + jp);
-          const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
-          mma_m16n8k16_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
-          mma_m16n8k16_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
-        }
-      }
-      const float z = folded_z[col];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float s_tok[NT];  // tokens token(j, x) of j = 0..NT-1 are consecutive
-        load_floats(s_tok_f + padded(token(0, 2 * m4 + e)), s_tok);
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-          s[j][e] = s_tok[j] * ((acc[j][e] + acc[j][e + 2]) * ((j & 1) ? kSubnormalScale / 16 : kSubnormalScale) + z);
-      }
-    } else {
-      const uint8_t* keys = tile + L.key_codes;
+    {
       float acc[NT][4] = {};
 #pragma unroll
       for (int kb = 0; kb < KBLK; ++kb)
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const int t = token(j, col);
+          const int t = 8 * (warp * NT + j) + col;
           const int chunk = (2 * kb + m4 / 2) ^ (t & 7);
           const uint2 b = *reinterpret_cast<const uint2*>(keys + t * D * 2 + chunk * 16 + (m4 & 1) * 8);
           mma_m16n8k16(acc[j], q_frag[kb][0], q_frag[kb][1], b.x, b.y);
@@ -460,135 +377,366 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) decode_atten
         l_run += s[j][e];
       }
 
-    // ---- values ----
-    if constexpr (F::kCodes) {
-      // A = p * a_V as hi/lo fp16, B = value codes as fp16 subnormals like the keys; channel of column x of
-      // n-tile i: x*NV + i. The accumulators start at sum_t p z_V * 2^(k-24), so that one multiply by
-      // s_ch * 2^(24-k) (s_ch_f) finishes the tile's contribution.
-      constexpr int VB = F::VB, kRowBytes = D * VB / 8, kColBytes = D * VB / 64;
-      constexpr int kCodesPerByte = 8 / VB;
-      const uint8_t* codes = tile + L.value_codes;
-      float a_v[2][NT], z_v[2][NT];
+    // ---- values: O[h][c] += sum_t p[h][t] V[t][c]; channel of column x of n-tile i: x NV + i ----
+    constexpr int kColChunks = D / 64;  // 16-byte chunks of a column's D/8 channels
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        load_floats(a_v_f + padded(token(0, 2 * m4 + e)), a_v[e]);
-        load_floats(z_v_f + padded(token(0, 2 * m4 + e)), z_v[e]);
-      }
-      uint32_t a[NT / 2][4];
-      uint32_t v[NT / 2][4][(kColBytes + 3) / 4];
-      float pz = 0;
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      const uint32_t a0 = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+      const uint32_t a2 = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
 #pragma unroll
-      for (int kk = 0; kk < NT / 2; ++kk) {
-        float pa[2][2];
+      for (int cc = 0; cc < kColChunks; ++cc) {
+        uint4 r[4];
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int t = token(2 * kk + jj, 2 * m4 + e);
-            pa[jj][e] = s[2 * kk + jj][e] * a_v[e][2 * kk + jj];
-            pz += s[2 * kk + jj][e] * z_v[e][2 * kk + jj];
-            const uint8_t* row = codes + t * kRowBytes + col * kColBytes;
-            if constexpr (kColBytes == 2) {
-              v[kk][2 * jj + e][0] = *reinterpret_cast<const uint16_t*>(row);
-            } else {
-#pragma unroll
-              for (int w = 0; w < kColBytes / 4; ++w)
-                v[kk][2 * jj + e][w] = reinterpret_cast<const uint32_t*>(row)[w];
-            }
+            const int t = 8 * (warp * NT + 2 * kk + jj) + 2 * m4 + e;
+            const int chunk = (col * kColChunks + cc) ^ (t & 7);
+            r[2 * jj + e] = *reinterpret_cast<const uint4*>(values + t * D * 2 + chunk * 16);
           }
-        split_half2(pa[0][0], pa[0][1], a[kk][0], a[kk][1]);
-        split_half2(pa[1][0], pa[1][1], a[kk][2], a[kk][3]);
-      }
-      pz += __shfl_xor_sync(0xffffffffu, pz, 1);
-      pz += __shfl_xor_sync(0xffffffffu, pz, 2);
-      // s_ch * 2^(24-k) of this thread's output channels (2m + e) * NV + i.
-      float s_ch[2][NV];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) load_floats(s_ch_f + padded((2 * m4 + e) * NV), s_ch[e]);
-#pragma unroll
-      for (int byte_group = 0; byte_group < NV / kCodesPerByte; ++byte_group) {
-        const int word = byte_group / 4, byte = byte_group % 4;
-        uint32_t x_ab[NT / 2], x_cd[NT / 2];
-#pragma unroll
-        for (int kk = 0; kk < NT / 2; ++kk) {
-          x_ab[kk] = __byte_perm(v[kk][0][word], v[kk][1][word], pair_selector(byte));
-          x_cd[kk] = __byte_perm(v[kk][2][word], v[kk][3][word], pair_selector(byte));
-        }
-#pragma unroll
-        for (int q = 0; q < kCodesPerByte; ++q) {
-          const int i = byte_group * kCodesPerByte + q, k = q * VB;
-          const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << k;
-          const float pz_k = pz * (static_cast<float>(1 << k) / kSubnormalScale);
-          float c[4] = {pz_k, pz_k, 0, 0};
-#pragma unroll
-          for (int kk = 0; kk < NT / 2; ++kk) mma_m16n8k16_rows16(c, a[kk], x_ab[kk] & mask, x_cd[kk] & mask);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) o[i][e] = fmaf(s_ch[e][i], c[e] + c[e + 2], o[i][e]);
-        }
-      }
-    } else {
-      const uint8_t* values = tile + L.value_codes;
-      constexpr int kColChunks = D / 64;  // 16-byte chunks of a column's D/8 channels
-#pragma unroll
-      for (int kk = 0; kk < NT / 2; ++kk) {
-        const uint32_t a0 = pack_half2(s[2 * kk][0], s[2 * kk][1]);
-        const uint32_t a2 = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-#pragma unroll
-        for (int cc = 0; cc < kColChunks; ++cc) {
-          uint4 r[4];
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int t = token(2 * kk + jj, 2 * m4 + e);
-              const int chunk = (col * kColChunks + cc) ^ (t & 7);
-              r[2 * jj + e] = *reinterpret_cast<const uint4*>(values + t * D * 2 + chunk * 16);
-            }
-#pragma unroll
-          for (int i8 = 0; i8 < 8; ++i8) {
-            const uint32_t sel = (i8 & 1) ? 0x7632u : 0x5410u;
-            const uint32_t b0 = __byte_perm((&r[0].x)[i8 / 2], (&r[1].x)[i8 / 2], sel);
-            const uint32_t b1 = __byte_perm((&r[2].x)[i8 / 2], (&r[3].x)[i8 / 2], sel);
-            float c[4] = {o[cc * 8 + i8][0], o[cc * 8 + i8][1], 0, 0};
-            mma_m16n8k16(c, a0, a2, b0, b1);
-            o[cc * 8 + i8][0] = c[0];
-            o[cc * 8 + i8][1] = c[1];
-          }
+        for (int i8 = 0; i8 < 8; ++i8) {
+          const uint32_t sel = (i8 & 1) ? 0x7632u : 0x5410u;
+          const uint32_t b0 = __byte_perm((&r[0].x)[i8 / 2], (&r[1].x)[i8 / 2], sel);
+          const uint32_t b1 = __byte_perm((&r[2].x)[i8 / 2], (&r[3].x)[i8 / 2], sel);
+          float c[4] = {o[cc * 8 + i8][0], o[cc * 8 + i8][1], 0, 0};
+          mma_m16n8k16(c, a0, a2, b0, b1);
+          o[cc * 8 + i8][0] = c[0];
+          o[cc * 8 + i8][1] = c[1];
         }
       }
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // the ring is reused for the merge
+  __syncthreads();  // the ring becomes the merge buffer
+  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, partial_row, split);
+}
 
-  // ---- merge the 4 warps' states, write this split's partial ----
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-  float* merge = reinterpret_cast<float*>(ring);  // [warp][group][D + 2]
-  if (col < p.group) {
-    float* dst = merge + (warp * kMaxGroup + col) * (D + 2);
-#pragma unroll
-    for (int i = 0; i < NV; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) dst[(2 * m4 + e) * NV + i] = o[i][e];
-    if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
+// ---- KVarN tiles: one warp per tile ----
+
+// Shared memory of a KVarN CTA: each warp's two tile slots, then each warp's a_K and z_K of the tile being read
+// as fp32 in k-slot order. The setup's queries, the tail CTAs' rows and scores and the final merge reuse the slots.
+template <class F>
+struct KvarnSharedLayout {
+  static constexpr int D = F::D, G = F::G;
+  static constexpr size_t tail = size_t{2} * G * D + sizeof(float) * kMaxGroup * G;  // attend_tail's rows, scores
+  static constexpr size_t query = sizeof(float) * kMaxGroup * D;                     // at offset `tail`
+  static constexpr size_t ring = std::max({size_t{2} * kWarps * F::L.bytes, tail + query,
+                                           sizeof(float) * kWarps * kMaxGroup * (D + 2)});
+  static constexpr size_t key_scales = sizeof(float) * kWarps * 2 * D;
+  static constexpr size_t bytes = ring + key_scales;
+};
+
+// Per-token and per-channel scales of the tile being read, as fp32 over its dead key codes (padded()):
+// s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t], z_V[t], and
+// s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
+template <class F>
+struct TileScales {
+  static constexpr int s_tok = 0, a_v = padded_size(F::G), z_v = 2 * padded_size(F::G), s_ch = 3 * padded_size(F::G);
+  static_assert(sizeof(float) * (s_ch + padded_size(F::D)) <= F::D * F::G / 2, "scales fit over the key codes");
+};
+
+// Value-code rows (token-major, D*VB/8 bytes each) are placed permuted: the lanes m = 0..3 of a fragment column
+// read tokens 2*NT*m + u, rows a multiple of 32 apart that would share their banks. Row t moves to t ^ x and, in
+// 64-byte rows, its 16-byte chunk c to c ^ (m & 2), where m = t / (2 NT) and x = m (rows <= 32 bytes) or m & 1.
+template <class F>
+struct ValueRows {
+  static constexpr int kRowBytes = F::D * F::VB / 8, kGroupShift = F::G == 128 ? 5 : 4;  // 2 NT = G / 4 tokens
+  static constexpr int kColBytes = kRowBytes / 8;  // a fragment column's D/8 channels
+  __device__ static int row_xor(int m) { return kRowBytes == 64 ? (m & 1) : (m & 3); }
+  __device__ static int chunk_xor(int m) { return kRowBytes == 64 ? (m & 2) : 0; }
+  __device__ static int offset(int t, int chunk) {
+    const int m = (t >> kGroupShift) & 3;
+    return (t ^ row_xor(m)) * kRowBytes + ((chunk ^ chunk_xor(m)) << 4);
   }
+};
+
+// One warp copies a tile into a slot: key codes with the chunk swizzle the key reads expect (G = 128: rows of 4
+// chunks swap chunk pairs when bit 1 of the row is set), value codes in ValueRows order, scales as they are.
+template <class F>
+__device__ __forceinline__ void copy_tile_warp(uint8_t* slot, const uint8_t* __restrict__ src, int lane) {
+  constexpr codec::TileLayout L = F::L;
+  constexpr int kKeyChunks = F::D * F::G / 32, kValueChunks = F::G * ValueRows<F>::kRowBytes / 16;
+  constexpr int kChunksPerRow = (ValueRows<F>::kRowBytes + 15) / 16;
+  static_assert(L.key_codes == 0 && kKeyChunks % 32 == 0 && L.value_codes % 16 == 0);
+  const int key_swizzle = F::G == 128 && ((lane >> 3) & 1) ? ((lane & 2) ? -2 : 2) : 0;
+#pragma unroll
+  for (int k = 0; k < kKeyChunks / 32; ++k)
+    cp_async_16(slot + 16 * (lane + 32 * k + key_swizzle), src + 16 * (lane + 32 * k));
+#pragma unroll
+  for (int k = 0; k < (kValueChunks + 31) / 32; ++k) {
+    const int r = lane + 32 * k;
+    if (kValueChunks % 32 == 0 || r < kValueChunks)
+      cp_async_16(slot + L.value_codes + ValueRows<F>::offset(r / kChunksPerRow, r % kChunksPerRow),
+                  src + L.value_codes + 16 * r);
+  }
+  auto copy_plain = [&](int from, int to) {  // byte range, multiples of 16
+    for (int q = from / 16 + lane; q < to / 16; q += 32) cp_async_16(slot + 16 * q, src + 16 * q);
+  };
+  copy_plain(static_cast<int>(L.key_scale), static_cast<int>(L.value_codes));
+  copy_plain(static_cast<int>(L.value_channel_scale), static_cast<int>(L.bytes));
+}
+
+// One warp reads whole tiles: warp w of the CTA takes tiles w, w + 4, ... of its split through its own two-slot
+// cp.async ring, so that nothing but a warp barrier separates the tiles, and the per-tile and per-channel work
+// (folding a_K into the query, the scales, the values' epilogue) is paid once per 128 tokens.
+// Lane (g, m) = (lane / 4, lane % 4) owns q head g (rows g: fp16 high part, g + 8: low part) and fragment
+// columns 2m, 2m + 1 of every n-tile. Tokens: column x of score n-tile j is token NT x + j (the j-th code of the
+// NT in the column's run of each key-code row); channels: k-slot i of k-block kb (0..3 <-> 2m, 2m+1, 2m+8, 2m+9)
+// is channel 16 kb + m + 4 i; value k-step kk takes the score n-tiles 2kk, 2kk + 1 as its k-slots; column x of
+// value n-tile i is channel x NV + i.
+template <class F>
+__global__ void __launch_bounds__(kThreads, 2) decode_attention_kvarn_kernel(const DecodeParams p) {
+  constexpr int D = F::D, G = F::G, VB = F::VB, NT = G / 8, KBLK = D / 16, KK = G / 16, NV = D / 8;
+  constexpr int kCodesPerByte = 8 / VB, kKeyRow = G / 2;
+  constexpr codec::TileLayout L = F::L;
+  using Shared = KvarnSharedLayout<F>;
+  using Rows = ValueRows<F>;
+  using Scales = TileScales<F>;
+  extern __shared__ __align__(16) uint8_t shared[];
+  float* qs = reinterpret_cast<float*>(shared + Shared::tail);
+
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
+#endif
+  const int pairs = p.num_seqs * p.num_kv_heads;
+  const bool tail = static_cast<int>(blockIdx.x) < pairs;
+  const int pair = tail ? blockIdx.x : (blockIdx.x - pairs) / p.num_splits;
+  const int split = tail ? p.num_splits : (blockIdx.x - pairs) % p.num_splits;
+  const int head = pair % p.num_kv_heads, seq_index = pair / p.num_kv_heads;
+  const SequenceKvView seq = p.seqs[seq_index];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
+  const int first_tile = split * p.tiles_per_split;
+  const int end_tile = min(first_tile + p.tiles_per_split, seq.num_tiles);
+  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
+  const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
+
+  load_rotated_queries<D>(p, partial_row, qs);
   __syncthreads();
-  for (int idx = tid; idx < p.group * D; idx += kThreads) {
-    const int h = idx / D, c = idx % D;
-    float mx = -FLT_MAX;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, merge[(w * kMaxGroup + h) * (D + 2) + D]);
-    float l = 0, acc = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      const float* src = merge + (w * kMaxGroup + h) * (D + 2);
-      const float f = exp2f(src[D] - mx);
-      l += src[D + 1] * f;
-      acc += src[c] * f;
-    }
-    const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
-    p.partial_o[slot * D + c] = acc;
-    if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
+  if (tail) {
+    attend_tail<F>(p, seq, qs, shared, head, partial_row, p.num_splits);
+    return;
   }
+  // This lane's query channels, scaled to log2 units (rows past the group are zero).
+  float q[KBLK][4];
+#pragma unroll
+  for (int kb = 0; kb < KBLK; ++kb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[kb][i] = qs[g * D + 16 * kb + m4 + 4 * i] * p.scale_log2;
+  __syncthreads();  // the queries' space becomes the slots
+
+  // Lane-constant parts of the shared-memory addresses. Key codes: row 16 kb + m + 4 i, the column's NT codes
+  // (G = 128: 8 bytes, chunk col/2 swizzled by the row's bit 1 = m's bit 1; G = 64: 4 bytes).
+  const int key_base = m4 * kKeyRow + (G == 128 ? 16 * ((g / 2) ^ (m4 & 2)) + 8 * (g & 1) : 4 * g);
+  // Value codes of token NT (2m + e) + 4 w + u for u = 0..3: value_base[e][u] + 4 w * row bytes.
+  int value_base[2][4];
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int col_bytes = g * Rows::kColBytes;
+      value_base[e][u] = (NT * (2 * m4 + e) + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
+                         (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
+    }
+
+  float o[NV][2] = {};  // head g, channels (2m + e) NV + i
+  float m_run = -FLT_MAX, l_run = 0;
+  const int32_t* table = p.block_tables + seq.block_table_offset;
+  const int num = end_tile - first_tile;
+  const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
+  uint8_t* slots = shared + warp * 2 * L.bytes;
+  float* a_k = reinterpret_cast<float*>(shared + Shared::ring) + warp * 2 * D;  // [16 kb + 4 m + i]
+  float* z_k = a_k + D;
+  auto tile_bytes = [&](int i) {
+    return p.blocks + (static_cast<size_t>(table[first_tile + warp + i * kWarps]) * p.num_kv_heads + head) * L.bytes;
+  };
+  if (mine > 0) copy_tile_warp<F>(slots, tile_bytes(0), lane);
+  cp_async_commit();
+  for (int it = 0; it < mine; ++it) {
+    if (it + 1 < mine) copy_tile_warp<F>(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1), lane);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const uint8_t* tile = slots + (it & 1) * L.bytes;
+
+    // ---- a_K, z_K as fp32 in k-slot order: lane l writes slots 4l .. 4l + 3 (k-block l/4, m = l % 4) ----
+    if (lane < D / 4) {
+      const __half* ak = reinterpret_cast<const __half*>(tile + L.key_scale);
+      const __half* zk = reinterpret_cast<const __half*>(tile + L.key_zero);
+      const int c0 = 16 * (lane / 4) + lane % 4;
+      float4 av, zv;
+      av.x = __half2float(ak[c0]), av.y = __half2float(ak[c0 + 4]);
+      av.z = __half2float(ak[c0 + 8]), av.w = __half2float(ak[c0 + 12]);
+      zv.x = __half2float(zk[c0]), zv.y = __half2float(zk[c0 + 4]);
+      zv.z = __half2float(zk[c0 + 8]), zv.w = __half2float(zk[c0 + 12]);
+      reinterpret_cast<float4*>(a_k)[lane] = av;
+      reinterpret_cast<float4*>(z_k)[lane] = zv;
+    }
+    __syncwarp();
+
+    // ---- scores: A = q' a_K (hi / lo), B = key codes as fp16 subnormals code * 2^k * 2^-24 ----
+    float acc[NT][4] = {};
+    float z_sum = 0;  // sum_c q'_c z_K[c] over this lane's channels
+#pragma unroll
+    for (int kb = 0; kb < KBLK; ++kb) {
+      const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
+      const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
+      z_sum += q[kb][0] * zv.x + q[kb][1] * zv.y + q[kb][2] * zv.z + q[kb][3] * zv.w;
+      uint32_t a[4];
+      split_half2(q[kb][0] * av.x, q[kb][1] * av.y, a[0], a[1]);
+      split_half2(q[kb][2] * av.z, q[kb][3] * av.w, a[2], a[3]);
+      uint32_t w[4][NT / 8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t* src = tile + key_base + (16 * kb + 4 * i) * kKeyRow;
+        if constexpr (NT == 16) {
+          const uint2 x = *reinterpret_cast<const uint2*>(src);
+          w[i][0] = x.x, w[i][1] = x.y;
+        } else {
+          w[i][0] = *reinterpret_cast<const uint32_t*>(src);
+        }
+      }
+#pragma unroll
+      for (int jp = 0; jp < NT / 2; ++jp) {
+        const uint32_t sel = pair_selector(jp % 4);
+        const uint32_t x01 = __byte_perm(w[0][jp / 4], w[1][jp / 4], sel);
+        const uint32_t x23 = __byte_perm(w[2][jp / 4], w[3][jp / 4], sel);
+        mma_m16n8k16_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
+        mma_m16n8k16_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
+      }
+    }
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
+
+    // ---- the tile's token and channel scales as fp32 over its key codes, now read ----
+    __syncwarp();
+    float* scales = reinterpret_cast<float*>(const_cast<uint8_t*>(tile));
+    {
+      auto stage = [&](size_t from, int to, int n, float even, float odd, bool by_channel) {
+        if (4 * lane < n) {
+          const uint2 raw = *reinterpret_cast<const uint2*>(tile + from + 8 * lane);
+          const __half* h = reinterpret_cast<const __half*>(&raw);
+          float4 f;
+          float* x = &f.x;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int idx = 4 * lane + j;
+            const float factor = by_channel ? static_cast<float>(1 << (24 - (idx % kCodesPerByte) * VB))
+                                            : ((idx & 1) ? odd : even);
+            x[j] = __half2float(h[j]) * factor;
+          }
+          *reinterpret_cast<float4*>(scales + to + padded(4 * lane)) = f;
+        }
+      };
+      stage(L.key_token_scale, Scales::s_tok, G, kSubnormalScale, kSubnormalScale / 16, false);
+      stage(L.value_scale, Scales::a_v, G, 1.0f, 1.0f, false);
+      stage(L.value_zero, Scales::z_v, G, 1.0f, 1.0f, false);
+      stage(L.value_channel_scale, Scales::s_ch, D, 0, 0, true);
+    }
+    __syncwarp();
+
+    // ---- scores in log2 units: s_tok (acc_hi + acc_lo + z / 2^k') with 2^k' folded into the staged s_tok ----
+    float s[NT][2];
+    {
+      const float z_even = z_sum / kSubnormalScale, z_odd = z_sum * (16.0f / kSubnormalScale);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float s_tok[NT];
+        load_floats(scales + Scales::s_tok + padded(NT * (2 * m4 + e)), s_tok);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) s[j][e] = s_tok[j] * ((acc[j][e] + acc[j][e + 2]) + ((j & 1) ? z_odd : z_even));
+      }
+    }
+
+    // ---- online softmax over the tile ----
+    float tile_max = -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float m_new = fmaxf(m_run, tile_max);
+    const float correction = exp2_approx(m_run - m_new);
+    m_run = m_new;
+    l_run *= correction;
+    if (__any_sync(0xffffffffu, correction != 1.0f)) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[j][e] = exp2_approx(s[j][e] - m_new);
+        l_run += s[j][e];
+      }
+
+    // ---- values: A = p a_V (hi / lo), B = value codes as fp16 subnormals; accumulated over the whole tile ----
+    float c[NV][4] = {};
+    float pz = 0;  // sum_t p_t z_V[t] over this lane's tokens
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      float pa[2][2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int t = padded(NT * (2 * m4 + e) + 2 * kk);
+        const float2 av = *reinterpret_cast<const float2*>(scales + Scales::a_v + t);
+        const float2 zv = *reinterpret_cast<const float2*>(scales + Scales::z_v + t);
+        pa[0][e] = s[2 * kk][e] * av.x;
+        pa[1][e] = s[2 * kk + 1][e] * av.y;
+        pz += s[2 * kk][e] * zv.x + s[2 * kk + 1][e] * zv.y;
+      }
+      uint32_t a[4];
+      split_half2(pa[0][0], pa[0][1], a[0], a[1]);
+      split_half2(pa[1][0], pa[1][1], a[2], a[3]);
+      // Code words of tokens NT (2m + e) + 2 kk + jj, this column's bytes.
+      constexpr int kWords = (Rows::kColBytes + 3) / 4;
+      uint32_t v[2][2][kWords];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int u = 2 * kk + jj;
+          const uint8_t* src = tile + L.value_codes + value_base[e][u % 4] + (u / 4) * 4 * Rows::kRowBytes;
+          if constexpr (Rows::kColBytes == 2) {
+            v[jj][e][0] = *reinterpret_cast<const uint16_t*>(src);
+          } else if constexpr (Rows::kColBytes == 4) {
+            v[jj][e][0] = *reinterpret_cast<const uint32_t*>(src);
+          } else {
+            const uint2 x = *reinterpret_cast<const uint2*>(src);
+            v[jj][e][0] = x.x, v[jj][e][1] = x.y;
+          }
+        }
+#pragma unroll
+      for (int byte_group = 0; byte_group < NV / kCodesPerByte; ++byte_group) {
+        const uint32_t sel = pair_selector(byte_group % 4);
+        const uint32_t x_ab = __byte_perm(v[0][0][byte_group / 4], v[0][1][byte_group / 4], sel);
+        const uint32_t x_cd = __byte_perm(v[1][0][byte_group / 4], v[1][1][byte_group / 4], sel);
+#pragma unroll
+        for (int q2 = 0; q2 < kCodesPerByte; ++q2) {
+          const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << (q2 * VB);
+          mma_m16n8k16_rows16(c[byte_group * kCodesPerByte + q2], a, x_ab & mask, x_cd & mask);
+        }
+      }
+    }
+    pz += __shfl_xor_sync(0xffffffffu, pz, 1);
+    pz += __shfl_xor_sync(0xffffffffu, pz, 2);
+    {
+      float pz_k[kCodesPerByte];  // pz in the units of a code at bit k: 2^(k - 24)
+#pragma unroll
+      for (int q2 = 0; q2 < kCodesPerByte; ++q2) pz_k[q2] = pz * (static_cast<float>(1 << (q2 * VB)) / kSubnormalScale);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float s_ch[NV];
+        load_floats(scales + Scales::s_ch + padded((2 * m4 + e) * NV), s_ch);
+#pragma unroll
+        for (int i = 0; i < NV; ++i) o[i][e] = fmaf(s_ch[i], (c[i][e] + c[i][e + 2]) + pz_k[i % kCodesPerByte], o[i][e]);
+      }
+    }
+    __syncwarp();  // the slot is refilled in the next iteration
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the slots become the merge buffer
+  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, partial_row, split);
 }
 
 template <int D>
@@ -651,15 +799,27 @@ const DeviceTraits& device_traits() {
   return traits;
 }
 
+// The attention kernel of a tile format and its shared memory.
+template <class F>
+constexpr auto attention_kernel() {
+  if constexpr (F::kCodes) return decode_attention_kvarn_kernel<F>;
+  else return decode_attention_fp16_kernel<F>;
+}
+template <class F>
+constexpr size_t attention_shared_bytes() {
+  if constexpr (F::kCodes) return KvarnSharedLayout<F>::bytes;
+  else return Fp16SharedLayout<F>::bytes;
+}
+
 template <class F>
 int blocks_per_sm() {
   static std::once_flag once;
   static int blocks = 0;
   std::call_once(once, [] {
-    KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          SharedLayout<F>::bytes));
-    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
-                                                                   SharedLayout<F>::bytes));
+    KVARN_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel<F>(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          attention_shared_bytes<F>()));
+    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, attention_kernel<F>(), kThreads,
+                                                                   attention_shared_bytes<F>()));
   });
   return std::max(blocks, 1);
 }
@@ -670,10 +830,12 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   DecodeAttentionPlan plan;
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
+  const int tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
   // Split-K over tiles. CTAs of equal length run in waves of (SMs x CTAs per SM), and a last wave that is only
   // partly full costs much of a whole one (a CTA's pace is set by its own instruction latencies more than by
   // memory, so the CTAs of a thin wave run only a little faster). Choose the split that minimizes waves x (tiles per
-  // CTA + ~2 tiles of per-CTA start and merge); the tail CTAs are short and run first, so they are left out.
+  // CTA, divided by the tiles a CTA reads at once, + ~2 tiles of per-CTA start and merge); the tail CTAs are short
+  // and run first, so they are left out.
   // Measured on the H100 (k4v2_g128, batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran
   // up to 1.12x slower.
   constexpr double kCtaOverheadTiles = 2.0;
@@ -685,7 +847,8 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   for (long splits = 1; splits <= most_splits; ++splits) {
     const long per_split = (max_tiles + splits - 1) / splits;
     const long used = (max_tiles + per_split - 1) / per_split;
-    const double cost = static_cast<double>((pairs * used + slots - 1) / slots) * (per_split + kCtaOverheadTiles);
+    const double cost = static_cast<double>((pairs * used + slots - 1) / slots) *
+                        (static_cast<double>((per_split + tiles_at_once - 1) / tiles_at_once) + kCtaOverheadTiles);
     if (best < 0 || cost < best) best = cost, plan.tiles_per_split = static_cast<int>(per_split);
   }
   plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
@@ -723,7 +886,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
     blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
-    decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, SharedLayout<F>::bytes, stream>>>(p);
+    attention_kernel<F>()<<<static_cast<unsigned>(ctas), kThreads, attention_shared_bytes<F>(), stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());
   const int num_rows = args.num_seqs * args.num_q_heads;
