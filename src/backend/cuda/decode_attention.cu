@@ -1,12 +1,15 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
-// Attention kernels (decode_attention_kvarn_kernel for code tiles, decode_attention_fp16_kernel for fp16 tiles):
-// 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128 threads (4 warps). The first
-// `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic; short, and first so that they do
-// not trail the launch); then pair-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of sequence
-// n, kv-head h through cp.async copies of whole tiles into shared memory (16-byte pieces, tiles in flight while
-// others are read). Each CTA leaves one partial softmax state (m, l, o[D]) per q head; its 4 warps keep their own
-// online softmax and merge at the end. On tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
+// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
+// threads (4 warps). The first `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic;
+// short, and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the
+// tiles [s*tps, (s+1)*tps) of sequence n, kv-head h through cp.async copies of whole tiles into shared memory
+// (16-byte pieces, tiles in flight while others are read). Each CTA leaves one partial softmax state (m, l, o[D])
+// per q head; a tile CTA's 4 warps keep their own online softmax and merge at the end. (Measured and not kept,
+// H200: the tail read by the pair's last tile CTA puts it on the critical path, 1.3-1.6x slower at batch 1-8 x 1K;
+// a separate tail kernel, a programmatic dependent, costs a launch, 1.2-1.3x slower there, and pays only at batch
+// >= 32 x 1K, where the tail CTAs' tile-sized shared memory halves the CTAs per SM.)
+// On tensor cores (mma m16n8k16, rows = the <= 8 q heads of the group):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
 // KVarN: one warp reads a whole tile (warps take every 4th tile of the split, each through its own two slots), so
@@ -45,6 +48,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <mutex>
+#include <type_traits>
 
 namespace kvarn::cuda {
 
@@ -179,6 +183,27 @@ __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
   }
 }
 
+// What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head) number
+// cta / num_splits, its tiles [first_tile, end_tile).
+struct CtaWork {
+  SequenceKvView seq;
+  int head, split, first_tile, end_tile;
+  size_t partial_row;  // the partials of the group's first q head
+};
+
+__device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
+  CtaWork w;
+  const int pair = cta / p.num_splits;
+  w.split = cta % p.num_splits;
+  w.head = pair % p.num_kv_heads;
+  const int seq_index = pair / p.num_kv_heads;
+  w.seq = p.seqs[seq_index];
+  w.first_tile = w.split * p.tiles_per_split;
+  w.end_tile = min(w.first_tile + p.tiles_per_split, w.seq.num_tiles);
+  w.partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + w.head * p.group;
+  return w;
+}
+
 // The group's queries, rotated into the storage space, as fp32 rows [kMaxGroup][D] (rows past the group zero).
 template <int D>
 __device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, float* qs) {
@@ -267,44 +292,22 @@ __device__ __forceinline__ void copy_fp16_tile(uint8_t* stage, const uint8_t* __
 // then the group's rotated queries.
 template <class F>
 struct Fp16SharedLayout {
-  static constexpr int D = F::D, G = F::G;
-  static constexpr size_t ring = std::max({fp16_stages<F>() * F::L.bytes, sizeof(float) * kWarps * kMaxGroup * (D + 2),
-                                           size_t{2} * G * D + sizeof(float) * kMaxGroup * G});
-  static constexpr size_t bytes = ring + sizeof(float) * kMaxGroup * D;
+  static constexpr size_t query = std::max(fp16_stages<F>() * F::L.bytes,
+                                           sizeof(float) * kWarps * kMaxGroup * (F::D + 2));  // after the ring
+  static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
 };
 
 // Per tile, per warp (a quarter of the tile's tokens, 8 consecutive per n-tile), on tensor cores: S = q K^T with
 // the raw fp16 query as A (rows 8-15 zero) and the scale applied to the fp32 scores, then O += P V.
 template <class F>
-__global__ void __launch_bounds__(kThreads, 1) decode_attention_fp16_kernel(const DecodeParams p) {
+__device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = fp16_stages<F>();
   constexpr codec::TileLayout L = F::L;
-  using Shared = Fp16SharedLayout<F>;
-  extern __shared__ __align__(16) uint8_t shared[];
   uint8_t* ring = shared;
-  float* qs = reinterpret_cast<float*>(shared + Shared::ring);
-
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
-#endif
-  const int pairs = p.num_seqs * p.num_kv_heads;
-  const bool tail = static_cast<int>(blockIdx.x) < pairs;
-  const int pair = tail ? blockIdx.x : (blockIdx.x - pairs) / p.num_splits;
-  const int split = tail ? p.num_splits : (blockIdx.x - pairs) % p.num_splits;
-  const int head = pair % p.num_kv_heads, seq_index = pair / p.num_kv_heads;
-  const SequenceKvView seq = p.seqs[seq_index];
+  float* qs = reinterpret_cast<float*>(shared + Fp16SharedLayout<F>::query);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, col = lane / 4, m4 = lane % 4;
-  const int first_tile = split * p.tiles_per_split;
-  const int end_tile = min(first_tile + p.tiles_per_split, seq.num_tiles);
-  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
-  const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
-
-  load_rotated_queries<D>(p, partial_row, qs);
+  load_rotated_queries<D>(p, work.partial_row, qs);
   __syncthreads();
-  if (tail) {
-    attend_tail<F>(p, seq, qs, ring, head, partial_row, p.num_splits);
-    return;
-  }
 
   // The raw query is the A operand for every tile (channels kb*16 + 4m + i <-> k-slots).
   uint32_t q_frag[KBLK][2];
@@ -317,11 +320,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_fp16_kernel(cons
 
   float o[NV][2] = {};
   float m_run = -FLT_MAX, l_run = 0;
-  const int32_t* table = p.block_tables + seq.block_table_offset;
-  const int num = end_tile - first_tile;
+  const int32_t* table = p.block_tables + work.seq.block_table_offset;
+  const int num = work.end_tile - work.first_tile;
   const int swizzle = fp16_chunk_swizzle_offset<F>(tid);
   auto tile_bytes = [&](int i) {
-    return p.blocks + (static_cast<size_t>(table[first_tile + i]) * p.num_kv_heads + head) * L.bytes;
+    return p.blocks + (static_cast<size_t>(table[work.first_tile + i]) * p.num_kv_heads + work.head) * L.bytes;
   };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
@@ -409,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_fp16_kernel(cons
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring becomes the merge buffer
-  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, partial_row, split);
+  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, work.partial_row, work.split);
 }
 
 // ---- KVarN tiles: one warp per tile ----
@@ -418,14 +421,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_fp16_kernel(cons
 // as fp32 in k-slot order. The setup's queries, the tail CTAs' rows and scores and the final merge reuse the slots.
 template <class F>
 struct KvarnSharedLayout {
-  static constexpr int D = F::D, G = F::G;
-  static constexpr size_t tail = size_t{2} * G * D + sizeof(float) * kMaxGroup * G;  // attend_tail's rows, scores
-  static constexpr size_t query = sizeof(float) * kMaxGroup * D;                     // at offset `tail`
-  static constexpr size_t ring = std::max({size_t{2} * kWarps * F::L.bytes, tail + query,
-                                           sizeof(float) * kWarps * kMaxGroup * (D + 2)});
-  static constexpr size_t key_scales = sizeof(float) * kWarps * 2 * D;
+  static constexpr size_t query = 0;  // read into registers before the slots fill
+  static constexpr size_t ring = std::max({size_t{2} * kWarps * F::L.bytes, sizeof(float) * kMaxGroup * F::D,
+                                           sizeof(float) * kWarps * kMaxGroup * (F::D + 2)});
+  static constexpr size_t key_scales = sizeof(float) * kWarps * 2 * F::D;
   static constexpr size_t bytes = ring + key_scales;
 };
+
+template <class F>
+using SharedLayout = std::conditional_t<F::kCodes, KvarnSharedLayout<F>, Fp16SharedLayout<F>>;
 
 // Per-token and per-channel scales of the tile being read, as fp32 over its dead key codes (padded()):
 // s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t], z_V[t], and
@@ -445,37 +449,55 @@ struct ValueRows {
   static constexpr int kColBytes = kRowBytes / 8;  // a fragment column's D/8 channels
   __device__ static int row_xor(int m) { return kRowBytes == 64 ? (m & 1) : (m & 3); }
   __device__ static int chunk_xor(int m) { return kRowBytes == 64 ? (m & 2) : 0; }
-  __device__ static int offset(int t, int chunk) {
-    const int m = (t >> kGroupShift) & 3;
-    return (t ^ row_xor(m)) * kRowBytes + ((chunk ^ chunk_xor(m)) << 4);
-  }
 };
 
-// One warp copies a tile into a slot: key codes with the chunk swizzle the key reads expect (G = 128: rows of 4
-// chunks swap chunk pairs when bit 1 of the row is set), value codes in ValueRows order, scales as they are.
+// One lane's share of copying a tile into a slot (chunks lane, lane + 32, ... of each region), with its shared-
+// memory offsets computed once: key codes with the chunk swizzle the key reads expect (G = 128: rows of 4 chunks
+// swap chunk pairs when bit 1 of the row is set), value codes in ValueRows order, scales as they are.
 template <class F>
-__device__ __forceinline__ void copy_tile_warp(uint8_t* slot, const uint8_t* __restrict__ src, int lane) {
-  constexpr codec::TileLayout L = F::L;
-  constexpr int kKeyChunks = F::D * F::G / 32, kValueChunks = F::G * ValueRows<F>::kRowBytes / 16;
-  constexpr int kChunksPerRow = (ValueRows<F>::kRowBytes + 15) / 16;
+struct WarpTileCopy {
+  static constexpr codec::TileLayout L = F::L;
+  static constexpr int kKeyChunks = F::D * F::G / 32, kValueChunks = F::G * ValueRows<F>::kRowBytes / 16;
+  static constexpr int kChunksPerRow = (ValueRows<F>::kRowBytes + 15) / 16, kRowsPerRound = 32 / kChunksPerRow;
   static_assert(L.key_codes == 0 && kKeyChunks % 32 == 0 && L.value_codes % 16 == 0);
-  const int key_swizzle = F::G == 128 && ((lane >> 3) & 1) ? ((lane & 2) ? -2 : 2) : 0;
+  int lane, key_offset;
+  // Offset of this lane's value chunk in a round whose rows' group m = t / (2 NT) is (lane_group + j) & 3.
+  int value_offset[4];
+
+  __device__ explicit WarpTileCopy(int lane_) : lane(lane_) {
+    key_offset = 16 * (lane + (F::G == 128 && ((lane >> 3) & 1) ? ((lane & 2) ? -2 : 2) : 0));
+    const int t = lane / kChunksPerRow, chunk = lane % kChunksPerRow;
+    const int lane_group = t >> ValueRows<F>::kGroupShift;
 #pragma unroll
-  for (int k = 0; k < kKeyChunks / 32; ++k)
-    cp_async_16(slot + 16 * (lane + 32 * k + key_swizzle), src + 16 * (lane + 32 * k));
-#pragma unroll
-  for (int k = 0; k < (kValueChunks + 31) / 32; ++k) {
-    const int r = lane + 32 * k;
-    if (kValueChunks % 32 == 0 || r < kValueChunks)
-      cp_async_16(slot + L.value_codes + ValueRows<F>::offset(r / kChunksPerRow, r % kChunksPerRow),
-                  src + L.value_codes + 16 * r);
+    for (int j = 0; j < 4; ++j) {
+      const int m = (lane_group + j) & 3;
+      value_offset[j] = 16 * lane + ((t ^ ValueRows<F>::row_xor(m)) - t) * ValueRows<F>::kRowBytes +
+                        (((chunk ^ ValueRows<F>::chunk_xor(m)) - chunk) << 4);
+    }
   }
-  auto copy_plain = [&](int from, int to) {  // byte range, multiples of 16
-    for (int q = from / 16 + lane; q < to / 16; q += 32) cp_async_16(slot + 16 * q, src + 16 * q);
-  };
-  copy_plain(static_cast<int>(L.key_scale), static_cast<int>(L.value_codes));
-  copy_plain(static_cast<int>(L.value_channel_scale), static_cast<int>(L.bytes));
-}
+
+  __device__ __forceinline__ void operator()(uint8_t* slot, const uint8_t* __restrict__ tile) const {
+    const uint8_t* src = tile + 16 * lane;
+#pragma unroll
+    for (int k = 0; k < kKeyChunks / 32; ++k) cp_async_16(slot + key_offset + 512 * k, src + 512 * k);
+#pragma unroll
+    for (int k = 0; k < (kValueChunks + 31) / 32; ++k)
+      if (kValueChunks % 32 == 0 || lane + 32 * k < kValueChunks)
+        cp_async_16(slot + L.value_codes + value_offset[((kRowsPerRound * k) >> ValueRows<F>::kGroupShift) & 3] +
+                        512 * k,
+                    src + L.value_codes + 512 * k);
+    copy_plain<static_cast<int>(L.key_scale), static_cast<int>(L.value_codes)>(slot, src);
+    copy_plain<static_cast<int>(L.value_channel_scale), static_cast<int>(L.bytes)>(slot, src);
+  }
+
+  template <int kFrom, int kTo>  // byte range, multiples of 16
+  __device__ __forceinline__ void copy_plain(uint8_t* slot, const uint8_t* src) const {
+#pragma unroll
+    for (int k = 0; k < (kTo - kFrom + 511) / 512; ++k)
+      if ((kTo - kFrom) % 512 == 0 || kFrom / 16 + lane + 32 * k < kTo / 16)
+        cp_async_16(slot + 16 * lane + kFrom + 512 * k, src + kFrom + 512 * k);
+  }
+};
 
 // One warp reads whole tiles: warp w of the CTA takes tiles w, w + 4, ... of its split through its own two-slot
 // cp.async ring, so that nothing but a warp barrier separates the tiles, and the per-tile and per-channel work
@@ -486,37 +508,17 @@ __device__ __forceinline__ void copy_tile_warp(uint8_t* slot, const uint8_t* __r
 // is channel 16 kb + m + 4 i; value k-step kk takes the score n-tiles 2kk, 2kk + 1 as its k-slots; column x of
 // value n-tile i is channel x NV + i.
 template <class F>
-__global__ void __launch_bounds__(kThreads, 2) decode_attention_kvarn_kernel(const DecodeParams p) {
+__device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, VB = F::VB, NT = G / 8, KBLK = D / 16, KK = G / 16, NV = D / 8;
   constexpr int kCodesPerByte = 8 / VB, kKeyRow = G / 2;
   constexpr codec::TileLayout L = F::L;
   using Shared = KvarnSharedLayout<F>;
   using Rows = ValueRows<F>;
   using Scales = TileScales<F>;
-  extern __shared__ __align__(16) uint8_t shared[];
-  float* qs = reinterpret_cast<float*>(shared + Shared::tail);
-
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
-#endif
-  const int pairs = p.num_seqs * p.num_kv_heads;
-  const bool tail = static_cast<int>(blockIdx.x) < pairs;
-  const int pair = tail ? blockIdx.x : (blockIdx.x - pairs) / p.num_splits;
-  const int split = tail ? p.num_splits : (blockIdx.x - pairs) % p.num_splits;
-  const int head = pair % p.num_kv_heads, seq_index = pair / p.num_kv_heads;
-  const SequenceKvView seq = p.seqs[seq_index];
+  float* qs = reinterpret_cast<float*>(shared + Shared::query);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
-  const int first_tile = split * p.tiles_per_split;
-  const int end_tile = min(first_tile + p.tiles_per_split, seq.num_tiles);
-  if (tail ? seq.tail_len == 0 : first_tile >= end_tile) return;
-  const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
-
-  load_rotated_queries<D>(p, partial_row, qs);
+  load_rotated_queries<D>(p, work.partial_row, qs);
   __syncthreads();
-  if (tail) {
-    attend_tail<F>(p, seq, qs, shared, head, partial_row, p.num_splits);
-    return;
-  }
   // This lane's query channels, scaled to log2 units (rows past the group are zero).
   float q[KBLK][4];
 #pragma unroll
@@ -541,19 +543,21 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kvarn_kernel(con
 
   float o[NV][2] = {};  // head g, channels (2m + e) NV + i
   float m_run = -FLT_MAX, l_run = 0;
-  const int32_t* table = p.block_tables + seq.block_table_offset;
-  const int num = end_tile - first_tile;
+  const int32_t* table = p.block_tables + work.seq.block_table_offset;
+  const int num = work.end_tile - work.first_tile;
   const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
   uint8_t* slots = shared + warp * 2 * L.bytes;
   float* a_k = reinterpret_cast<float*>(shared + Shared::ring) + warp * 2 * D;  // [16 kb + 4 m + i]
   float* z_k = a_k + D;
   auto tile_bytes = [&](int i) {
-    return p.blocks + (static_cast<size_t>(table[first_tile + warp + i * kWarps]) * p.num_kv_heads + head) * L.bytes;
+    return p.blocks +
+           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
   };
-  if (mine > 0) copy_tile_warp<F>(slots, tile_bytes(0), lane);
+  const WarpTileCopy<F> copy_tile(lane);
+  if (mine > 0) copy_tile(slots, tile_bytes(0));
   cp_async_commit();
   for (int it = 0; it < mine; ++it) {
-    if (it + 1 < mine) copy_tile_warp<F>(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1), lane);
+    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
     cp_async_commit();
     cp_async_wait<1>();
     __syncwarp();
@@ -635,7 +639,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kvarn_kernel(con
     }
     __syncwarp();
 
-    // ---- scores in log2 units: s_tok (acc_hi + acc_lo + z / 2^k') with 2^k' folded into the staged s_tok ----
+    // ---- scores in log2 units, relative to the running maximum: s_tok (acc_hi + acc_lo + z / 2^k') - m with
+    // 2^k' folded into the staged s_tok (the first tile is taken relative to 0) ----
+    const float reference = it == 0 ? 0.0f : m_run;
     float s[NT][2];
     {
       const float z_even = z_sum / kSubnormalScale, z_odd = z_sum * (16.0f / kSubnormalScale);
@@ -644,29 +650,32 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kvarn_kernel(con
         float s_tok[NT];
         load_floats(scales + Scales::s_tok + padded(NT * (2 * m4 + e)), s_tok);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) s[j][e] = s_tok[j] * ((acc[j][e] + acc[j][e + 2]) + ((j & 1) ? z_odd : z_even));
+        for (int j = 0; j < NT; ++j)
+          s[j][e] = fmaf(s_tok[j], (acc[j][e] + acc[j][e + 2]) + ((j & 1) ? z_odd : z_even), -reference);
       }
     }
 
-    // ---- online softmax over the tile ----
+    // ---- online softmax over the tile: the reference moves only for the first tile or a new maximum ----
     float tile_max = -FLT_MAX;
 #pragma unroll
     for (int j = 0; j < NT; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float m_new = fmaxf(m_run, tile_max);
-    const float correction = exp2_approx(m_run - m_new);
-    m_run = m_new;
-    l_run *= correction;
-    if (__any_sync(0xffffffffu, correction != 1.0f)) {
+    if (__any_sync(0xffffffffu, it == 0 || tile_max > 0)) {
+      const float shift = it == 0 ? tile_max : fmaxf(tile_max, 0.0f);
+      const float correction = it == 0 ? 0.0f : exp2_approx(-shift);
+      m_run = reference + shift;
+      l_run *= correction;
 #pragma unroll
       for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) s[j][0] -= shift, s[j][1] -= shift;
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[j][e] = exp2_approx(s[j][e] - m_new);
+        s[j][e] = exp2_approx(s[j][e]);
         l_run += s[j][e];
       }
 
@@ -736,7 +745,45 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kvarn_kernel(con
   }
   cp_async_wait<0>();
   __syncthreads();  // the slots become the merge buffer
-  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, partial_row, split);
+  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, work.partial_row, work.split);
+}
+
+// Shared memory of a tail CTA: attend_tail's rows and scores, then the group's rotated queries.
+template <class F>
+struct TailSharedLayout {
+  static constexpr size_t query = size_t{2} * F::G * F::D + sizeof(float) * kMaxGroup * F::G;
+  static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
+};
+
+template <class F>
+constexpr size_t shared_bytes() {
+  return std::max(TailSharedLayout<F>::bytes, SharedLayout<F>::bytes);
+}
+
+template <class F>
+__global__ void __launch_bounds__(kThreads, F::kCodes ? 2 : 1) decode_attention_kernel(const DecodeParams p) {
+  extern __shared__ __align__(16) uint8_t shared[];
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
+#endif
+  const int pairs = p.num_seqs * p.num_kv_heads;
+  if (static_cast<int>(blockIdx.x) < pairs) {
+    const int head = blockIdx.x % p.num_kv_heads, seq_index = blockIdx.x / p.num_kv_heads;
+    const SequenceKvView seq = p.seqs[seq_index];
+    if (seq.tail_len == 0) return;
+    const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
+    float* qs = reinterpret_cast<float*>(shared + TailSharedLayout<F>::query);
+    load_rotated_queries<F::D>(p, partial_row, qs);
+    __syncthreads();
+    attend_tail<F>(p, seq, qs, shared, head, partial_row, p.num_splits);
+    return;
+  }
+  const CtaWork work = cta_work(p, blockIdx.x - pairs);
+  if (work.first_tile >= work.end_tile) return;
+  if constexpr (F::kCodes)
+    attend_kvarn_tiles<F>(p, work, shared);
+  else
+    attend_fp16_tiles<F>(p, work, shared);
 }
 
 template <int D>
@@ -799,27 +846,15 @@ const DeviceTraits& device_traits() {
   return traits;
 }
 
-// The attention kernel of a tile format and its shared memory.
-template <class F>
-constexpr auto attention_kernel() {
-  if constexpr (F::kCodes) return decode_attention_kvarn_kernel<F>;
-  else return decode_attention_fp16_kernel<F>;
-}
-template <class F>
-constexpr size_t attention_shared_bytes() {
-  if constexpr (F::kCodes) return KvarnSharedLayout<F>::bytes;
-  else return Fp16SharedLayout<F>::bytes;
-}
-
 template <class F>
 int blocks_per_sm() {
   static std::once_flag once;
   static int blocks = 0;
   std::call_once(once, [] {
-    KVARN_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel<F>(), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          attention_shared_bytes<F>()));
-    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, attention_kernel<F>(), kThreads,
-                                                                   attention_shared_bytes<F>()));
+    KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          shared_bytes<F>()));
+    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
+                                                                   shared_bytes<F>()));
   });
   return std::max(blocks, 1);
 }
@@ -886,7 +921,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
     blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
-    attention_kernel<F>()<<<static_cast<unsigned>(ctas), kThreads, attention_shared_bytes<F>(), stream>>>(p);
+    decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, shared_bytes<F>(), stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());
   const int num_rows = args.num_seqs * args.num_q_heads;
