@@ -1,15 +1,19 @@
 // prefill_attention against float64 causal attention over what the cache holds plus the chunk: prefix tiles
 // decoded by codec::TileCodec::decode and the fp16 tail (storage space), the chunk's K/V and the queries rotated
 // in float64, softmax in float64, output rotated back. Chunk row i sees the whole prefix and chunk rows 0..i.
-// Budget: per sequence, ||out - ref|| / ||ref|| over its chunk rows and q heads <= kRelErrorBudgetCodes (code
-// tiles) or kRelErrorBudgetFp16. What the kernel rounds on the way: dequantized keys/values, the chunk's rotated
-// K/V, the rotated query and the softmax weights are fp16 tensor-core operands (2^-11 relative each); the output
-// is fp16. Shapes: ragged batches of chunks of 1 to 700 rows (not multiples of the 128-row query blocks or the
-// 64-token key blocks) after prefixes of 0 to 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk,
-// GQA groups of 1, 2, 3, 4, 7, 8 and 16, head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16;
-// synthetic K/V with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned
-// (NaN) before each run.
+// Criterion, per sequence over its chunk rows and q heads, the one FlashAttention's tests use: the kernel's
+// relative error ||out - ref|| / ||ref|| is at most twice that of an fp16-operand reference, plus kRelErrorFloor,
+// and the kernel is within kRelDistanceCap of that reference. The fp16-operand reference is the same float64
+// attention over the operands the kernel gives its tensor cores, rounded to fp16 as it rounds them: the rotated
+// query, the dequantized tile keys/values, the chunk's rotated K/V. Those operands are fp16 by design, so the
+// kernel is held to fp16-level accuracy, the error an fp16 attention over the same stored values has, and not to
+// a fixed number, which that error exceeds on rare seeds (see the constants below). Shapes: ragged batches of chunks
+// of 1 to 700 rows (not multiples of the 128-row query blocks or the 64-token key blocks) after prefixes of 0 to
+// 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk, GQA groups of 1, 2, 3, 4, 7, 8 and 16,
+// head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16; synthetic K/V with sinks and outlier
+// channels, and real captured K/V. Outputs and the workspace are poisoned (NaN) before each run.
 #include "backend/cuda/prefill_attention.h"
+#include "codec/hadamard.h"
 #include "cuda_test_support.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
@@ -18,6 +22,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <sstream>
 
 namespace kvarn::cuda {
 namespace {
@@ -25,15 +30,60 @@ namespace {
 using test::DeviceBuffer;
 using test::SeqSpec;
 
-// Code tiles are dequantized into fp16 operands, rounded as an fp16 cache would store the same keys: beside a
-// 100x sink key that rounding moves the sink's weight, measured up to 1.04e-2 at head_dim 64 (5e-3 at 128).
-// fp16 tiles and chunks enter exactly, the scale is applied in fp32: measured <= 2.4e-4.
-constexpr double kRelErrorBudgetCodes = 2e-2, kRelErrorBudgetFp16 = 1e-3;
+// Why no fixed budget: beside a synthetic 100x sink key, a 2^-11 relative rounding of q or k moves the sink's
+// score by a few hundredths and, when the sink's weight is neither ~0 nor ~1, the output by a few percent; a
+// 1-row chunk has no other rows to average that over. Emulated on the CPU for the 1-row chunk after 3 tiles and
+// G-1 tail tokens of MatchesFloat64ReferenceOnRaggedBatch (1000 to 10000 seeds per case), the fp16-operand
+// reference's error has a median of 2e-4 but exceeds 2e-2 on ~0.5% of seeds, up to 0.49, and the kernel's
+// arithmetic emulated in full stays within 2.7e-4 of that reference.
+// kRelErrorFloor: what the reference leaves out, the softmax weights P as fp16 operands and the fp16 output.
+// Over fp16 tiles, whose operands enter exactly (the reference's error is 0), the kernel measured <= 2.4e-4.
+// kRelDistanceCap: the kernel against the fp16-operand reference itself, so that a wrong reference (a large
+// error) cannot hide a wrong kernel; a cap on the error against float64 would fail those rare seeds.
+constexpr double kRelErrorFloor = 1e-3, kRelDistanceCap = 1e-2;
 
 struct ChunkSpec {
   SeqSpec prefix;
   int chunk;
 };
+
+// Float64 attention of query q over the first `visible` keys/values ([tokens][D], storage space), rotated back to
+// the model space for rotated dtypes.
+std::vector<double> attend(const std::vector<double>& q, const std::vector<double>& keys,
+                           const std::vector<double>& values, int visible, double scale, bool rotated) {
+  const size_t d = q.size();
+  std::vector<double> scores(visible), o(d, 0.0);
+  double mx = -INFINITY, sum = 0;
+  for (int t = 0; t < visible; ++t) {
+    double dot = 0;
+    for (size_t c = 0; c < d; ++c) dot += q[c] * keys[t * d + c];
+    scores[t] = dot * scale;
+    mx = std::max(mx, scores[t]);
+  }
+  for (int t = 0; t < visible; ++t) sum += scores[t] = std::exp(scores[t] - mx);
+  for (int t = 0; t < visible; ++t)
+    for (size_t c = 0; c < d; ++c) o[c] += scores[t] / sum * values[t * d + c];
+  if (rotated) test::hadamard_double(o.data(), static_cast<int>(d));
+  return o;
+}
+
+// x rounded to fp16 element by element: a decoded tile as the kernel dequantizes it into shared memory. Both it and
+// the codec compute s (a code + z) in fp32, and a code (an fp16 scale times a 2- or 4-bit code) is exact there, so
+// its fma and the codec's multiply-add agree.
+std::vector<double> rounded_to_half(std::vector<double> x) {
+  for (auto& e : x) e = round_to_half(static_cast<float>(e));
+  return x;
+}
+
+// A chunk row (q, K or V; fp16 values) as the kernel hands it to the tensor cores: rotated in fp32 by the codec's
+// Hadamard, which hadamard_warp reproduces bit for bit, and rounded to fp16. (Rotating in float64 instead moves
+// a rounding here and there, up to 8e-4 of the output.)
+std::vector<double> fp16_operand(std::vector<float> row, bool rotated) {
+  if (rotated) codec::hadamard_rotate(row.data(), static_cast<int>(row.size()));
+  std::vector<double> out(row.size());
+  for (size_t c = 0; c < row.size(); ++c) out[c] = round_to_half(row[c]);
+  return out;
+}
 
 // kv(s, tokens): the keys and values of sequence s (prefix then chunk), [tokens][kv_heads][D], model space.
 // q: [chunk rows of all sequences][q_heads][D], model space.
@@ -92,64 +142,70 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
   KVARN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto out = test::to_float(dout.download());
 
-  double worst = 0;
+  double worst = 0, worst_fp16_operands = 0, worst_distance = 0;
   for (int s = 0; s < num_seqs; ++s) {
     if (specs[s].chunk == 0) continue;
     const int prefix = specs[s].prefix.tiles * g + specs[s].prefix.tail;
-    // Keys and values the rows may see, storage space, per kv-head: the cached prefix, then the chunk.
-    std::vector<std::vector<double>> keys(kv_heads), values(kv_heads);
+    // Keys and values the rows may see, storage space, per kv-head: the cached prefix, then the chunk; keys16 and
+    // values16 are the kernel's fp16 operands of the same.
+    const bool rotated = cache.dtype.rotated();
+    std::vector<std::vector<double>> keys(kv_heads), values(kv_heads), keys16(kv_heads), values16(kv_heads);
     for (int h = 0; h < kv_heads; ++h) {
       keys[h] = cache.stored_k[s][h];
       values[h] = cache.stored_v[s][h];
+      keys16[h] = rounded_to_half(keys[h]);  // the tail is fp16 already
+      values16[h] = rounded_to_half(values[h]);
       for (int t = 0; t < specs[s].chunk; ++t)
         for (int which = 0; which < 2; ++which) {
-          const auto& src = which == 0 ? full[s].first : full[s].second;
-          std::vector<double> row(d);
-          for (int c = 0; c < d; ++c) row[c] = src[(static_cast<size_t>(prefix + t) * kv_heads + h) * d + c];
-          if (cache.dtype.rotated()) test::hadamard_double(row.data(), d);
-          (which == 0 ? keys : values)[h].insert((which == 0 ? keys : values)[h].end(), row.begin(), row.end());
+          const auto first = (which == 0 ? full[s].first : full[s].second).begin() +
+                             (static_cast<size_t>(prefix + t) * kv_heads + h) * d;
+          std::vector<double> row(first, first + d);
+          if (rotated) test::hadamard_double(row.data(), d);
+          const auto row16 = fp16_operand(std::vector<float>(first, first + d), rotated);
+          auto& to = which == 0 ? keys[h] : values[h];
+          auto& to16 = which == 0 ? keys16[h] : values16[h];
+          to.insert(to.end(), row.begin(), row.end());
+          to16.insert(to16.end(), row16.begin(), row16.end());
         }
     }
-    double err2 = 0, ref2 = 0;
-    std::vector<double> qr(d), o(d), scores;
+    double err2 = 0, err16_2 = 0, dist2 = 0, ref2 = 0;
     for (int i = 0; i < specs[s].chunk; ++i) {
       const int visible = prefix + i + 1;
       for (int h = 0; h < q_heads; ++h) {
         const size_t at = (static_cast<size_t>(seqs[s].chunk_begin + i) * q_heads + h) * d;
-        const auto& kh = keys[h / group];
-        const auto& vh = values[h / group];
-        for (int c = 0; c < d; ++c) qr[c] = round_to_half(q_model[at + c]);
-        if (cache.dtype.rotated()) test::hadamard_double(qr.data(), d);
-        scores.assign(visible, 0.0);
-        double mx = -INFINITY, sum = 0;
-        for (int t = 0; t < visible; ++t) {
-          double dot = 0;
-          for (int c = 0; c < d; ++c) dot += qr[c] * kh[static_cast<size_t>(t) * d + c];
-          scores[t] = dot * scale;
-          mx = std::max(mx, scores[t]);
-        }
-        for (int t = 0; t < visible; ++t) sum += scores[t] = std::exp(scores[t] - mx);
-        std::fill(o.begin(), o.end(), 0.0);
-        for (int t = 0; t < visible; ++t)
-          for (int c = 0; c < d; ++c) o[c] += scores[t] / sum * vh[static_cast<size_t>(t) * d + c];
-        if (cache.dtype.rotated()) test::hadamard_double(o.data(), d);
+        std::vector<float> q(d);  // as uploaded
+        for (int c = 0; c < d; ++c) q[c] = round_to_half(q_model[at + c]);
+        std::vector<double> qr(q.begin(), q.end());
+        if (rotated) test::hadamard_double(qr.data(), d);
+        const auto o = attend(qr, keys[h / group], values[h / group], visible, scale, rotated);
+        const auto o16 = attend(fp16_operand(q, rotated), keys16[h / group], values16[h / group], visible, scale,
+                                rotated);
         for (int c = 0; c < d; ++c) {
           const double got = out[at + c];
           ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " row " << i << " head " << h << " channel " << c
                                           << " not written";
           err2 += (got - o[c]) * (got - o[c]);
+          err16_2 += (o16[c] - o[c]) * (o16[c] - o[c]);
+          dist2 += (got - o16[c]) * (got - o16[c]);
           ref2 += o[c] * o[c];
         }
       }
     }
-    const double rel = std::sqrt(err2 / ref2);
+    const double rel = std::sqrt(err2 / ref2), rel16 = std::sqrt(err16_2 / ref2), dist = std::sqrt(dist2 / ref2);
     worst = std::max(worst, rel);
-    EXPECT_LE(rel, cache.dtype.code_tile() ? kRelErrorBudgetCodes : kRelErrorBudgetFp16)
-        << dtype_name << " seq " << s << " (" << specs[s].prefix.tiles << " tiles, tail " << specs[s].prefix.tail
-        << ", chunk " << specs[s].chunk << "), seed " << seed;
+    worst_fp16_operands = std::max(worst_fp16_operands, rel16);
+    worst_distance = std::max(worst_distance, dist);
+    std::ostringstream where;
+    where << dtype_name << " seq " << s << " (" << specs[s].prefix.tiles << " tiles, tail " << specs[s].prefix.tail
+          << ", chunk " << specs[s].chunk << "), seed " << seed << ": fp16-operand reference error " << rel16
+          << ", kernel to fp16-operand reference " << dist;
+    EXPECT_LE(rel, 2 * rel16 + kRelErrorFloor) << where.str();
+    EXPECT_LE(dist, kRelDistanceCap) << where.str();
   }
-  std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e over %d sequences (%d rows)\n", dtype_name.c_str(), d,
-              q_heads, kv_heads, worst, num_seqs, num_rows);
+  std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e (fp16-operand reference %.2e, kernel to it %.2e) "
+              "over %d sequences (%d rows)\n",
+              dtype_name.c_str(), d, q_heads, kv_heads, worst, worst_fp16_operands, worst_distance, num_seqs,
+              num_rows);
 }
 
 std::vector<float> random_queries(const std::vector<ChunkSpec>& specs, int q_heads, int d, std::mt19937& rng,
