@@ -441,19 +441,20 @@ struct TileScales {
 };
 
 // Value-code rows (token-major, D*VB/8 bytes each) are placed permuted: the lanes m = 0..3 of a fragment column
-// read tokens 2*NT*m + u, rows a multiple of 32 apart that would share their banks. Row t moves to t ^ x and, in
-// 64-byte rows, its 16-byte chunk c to c ^ (m & 2), where m = t / (2 NT) and x = m (rows <= 32 bytes) or m & 1.
+// read tokens 32 s + 8 m + u, rows a multiple of 8 apart that would share their banks. Row t moves to t ^ x and, in
+// 64-byte rows, its 16-byte chunk c to c ^ (m & 2), where m = (t / 8) % 4 and x = m (rows <= 32 bytes) or m & 1.
 template <class F>
 struct ValueRows {
-  static constexpr int kRowBytes = F::D * F::VB / 8, kGroupShift = F::G == 128 ? 5 : 4;  // 2 NT = G / 4 tokens
+  static constexpr int kRowBytes = F::D * F::VB / 8, kGroupShift = 3;
   static constexpr int kColBytes = kRowBytes / 8;  // a fragment column's D/8 channels
   __device__ static int row_xor(int m) { return kRowBytes == 64 ? (m & 1) : (m & 3); }
   __device__ static int chunk_xor(int m) { return kRowBytes == 64 ? (m & 2) : 0; }
 };
 
 // One lane's share of copying a tile into a slot (chunks lane, lane + 32, ... of each region), with its shared-
-// memory offsets computed once: key codes with the chunk swizzle the key reads expect (G = 128: rows of 4 chunks
-// swap chunk pairs when bit 1 of the row is set), value codes in ValueRows order, scales as they are.
+// memory offsets computed once: key codes with their 16-byte chunks XOR-swizzled so that the 8 channel rows of an
+// ldmatrix read hit distinct banks (chunk c of row r goes to c ^ (r / (rows per 128 bytes)) mod (chunks per row)),
+// value codes in ValueRows order, scales as they are.
 template <class F>
 struct WarpTileCopy {
   static constexpr codec::TileLayout L = F::L;
@@ -465,7 +466,9 @@ struct WarpTileCopy {
   int value_offset[4];
 
   __device__ explicit WarpTileCopy(int lane_) : lane(lane_) {
-    key_offset = 16 * (lane + (F::G == 128 && ((lane >> 3) & 1) ? ((lane & 2) ? -2 : 2) : 0));
+    constexpr int kKeyRowChunks = F::G / 32;  // rows = lane / kKeyRowChunks + const: (row / (8 / kKeyRowChunks))
+    const int chunk_k = lane % kKeyRowChunks;  // mod kKeyRowChunks = (lane / 8) mod kKeyRowChunks
+    key_offset = 16 * (lane - chunk_k + (chunk_k ^ ((lane >> 3) & (kKeyRowChunks - 1))));
     const int t = lane / kChunksPerRow, chunk = lane % kChunksPerRow;
     const int lane_group = t >> ValueRows<F>::kGroupShift;
 #pragma unroll
@@ -503,10 +506,11 @@ struct WarpTileCopy {
 // cp.async ring, so that nothing but a warp barrier separates the tiles, and the per-tile and per-channel work
 // (folding a_K into the query, the scales, the values' epilogue) is paid once per 128 tokens.
 // Lane (g, m) = (lane / 4, lane % 4) owns q head g (rows g: fp16 high part, g + 8: low part) and fragment
-// columns 2m, 2m + 1 of every n-tile. Tokens: column x of score n-tile j is token NT x + j (the j-th code of the
-// NT in the column's run of each key-code row); channels: k-slot i of k-block kb (0..3 <-> 2m, 2m+1, 2m+8, 2m+9)
-// is channel 16 kb + m + 4 i; value k-step kk takes the score n-tiles 2kk, 2kk + 1 as its k-slots; column x of
-// value n-tile i is channel x NV + i.
+// columns 2m, 2m + 1 of every n-tile. Keys: k-slot i of k-block kb is channel 16 kb + i; column x of score n-tile
+// j = 4 s + q is token 32 s + 4 x + q. ldmatrix.trans of 8 channel rows x 16 bytes (32 tokens) gives a lane the
+// 16-bit groups x = g of channels 2m and 2m + 1 in the two halves of a register: the 4 codes of tokens 32 s + 4 g
+// + q, q = 0..3, at bits 4q, a B operand after one mask (q = 0, 1) or a shift and a mask (q = 2, 3). Values: k-step
+// kk takes the score n-tiles 2kk, 2kk + 1 as its k-slots; column x of value n-tile i is channel x NV + i.
 template <class F>
 __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, VB = F::VB, NT = G / 8, KBLK = D / 16, KK = G / 16, NV = D / 8;
@@ -524,20 +528,24 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
 #pragma unroll
   for (int kb = 0; kb < KBLK; ++kb)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) q[kb][i] = qs[g * D + 16 * kb + m4 + 4 * i] * p.scale_log2;
+    for (int i = 0; i < 4; ++i) q[kb][i] = qs[g * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
   __syncthreads();  // the queries' space becomes the slots
 
-  // Lane-constant parts of the shared-memory addresses. Key codes: row 16 kb + m + 4 i, the column's NT codes
-  // (G = 128: 8 bytes, chunk col/2 swizzled by the row's bit 1 = m's bit 1; G = 64: 4 bytes).
-  const int key_base = m4 * kKeyRow + (G == 128 ? 16 * ((g / 2) ^ (m4 & 2)) + 8 * (g & 1) : 4 * g);
-  // Value codes of token NT (2m + e) + 4 w + u for u = 0..3: value_base[e][u] + 4 w * row bytes.
+  // Lane-constant parts of the shared-memory addresses. Key codes: this lane's ldmatrix row, r = lane % 8 of
+  // matrix lane / 8 = (channel half h, 32-token span s): G = 128, one ldmatrix per h, s = matrix; G = 64, one
+  // ldmatrix, (h, s) = (matrix / 2, matrix % 2).
+  constexpr int kKeyRowChunks = G / 32;
+  const int key_r = lane % 8, key_h = G == 128 ? 0 : lane / 16, key_s = G == 128 ? lane / 8 : (lane / 8) % 2;
+  const int key_base = (8 * key_h + key_r) * kKeyRow +
+                       16 * (key_s ^ ((key_r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
+  // Value codes of token 32 s + 8 m + 4 e + u for u = 0..3: value_base[e][u] + 32 s * row bytes.
   int value_base[2][4];
 #pragma unroll
   for (int e = 0; e < 2; ++e)
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int col_bytes = g * Rows::kColBytes;
-      value_base[e][u] = (NT * (2 * m4 + e) + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
+      value_base[e][u] = (8 * m4 + 4 * e + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
                          (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
     }
 
@@ -563,16 +571,15 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     __syncwarp();
     const uint8_t* tile = slots + (it & 1) * L.bytes;
 
-    // ---- a_K, z_K as fp32 in k-slot order: lane l writes slots 4l .. 4l + 3 (k-block l/4, m = l % 4) ----
+    // ---- a_K, z_K as fp32 in fragment order: lane l writes, for k-block l/4 and m = l % 4, its channels
+    // 2m, 2m + 1, 2m + 8, 2m + 9 ----
     if (lane < D / 4) {
-      const __half* ak = reinterpret_cast<const __half*>(tile + L.key_scale);
-      const __half* zk = reinterpret_cast<const __half*>(tile + L.key_zero);
-      const int c0 = 16 * (lane / 4) + lane % 4;
-      float4 av, zv;
-      av.x = __half2float(ak[c0]), av.y = __half2float(ak[c0 + 4]);
-      av.z = __half2float(ak[c0 + 8]), av.w = __half2float(ak[c0 + 12]);
-      zv.x = __half2float(zk[c0]), zv.y = __half2float(zk[c0 + 4]);
-      zv.z = __half2float(zk[c0 + 8]), zv.w = __half2float(zk[c0 + 12]);
+      const __half2* ak = reinterpret_cast<const __half2*>(tile + L.key_scale);
+      const __half2* zk = reinterpret_cast<const __half2*>(tile + L.key_zero);
+      const int c2 = 8 * (lane / 4) + lane % 4;  // half2 index of channel 16 kb + 2m
+      const float2 a0 = __half22float2(ak[c2]), a1 = __half22float2(ak[c2 + 4]);
+      const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
+      const float4 av = make_float4(a0.x, a0.y, a1.x, a1.y), zv = make_float4(z0.x, z0.y, z1.x, z1.y);
       reinterpret_cast<float4*>(a_k)[lane] = av;
       reinterpret_cast<float4*>(z_k)[lane] = zv;
     }
@@ -589,24 +596,22 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
       uint32_t a[4];
       split_half2(q[kb][0] * av.x, q[kb][1] * av.y, a[0], a[1]);
       split_half2(q[kb][2] * av.z, q[kb][3] * av.w, a[2], a[3]);
-      uint32_t w[4][NT / 8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint8_t* src = tile + key_base + (16 * kb + 4 * i) * kKeyRow;
-        if constexpr (NT == 16) {
-          const uint2 x = *reinterpret_cast<const uint2*>(src);
-          w[i][0] = x.x, w[i][1] = x.y;
-        } else {
-          w[i][0] = *reinterpret_cast<const uint32_t*>(src);
-        }
+      uint32_t w[2][G / 32];  // [channel half][token span]
+      if constexpr (G == 128) {
+        ldmatrix_x4_trans(w[0], tile + key_base + 16 * kb * kKeyRow);
+        ldmatrix_x4_trans(w[1], tile + key_base + (16 * kb + 8) * kKeyRow);
+      } else {
+        uint32_t x[4];
+        ldmatrix_x4_trans(x, tile + key_base + 16 * kb * kKeyRow);
+        w[0][0] = x[0], w[0][1] = x[1], w[1][0] = x[2], w[1][1] = x[3];
       }
 #pragma unroll
-      for (int jp = 0; jp < NT / 2; ++jp) {
-        const uint32_t sel = pair_selector(jp % 4);
-        const uint32_t x01 = __byte_perm(w[0][jp / 4], w[1][jp / 4], sel);
-        const uint32_t x23 = __byte_perm(w[2][jp / 4], w[3][jp / 4], sel);
-        mma_m16n8k16_rows16(acc[2 * jp], a, x01 & 0x000f000fu, x23 & 0x000f000fu);
-        mma_m16n8k16_rows16(acc[2 * jp + 1], a, x01 & 0x00f000f0u, x23 & 0x00f000f0u);
+      for (int span = 0; span < G / 32; ++span) {
+        const uint32_t x0 = w[0][span], x1 = w[1][span], y0 = x0 >> 8, y1 = x1 >> 8;
+        mma_m16n8k16_rows16(acc[4 * span], a, x0 & 0x000f000fu, x1 & 0x000f000fu);
+        mma_m16n8k16_rows16(acc[4 * span + 1], a, x0 & 0x00f000f0u, x1 & 0x00f000f0u);
+        mma_m16n8k16_rows16(acc[4 * span + 2], a, y0 & 0x000f000fu, y1 & 0x000f000fu);
+        mma_m16n8k16_rows16(acc[4 * span + 3], a, y0 & 0x00f000f0u, y1 & 0x00f000f0u);
       }
     }
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
@@ -646,13 +651,17 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     {
       const float z_even = z_sum / kSubnormalScale, z_odd = z_sum * (16.0f / kSubnormalScale);
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float s_tok[NT];
-        load_floats(scales + Scales::s_tok + padded(NT * (2 * m4 + e)), s_tok);
+      for (int span = 0; span < G / 32; ++span)
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
-          s[j][e] = fmaf(s_tok[j], (acc[j][e] + acc[j][e + 2]) + ((j & 1) ? z_odd : z_even), -reference);
-      }
+        for (int e = 0; e < 2; ++e) {
+          float s_tok[4];  // tokens 32 span + 8 m + 4 e + q
+          load_floats(scales + Scales::s_tok + padded(32 * span + 8 * m4 + 4 * e), s_tok);
+#pragma unroll
+          for (int q2 = 0; q2 < 4; ++q2) {
+            const int j = 4 * span + q2;
+            s[j][e] = fmaf(s_tok[q2], (acc[j][e] + acc[j][e + 2]) + ((q2 & 1) ? z_odd : z_even), -reference);
+          }
+        }
     }
 
     // ---- online softmax over the tile: the reference moves only for the first tile or a new maximum ----
@@ -687,7 +696,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
       float pa[2][2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int t = padded(NT * (2 * m4 + e) + 2 * kk);
+        const int t = padded(32 * (kk / 2) + 8 * m4 + 4 * e + 2 * (kk % 2));
         const float2 av = *reinterpret_cast<const float2*>(scales + Scales::a_v + t);
         const float2 zv = *reinterpret_cast<const float2*>(scales + Scales::z_v + t);
         pa[0][e] = s[2 * kk][e] * av.x;
@@ -697,15 +706,15 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
       uint32_t a[4];
       split_half2(pa[0][0], pa[0][1], a[0], a[1]);
       split_half2(pa[1][0], pa[1][1], a[2], a[3]);
-      // Code words of tokens NT (2m + e) + 2 kk + jj, this column's bytes.
+      // Code words of tokens 32 (kk / 2) + 8 m + 4 e + 2 (kk % 2) + jj, this column's bytes.
       constexpr int kWords = (Rows::kColBytes + 3) / 4;
       uint32_t v[2][2][kWords];
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int u = 2 * kk + jj;
-          const uint8_t* src = tile + L.value_codes + value_base[e][u % 4] + (u / 4) * 4 * Rows::kRowBytes;
+          const uint8_t* src =
+              tile + L.value_codes + value_base[e][2 * (kk % 2) + jj] + (kk / 2) * 32 * Rows::kRowBytes;
           if constexpr (Rows::kColBytes == 2) {
             v[jj][e][0] = *reinterpret_cast<const uint16_t*>(src);
           } else if constexpr (Rows::kColBytes == 4) {
