@@ -222,32 +222,23 @@ __device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, 
   }
 }
 
-// Merges the 4 warps' softmax states (lane (g, m): head g, channels (2m + e) NV + i in o[i][e]; l over the
-// lane's own tokens) through shared memory and writes the CTA's partial. Every warp of the CTA calls it.
+// The merge buffer in shared memory, [warp][head][D + 2]: each warp's o[D], m, l for the heads of the group.
 template <int D>
-__device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* shared, const float (&o)[D / 8][2],
-                                              float m_run, float l_run, size_t partial_row, int split) {
-  constexpr int NV = D / 8;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-  float* merge = reinterpret_cast<float*>(shared);  // [warp][group][D + 2]
-  if (g < p.group) {
-    float* dst = merge + (warp * kMaxGroup + g) * (D + 2);
-#pragma unroll
-    for (int i = 0; i < NV; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) dst[(2 * m4 + e) * NV + i] = o[i][e];
-    if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < p.group * D; idx += kThreads) {
+__device__ __forceinline__ float* warp_state(uint8_t* shared, int warp, int head) {
+  return reinterpret_cast<float*>(shared) + (warp * kMaxGroup + head) * (D + 2);
+}
+
+// After every warp has written its state (and a barrier): merges the 4 states and writes the CTA's partial.
+template <int D>
+__device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row,
+                                               int split) {
+  for (int idx = threadIdx.x; idx < p.group * D; idx += kThreads) {
     const int h = idx / D, c = idx % D;
     float mx = -FLT_MAX;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, merge[(w * kMaxGroup + h) * (D + 2) + D]);
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
     float l = 0, acc = 0;
     for (int w = 0; w < kWarps; ++w) {
-      const float* src = merge + (w * kMaxGroup + h) * (D + 2);
+      const float* src = warp_state<D>(shared, w, h);
       const float f = exp2f(src[D] - mx);
       l += src[D + 1] * f;
       acc += src[c] * f;
@@ -256,6 +247,27 @@ __device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* sh
     p.partial_o[slot * D + c] = acc;
     if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
   }
+}
+
+// Merges the 4 warps' softmax states (lane (g, m): head g, channels (2m + e) NV + i in o[i][e]; l over the
+// lane's own tokens) through shared memory and writes the CTA's partial. Every warp of the CTA calls it.
+template <int D>
+__device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* shared, const float (&o)[D / 8][2],
+                                              float m_run, float l_run, size_t partial_row, int split) {
+  constexpr int NV = D / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, m4 = lane % 4;
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  if (g < p.group) {
+    float* dst = warp_state<D>(shared, warp, g);
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) dst[(2 * m4 + e) * NV + i] = o[i][e];
+    if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
+  }
+  __syncthreads();
+  write_partial_from_warp_states<D>(p, shared, partial_row, split);
 }
 
 // ---- fp16 tiles: the 4 warps share each tile ----
@@ -502,6 +514,71 @@ struct WarpTileCopy {
   }
 };
 
+// a_K, z_K of a tile as fp32 in fragment order: lane l writes, for k-block l / 4 and m = l % 4, its channels
+// 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9 (k-slots 2m, 2m + 1, 2m + 8, 2m + 9).
+template <class F>
+__device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* a_k, float* z_k, int lane) {
+  if (lane < F::D / 4) {
+    const __half2* ak = reinterpret_cast<const __half2*>(tile + F::L.key_scale);
+    const __half2* zk = reinterpret_cast<const __half2*>(tile + F::L.key_zero);
+    const int c2 = 8 * (lane / 4) + lane % 4;  // half2 index of channel 16 kb + 2m
+    const float2 a0 = __half22float2(ak[c2]), a1 = __half22float2(ak[c2 + 4]);
+    const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
+    reinterpret_cast<float4*>(a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
+    reinterpret_cast<float4*>(z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
+  }
+}
+
+// The key codes of k-block kb through ldmatrix.trans (row address: this lane's key_base in the tile): w[h][s]
+// holds channels 16 kb + 8h + 2m, + 1 (register halves) of tokens 32 s + 4 g .. + 3 (4 bits each).
+template <class F>
+__device__ __forceinline__ void load_key_codes(const uint8_t* row, int kb, uint32_t (&w)[2][F::G / 32]) {
+  constexpr int kKeyRow = F::G / 2;
+  if constexpr (F::G == 128) {
+    ldmatrix_x4_trans(w[0], row + 16 * kb * kKeyRow);
+    ldmatrix_x4_trans(w[1], row + (16 * kb + 8) * kKeyRow);
+  } else {
+    uint32_t x[4];
+    ldmatrix_x4_trans(x, row + 16 * kb * kKeyRow);
+    w[0][0] = x[0], w[0][1] = x[1], w[1][0] = x[2], w[1][1] = x[3];
+  }
+}
+
+// This lane's ldmatrix row address in a tile's key codes (row lane % 8 of matrix lane / 8 = (channel half h,
+// 32-token span s); G = 128: one ldmatrix per h, s = matrix; G = 64: one ldmatrix, (h, s) = (matrix / 2, % 2)).
+template <class F>
+__device__ __forceinline__ int key_row_offset(int lane) {
+  constexpr int kKeyRowChunks = F::G / 32;
+  const int r = lane % 8, h = F::G == 128 ? 0 : lane / 16, s = F::G == 128 ? lane / 8 : (lane / 8) % 2;
+  return (8 * h + r) * (F::G / 2) + 16 * (s ^ ((r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
+}
+
+// The tile's per-token and per-channel scales as fp32 (TileScales) over its key codes, once those are read.
+template <class F>
+__device__ __forceinline__ void stage_token_and_channel_scales(const uint8_t* tile, float* scales, int lane) {
+  constexpr int kCodesPerByte = 8 / F::VB;
+  auto stage = [&](size_t from, int to, int n, float even, float odd, bool by_channel) {
+    if (4 * lane < n) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(tile + from + 8 * lane);
+      const __half* h = reinterpret_cast<const __half*>(&raw);
+      float4 f;
+      float* x = &f.x;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int idx = 4 * lane + j;
+        const float factor = by_channel ? static_cast<float>(1 << (24 - (idx % kCodesPerByte) * F::VB))
+                                        : ((idx & 1) ? odd : even);
+        x[j] = __half2float(h[j]) * factor;
+      }
+      *reinterpret_cast<float4*>(scales + to + padded(4 * lane)) = f;
+    }
+  };
+  stage(F::L.key_token_scale, TileScales<F>::s_tok, F::G, kSubnormalScale, kSubnormalScale / 16, false);
+  stage(F::L.value_scale, TileScales<F>::a_v, F::G, 1.0f, 1.0f, false);
+  stage(F::L.value_zero, TileScales<F>::z_v, F::G, 1.0f, 1.0f, false);
+  stage(F::L.value_channel_scale, TileScales<F>::s_ch, F::D, 0, 0, true);
+}
+
 // One warp reads whole tiles: warp w of the CTA takes tiles w, w + 4, ... of its split through its own two-slot
 // cp.async ring, so that nothing but a warp barrier separates the tiles, and the per-tile and per-channel work
 // (folding a_K into the query, the scales, the values' epilogue) is paid once per 128 tokens.
@@ -514,7 +591,7 @@ struct WarpTileCopy {
 template <class F>
 __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, VB = F::VB, NT = G / 8, KBLK = D / 16, KK = G / 16, NV = D / 8;
-  constexpr int kCodesPerByte = 8 / VB, kKeyRow = G / 2;
+  constexpr int kCodesPerByte = 8 / VB;
   constexpr codec::TileLayout L = F::L;
   using Shared = KvarnSharedLayout<F>;
   using Rows = ValueRows<F>;
@@ -531,13 +608,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     for (int i = 0; i < 4; ++i) q[kb][i] = qs[g * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
   __syncthreads();  // the queries' space becomes the slots
 
-  // Lane-constant parts of the shared-memory addresses. Key codes: this lane's ldmatrix row, r = lane % 8 of
-  // matrix lane / 8 = (channel half h, 32-token span s): G = 128, one ldmatrix per h, s = matrix; G = 64, one
-  // ldmatrix, (h, s) = (matrix / 2, matrix % 2).
-  constexpr int kKeyRowChunks = G / 32;
-  const int key_r = lane % 8, key_h = G == 128 ? 0 : lane / 16, key_s = G == 128 ? lane / 8 : (lane / 8) % 2;
-  const int key_base = (8 * key_h + key_r) * kKeyRow +
-                       16 * (key_s ^ ((key_r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
+  const int key_base = key_row_offset<F>(lane);
   // Value codes of token 32 s + 8 m + 4 e + u for u = 0..3: value_base[e][u] + 32 s * row bytes.
   int value_base[2][4];
 #pragma unroll
@@ -571,18 +642,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     __syncwarp();
     const uint8_t* tile = slots + (it & 1) * L.bytes;
 
-    // ---- a_K, z_K as fp32 in fragment order: lane l writes, for k-block l/4 and m = l % 4, its channels
-    // 2m, 2m + 1, 2m + 8, 2m + 9 ----
-    if (lane < D / 4) {
-      const __half2* ak = reinterpret_cast<const __half2*>(tile + L.key_scale);
-      const __half2* zk = reinterpret_cast<const __half2*>(tile + L.key_zero);
-      const int c2 = 8 * (lane / 4) + lane % 4;  // half2 index of channel 16 kb + 2m
-      const float2 a0 = __half22float2(ak[c2]), a1 = __half22float2(ak[c2 + 4]);
-      const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
-      const float4 av = make_float4(a0.x, a0.y, a1.x, a1.y), zv = make_float4(z0.x, z0.y, z1.x, z1.y);
-      reinterpret_cast<float4*>(a_k)[lane] = av;
-      reinterpret_cast<float4*>(z_k)[lane] = zv;
-    }
+    stage_key_scales<F>(tile, a_k, z_k, lane);
     __syncwarp();
 
     // ---- scores: A = q' a_K (hi / lo), B = key codes as fp16 subnormals code * 2^k * 2^-24 ----
@@ -597,14 +657,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
       split_half2(q[kb][0] * av.x, q[kb][1] * av.y, a[0], a[1]);
       split_half2(q[kb][2] * av.z, q[kb][3] * av.w, a[2], a[3]);
       uint32_t w[2][G / 32];  // [channel half][token span]
-      if constexpr (G == 128) {
-        ldmatrix_x4_trans(w[0], tile + key_base + 16 * kb * kKeyRow);
-        ldmatrix_x4_trans(w[1], tile + key_base + (16 * kb + 8) * kKeyRow);
-      } else {
-        uint32_t x[4];
-        ldmatrix_x4_trans(x, tile + key_base + 16 * kb * kKeyRow);
-        w[0][0] = x[0], w[0][1] = x[1], w[1][0] = x[2], w[1][1] = x[3];
-      }
+      load_key_codes<F>(tile + key_base, kb, w);
 #pragma unroll
       for (int span = 0; span < G / 32; ++span) {
         const uint32_t x0 = w[0][span], x1 = w[1][span], y0 = x0 >> 8, y1 = x1 >> 8;
@@ -617,31 +670,9 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
 
-    // ---- the tile's token and channel scales as fp32 over its key codes, now read ----
-    __syncwarp();
+    __syncwarp();  // the key codes are read: the scales replace them
     float* scales = reinterpret_cast<float*>(const_cast<uint8_t*>(tile));
-    {
-      auto stage = [&](size_t from, int to, int n, float even, float odd, bool by_channel) {
-        if (4 * lane < n) {
-          const uint2 raw = *reinterpret_cast<const uint2*>(tile + from + 8 * lane);
-          const __half* h = reinterpret_cast<const __half*>(&raw);
-          float4 f;
-          float* x = &f.x;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int idx = 4 * lane + j;
-            const float factor = by_channel ? static_cast<float>(1 << (24 - (idx % kCodesPerByte) * VB))
-                                            : ((idx & 1) ? odd : even);
-            x[j] = __half2float(h[j]) * factor;
-          }
-          *reinterpret_cast<float4*>(scales + to + padded(4 * lane)) = f;
-        }
-      };
-      stage(L.key_token_scale, Scales::s_tok, G, kSubnormalScale, kSubnormalScale / 16, false);
-      stage(L.value_scale, Scales::a_v, G, 1.0f, 1.0f, false);
-      stage(L.value_zero, Scales::z_v, G, 1.0f, 1.0f, false);
-      stage(L.value_channel_scale, Scales::s_ch, D, 0, 0, true);
-    }
+    stage_token_and_channel_scales<F>(tile, scales, lane);
     __syncwarp();
 
     // ---- scores in log2 units, relative to the running maximum: s_tok (acc_hi + acc_lo + z / 2^k') - m with
@@ -757,6 +788,244 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
   merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, work.partial_row, work.split);
 }
 
+// KVarN tiles for groups of at most 4 q heads (Llama's 32 / 8): the same reading of whole tiles per warp with the
+// products transposed, tokens (scores) or channels (values) as the mma's 16 rows and the group's heads x (hi, lo)
+// as its 8 columns, so that no mma row and no lane works for a head that does not exist (with the heads as rows,
+// half of both would). Lane (g, m) = (lane / 4, lane % 4): B column g = head g / 2, part g % 2 (hi, lo); C columns
+// 2m, 2m + 1 = head m, hi and lo, so a lane's results are head m's and a score is c0 + c1.
+// Scores S^T = K q': k-slot i of k-block kb is channel 16 kb + i (as in attend_kvarn_tiles); m-tile (span pair sp,
+// q): row r < 8 is token 64 sp + 4 r + q, row r + 8 is token 64 sp + 32 + 4 r + q; the A operand is the codes read
+// with ldmatrix.trans. Values O^T = V^T P^T: k-step = score m-tile (its 16 tokens as k-slots), P^T moved from the
+// scores' C layout into the B layout by movmatrix (an 8 x 8 transpose, hi and lo as the column pair); rows g and
+// g + 8 of value m-tile (j, q') are channels g NV + (2j) kCPB + q' and g NV + (2j + 1) kCPB + q' (fragment column g
+// of the value rows, bytes 2j and 2j + 1, code q' of each).
+template <class F>
+__device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams& p, const CtaWork& work,
+                                                             uint8_t* shared) {
+  constexpr int D = F::D, G = F::G, VB = F::VB, KBLK = D / 16, NV = D / 8;
+  constexpr int kSpanPairs = G / 64, kMTiles = 4 * kSpanPairs;  // score m-tiles = value k-steps
+  constexpr int kCodesPerByte = 8 / VB, kColBytes = ValueRows<F>::kColBytes;
+  constexpr int kVTiles = NV / 2;  // value m-tiles
+  constexpr codec::TileLayout L = F::L;
+  using Shared = KvarnSharedLayout<F>;
+  using Rows = ValueRows<F>;
+  using Scales = TileScales<F>;
+  float* qs = reinterpret_cast<float*>(shared + Shared::query);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
+  load_rotated_queries<D>(p, work.partial_row, qs);
+  __syncthreads();
+  // Head g / 2's query at this lane's channels 16 kb + 2m + {0, 1, 8, 9}, scaled to log2 units.
+  float q[KBLK][4];
+#pragma unroll
+  for (int kb = 0; kb < KBLK; ++kb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      q[kb][i] = qs[(g / 2) * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
+  __syncthreads();  // the queries' space becomes the slots
+
+  const int key_base = key_row_offset<F>(lane);
+  // Value codes of token 32 s + 8 m + 4 e + u (u = 0..3), fragment column g: value_base[e][u] + 32 s * row bytes.
+  int value_base[2][4];
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int col_bytes = g * kColBytes;
+      value_base[e][u] = (8 * m4 + 4 * e + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
+                         (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
+    }
+
+  float o[NV] = {};  // head m, channels g NV + c
+  float m_run = -FLT_MAX, l_run = 0;
+  const int32_t* table = p.block_tables + work.seq.block_table_offset;
+  const int num = work.end_tile - work.first_tile;
+  const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
+  uint8_t* slots = shared + warp * 2 * L.bytes;
+  float* a_k = reinterpret_cast<float*>(shared + Shared::ring) + warp * 2 * D;
+  float* z_k = a_k + D;
+  auto tile_bytes = [&](int i) {
+    return p.blocks +
+           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
+  };
+  const WarpTileCopy<F> copy_tile(lane);
+  if (mine > 0) copy_tile(slots, tile_bytes(0));
+  cp_async_commit();
+  for (int it = 0; it < mine; ++it) {
+    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const uint8_t* tile = slots + (it & 1) * L.bytes;
+    stage_key_scales<F>(tile, a_k, z_k, lane);
+    __syncwarp();
+
+    // ---- scores: A = key codes (fp16 subnormals), B = q' a_K, this lane's column's part (hi or lo) ----
+    float acc[kMTiles][4] = {};
+    float z_sum = 0;  // sum_c q'_c z_K[c] of head g / 2 over this lane's channels
+#pragma unroll
+    for (int kb = 0; kb < KBLK; ++kb) {
+      const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
+      const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
+      z_sum += q[kb][0] * zv.x + q[kb][1] * zv.y + q[kb][2] * zv.z + q[kb][3] * zv.w;
+      uint32_t hi01, lo01, hi23, lo23;
+      split_half2(q[kb][0] * av.x, q[kb][1] * av.y, hi01, lo01);
+      split_half2(q[kb][2] * av.z, q[kb][3] * av.w, hi23, lo23);
+      const uint32_t b0 = (g & 1) ? lo01 : hi01, b1 = (g & 1) ? lo23 : hi23;
+      uint32_t w[2][G / 32];  // [channel half][token span]
+      load_key_codes<F>(tile + key_base, kb, w);
+#pragma unroll
+      for (int sp = 0; sp < kSpanPairs; ++sp)
+#pragma unroll
+        for (int q2 = 0; q2 < 4; ++q2) {
+          const int shift = q2 < 2 ? 0 : 8;
+          const uint32_t mask = (q2 & 1) ? 0x00f000f0u : 0x000f000fu;
+          const uint32_t a[4] = {(w[0][2 * sp] >> shift) & mask, (w[0][2 * sp + 1] >> shift) & mask,
+                                 (w[1][2 * sp] >> shift) & mask, (w[1][2 * sp + 1] >> shift) & mask};
+          mma_m16n8k16_rows16(acc[4 * sp + q2], a, b0, b1);
+        }
+    }
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
+    z_sum = __shfl_sync(0xffffffffu, z_sum, 8 * m4);  // head m's: lane (2m, 0)
+
+    __syncwarp();  // the key codes are read: the scales replace them
+    float* scales = reinterpret_cast<float*>(const_cast<uint8_t*>(tile));
+    stage_token_and_channel_scales<F>(tile, scales, lane);
+    __syncwarp();
+
+    // ---- scores of head m, tokens 32 s + 4 g + q, relative to the running maximum ----
+    const float reference = it == 0 ? 0.0f : m_run;
+    float s[kMTiles][2];  // [m-tile][row g, row g + 8]
+    {
+      const float z_even = z_sum / kSubnormalScale, z_odd = z_sum * (16.0f / kSubnormalScale);
+#pragma unroll
+      for (int sp = 0; sp < kSpanPairs; ++sp)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float s_tok[4];
+          load_floats(scales + Scales::s_tok + padded(32 * (2 * sp + r) + 4 * g), s_tok);
+#pragma unroll
+          for (int q2 = 0; q2 < 4; ++q2) {
+            const float* c = acc[4 * sp + q2] + 2 * r;
+            s[4 * sp + q2][r] = fmaf(s_tok[q2], (c[0] + c[1]) + ((q2 & 1) ? z_odd : z_even), -reference);
+          }
+        }
+    }
+
+    // ---- online softmax of head m over the tile (the 8 lanes of column pair m) ----
+    float tile_max = -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o2));
+    if (__any_sync(0xffffffffu, it == 0 || tile_max > 0)) {
+      const float shift = it == 0 ? tile_max : fmaxf(tile_max, 0.0f);
+      const float correction = it == 0 ? 0.0f : exp2_approx(-shift);
+      m_run = reference + shift;
+      l_run *= correction;
+#pragma unroll
+      for (int c = 0; c < NV; ++c) o[c] *= correction;
+#pragma unroll
+      for (int j = 0; j < kMTiles; ++j) s[j][0] -= shift, s[j][1] -= shift;
+    }
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        s[j][r] = exp2_approx(s[j][r]);
+        l_run += s[j][r];
+      }
+
+    // ---- values: A = value codes (fp16 subnormals), B = (p a_V)^T hi / lo by movmatrix ----
+    float c[kVTiles][4] = {};
+    float pz = 0;  // sum_t p_t z_V[t] of head m over this lane's tokens
+#pragma unroll
+    for (int sp = 0; sp < kSpanPairs; ++sp) {
+      float a_v[2][4], z_v[2][4];  // tokens 32 (2 sp + r) + 4 g + q
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        load_floats(scales + Scales::a_v + padded(32 * (2 * sp + r) + 4 * g), a_v[r]);
+        load_floats(scales + Scales::z_v + padded(32 * (2 * sp + r) + 4 * g), z_v[r]);
+      }
+#pragma unroll
+      for (int q2 = 0; q2 < 4; ++q2) {
+        const int kk = 4 * sp + q2;
+        uint32_t b[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          pz += s[kk][r] * z_v[r][q2];
+          const float x = s[kk][r] * a_v[r][q2];
+          const __half hi = __float2half_rn(x);
+          const __half2 hl = __halves2half2(hi, __float2half_rn(x - __half2float(hi)));
+          b[r] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(&hl));
+        }
+        // Code words of tokens 32 (2 sp + r) + 8 m + 4 e + q (k-slots 2m + e of row half r), column g's bytes.
+        constexpr int kWords = (kColBytes + 3) / 4;
+        uint32_t v[2][2][kWords];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const uint8_t* src = tile + L.value_codes + value_base[e][q2] + 32 * (2 * sp + r) * Rows::kRowBytes;
+            if constexpr (kColBytes == 2) {
+              v[r][e][0] = *reinterpret_cast<const uint16_t*>(src);
+            } else if constexpr (kColBytes == 4) {
+              v[r][e][0] = *reinterpret_cast<const uint32_t*>(src);
+            } else {
+              const uint2 x2 = *reinterpret_cast<const uint2*>(src);
+              v[r][e][0] = x2.x, v[r][e][1] = x2.y;
+            }
+          }
+#pragma unroll
+        for (int j = 0; j < kColBytes / 2; ++j) {
+          const int byte0 = 2 * j, byte1 = 2 * j + 1;
+          const uint32_t x0a = __byte_perm(v[0][0][byte0 / 4], v[0][1][byte0 / 4], pair_selector(byte0 % 4));
+          const uint32_t x0b = __byte_perm(v[0][0][byte1 / 4], v[0][1][byte1 / 4], pair_selector(byte1 % 4));
+          const uint32_t x1a = __byte_perm(v[1][0][byte0 / 4], v[1][1][byte0 / 4], pair_selector(byte0 % 4));
+          const uint32_t x1b = __byte_perm(v[1][0][byte1 / 4], v[1][1][byte1 / 4], pair_selector(byte1 % 4));
+#pragma unroll
+          for (int q3 = 0; q3 < kCodesPerByte; ++q3) {
+            const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << (q3 * VB);
+            const uint32_t a[4] = {x0a & mask, x0b & mask, x1a & mask, x1b & mask};
+            mma_m16n8k16_rows16(c[j * kCodesPerByte + q3], a, b[0], b[1]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 *= 2) pz += __shfl_xor_sync(0xffffffffu, pz, o2);
+    {
+      float pz_k[kCodesPerByte];  // pz in the units of a code at bit k: 2^(k - 24)
+#pragma unroll
+      for (int q3 = 0; q3 < kCodesPerByte; ++q3) pz_k[q3] = pz * (static_cast<float>(1 << (q3 * VB)) / kSubnormalScale);
+      float s_ch[NV];
+      load_floats(scales + Scales::s_ch + padded(g * NV), s_ch);
+#pragma unroll
+      for (int j = 0; j < kColBytes / 2; ++j)
+#pragma unroll
+        for (int q3 = 0; q3 < kCodesPerByte; ++q3) {
+          const float* cc = c[j * kCodesPerByte + q3];
+          const int ca = 2 * j * kCodesPerByte + q3, cb = ca + kCodesPerByte;
+          o[ca] = fmaf(s_ch[ca], (cc[0] + cc[1]) + pz_k[q3], o[ca]);
+          o[cb] = fmaf(s_ch[cb], (cc[2] + cc[3]) + pz_k[q3], o[cb]);
+        }
+    }
+    __syncwarp();  // the slot is refilled in the next iteration
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the slots become the merge buffer
+#pragma unroll
+  for (int o2 = 4; o2 < 32; o2 *= 2) l_run += __shfl_xor_sync(0xffffffffu, l_run, o2);
+  if (m4 < p.group) {
+    float* dst = warp_state<D>(shared, warp, m4);
+#pragma unroll
+    for (int c2 = 0; c2 < NV; ++c2) dst[g * NV + c2] = o[c2];
+    if (g == 0) dst[D] = m_run, dst[D + 1] = l_run;
+  }
+  __syncthreads();
+  write_partial_from_warp_states<D>(p, shared, work.partial_row, work.split);
+}
+
 // Shared memory of a tail CTA: attend_tail's rows and scores, then the group's rotated queries.
 template <class F>
 struct TailSharedLayout {
@@ -789,10 +1058,14 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 2 : 1) decode_attention_
   }
   const CtaWork work = cta_work(p, blockIdx.x - pairs);
   if (work.first_tile >= work.end_tile) return;
-  if constexpr (F::kCodes)
-    attend_kvarn_tiles<F>(p, work, shared);
-  else
+  if constexpr (F::kCodes) {
+    if (p.group <= 4)
+      attend_kvarn_tiles_few_heads<F>(p, work, shared);
+    else
+      attend_kvarn_tiles<F>(p, work, shared);
+  } else {
     attend_fp16_tiles<F>(p, work, shared);
+  }
 }
 
 template <int D>
