@@ -579,6 +579,85 @@ __device__ __forceinline__ void stage_token_and_channel_scales(const uint8_t* ti
   stage(F::L.value_channel_scale, TileScales<F>::s_ch, F::D, 0, 0, true);
 }
 
+// Loads the group's rotated queries and returns, scaled to log2 units, q head `row`'s channels 16 kb + 2m, 2m + 1,
+// 2m + 8, 2m + 9 (m = lane % 4; rows past the group are zero). The queries' space becomes the slots afterwards.
+template <class F>
+__device__ __forceinline__ void load_query_channels(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
+                                                    int row, float (&q)[F::D / 16][4]) {
+  constexpr int D = F::D;
+  float* qs = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::query);
+  const int m4 = threadIdx.x % 4;
+  load_rotated_queries<D>(p, work.partial_row, qs);
+  __syncthreads();
+#pragma unroll
+  for (int kb = 0; kb < D / 16; ++kb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[kb][i] = qs[row * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
+  __syncthreads();
+}
+
+// Offsets of this lane's value codes in a slot: token 32 s + 8 m + 4 e + u (u = 0..3), fragment column g's bytes,
+// at value_base[e][u] + 32 s * row bytes (ValueRows order).
+template <class F>
+__device__ __forceinline__ void value_code_offsets(int lane, int (&value_base)[2][4]) {
+  using Rows = ValueRows<F>;
+  const int g = (lane & 31) / 4, m4 = lane % 4, col_bytes = g * Rows::kColBytes;
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      value_base[e][u] = F::L.value_codes + (8 * m4 + 4 * e + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
+                         (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
+}
+
+// One lane's q' a_K of k-block kb at its channels 2m, 2m + 1 (pair 0) and 2m + 8, 2m + 9 (pair 1) as fp16 hi and lo
+// pairs; adds their q' z_K to z_sum. a_k, z_k: the tile's, staged by stage_key_scales.
+__device__ __forceinline__ void fold_key_scales(const float (&q)[4], const float* a_k, const float* z_k, int kb,
+                                                float& z_sum, uint32_t (&hi)[2], uint32_t (&lo)[2]) {
+  const int m4 = threadIdx.x % 4;
+  const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
+  const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
+  z_sum += q[0] * zv.x + q[1] * zv.y + q[2] * zv.z + q[3] * zv.w;
+  split_half2(q[0] * av.x, q[1] * av.y, hi[0], lo[0]);
+  split_half2(q[2] * av.z, q[3] * av.w, hi[1], lo[1]);
+}
+
+// Runs body(tile, it, a_k, z_k) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w), each
+// whole in one of the warp's two shared-memory slots while the next streams in, its a_K and z_K staged; then waits
+// for every warp (the slots become the merge buffer).
+template <class F, class Body>
+__device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
+                                                   Body&& body) {
+  constexpr codec::TileLayout L = F::L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int32_t* table = p.block_tables + work.seq.block_table_offset;
+  const int num = work.end_tile - work.first_tile;
+  const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
+  uint8_t* slots = shared + warp * 2 * L.bytes;
+  float* a_k = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::ring) + warp * 2 * F::D;
+  float* z_k = a_k + F::D;
+  auto tile_bytes = [&](int i) {
+    return p.blocks +
+           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
+  };
+  const WarpTileCopy<F> copy_tile(lane);
+  if (mine > 0) copy_tile(slots, tile_bytes(0));
+  cp_async_commit();
+  for (int it = 0; it < mine; ++it) {
+    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    uint8_t* tile = slots + (it & 1) * L.bytes;
+    stage_key_scales<F>(tile, a_k, z_k, lane);
+    __syncwarp();
+    body(tile, it, a_k, z_k);
+    __syncwarp();  // the slot is refilled in the next iteration
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 // One warp reads whole tiles: warp w of the CTA takes tiles w, w + 4, ... of its split through its own two-slot
 // cp.async ring, so that nothing but a warp barrier separates the tiles, and the per-tile and per-channel work
 // (folding a_K into the query, the scales, the values' epilogue) is paid once per 128 tokens.
@@ -592,70 +671,26 @@ template <class F>
 __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, VB = F::VB, NT = G / 8, KBLK = D / 16, KK = G / 16, NV = D / 8;
   constexpr int kCodesPerByte = 8 / VB;
-  constexpr codec::TileLayout L = F::L;
-  using Shared = KvarnSharedLayout<F>;
   using Rows = ValueRows<F>;
   using Scales = TileScales<F>;
-  float* qs = reinterpret_cast<float*>(shared + Shared::query);
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
-  load_rotated_queries<D>(p, work.partial_row, qs);
-  __syncthreads();
-  // This lane's query channels, scaled to log2 units (rows past the group are zero).
-  float q[KBLK][4];
-#pragma unroll
-  for (int kb = 0; kb < KBLK; ++kb)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[kb][i] = qs[g * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
-  __syncthreads();  // the queries' space becomes the slots
-
+  const int lane = threadIdx.x & 31, g = lane / 4, m4 = lane % 4;
+  float q[KBLK][4];  // head g's channels
+  load_query_channels<F>(p, work, shared, g, q);
   const int key_base = key_row_offset<F>(lane);
-  // Value codes of token 32 s + 8 m + 4 e + u for u = 0..3: value_base[e][u] + 32 s * row bytes.
   int value_base[2][4];
-#pragma unroll
-  for (int e = 0; e < 2; ++e)
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int col_bytes = g * Rows::kColBytes;
-      value_base[e][u] = (8 * m4 + 4 * e + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
-                         (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
-    }
+  value_code_offsets<F>(lane, value_base);
 
   float o[NV][2] = {};  // head g, channels (2m + e) NV + i
   float m_run = -FLT_MAX, l_run = 0;
-  const int32_t* table = p.block_tables + work.seq.block_table_offset;
-  const int num = work.end_tile - work.first_tile;
-  const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
-  uint8_t* slots = shared + warp * 2 * L.bytes;
-  float* a_k = reinterpret_cast<float*>(shared + Shared::ring) + warp * 2 * D;  // [16 kb + 4 m + i]
-  float* z_k = a_k + D;
-  auto tile_bytes = [&](int i) {
-    return p.blocks +
-           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
-  };
-  const WarpTileCopy<F> copy_tile(lane);
-  if (mine > 0) copy_tile(slots, tile_bytes(0));
-  cp_async_commit();
-  for (int it = 0; it < mine; ++it) {
-    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncwarp();
-    const uint8_t* tile = slots + (it & 1) * L.bytes;
-
-    stage_key_scales<F>(tile, a_k, z_k, lane);
-    __syncwarp();
-
+  for_each_warp_tile<F>(p, work, shared, [&](uint8_t* tile, int it, const float* a_k, const float* z_k) {
     // ---- scores: A = q' a_K (hi / lo), B = key codes as fp16 subnormals code * 2^k * 2^-24 ----
     float acc[NT][4] = {};
     float z_sum = 0;  // sum_c q'_c z_K[c] over this lane's channels
 #pragma unroll
     for (int kb = 0; kb < KBLK; ++kb) {
-      const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
-      const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
-      z_sum += q[kb][0] * zv.x + q[kb][1] * zv.y + q[kb][2] * zv.z + q[kb][3] * zv.w;
-      uint32_t a[4];
-      split_half2(q[kb][0] * av.x, q[kb][1] * av.y, a[0], a[1]);
-      split_half2(q[kb][2] * av.z, q[kb][3] * av.w, a[2], a[3]);
+      uint32_t hi[2], lo[2];
+      fold_key_scales(q[kb], a_k, z_k, kb, z_sum, hi, lo);
+      const uint32_t a[4] = {hi[0], lo[0], hi[1], lo[1]};  // rows g: hi, g + 8: lo
       uint32_t w[2][G / 32];  // [channel half][token span]
       load_key_codes<F>(tile + key_base, kb, w);
 #pragma unroll
@@ -744,8 +779,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
       for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const uint8_t* src =
-              tile + L.value_codes + value_base[e][2 * (kk % 2) + jj] + (kk / 2) * 32 * Rows::kRowBytes;
+          const uint8_t* src = tile + value_base[e][2 * (kk % 2) + jj] + (kk / 2) * 32 * Rows::kRowBytes;
           if constexpr (Rows::kColBytes == 2) {
             v[jj][e][0] = *reinterpret_cast<const uint16_t*>(src);
           } else if constexpr (Rows::kColBytes == 4) {
@@ -781,10 +815,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
         for (int i = 0; i < NV; ++i) o[i][e] = fmaf(s_ch[i], (c[i][e] + c[i][e + 2]) + pz_k[i % kCodesPerByte], o[i][e]);
       }
     }
-    __syncwarp();  // the slot is refilled in the next iteration
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the slots become the merge buffer
+  });
   merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, work.partial_row, work.split);
 }
 
@@ -806,71 +837,26 @@ __device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams&
   constexpr int kSpanPairs = G / 64, kMTiles = 4 * kSpanPairs;  // score m-tiles = value k-steps
   constexpr int kCodesPerByte = 8 / VB, kColBytes = ValueRows<F>::kColBytes;
   constexpr int kVTiles = NV / 2;  // value m-tiles
-  constexpr codec::TileLayout L = F::L;
-  using Shared = KvarnSharedLayout<F>;
   using Rows = ValueRows<F>;
   using Scales = TileScales<F>;
-  float* qs = reinterpret_cast<float*>(shared + Shared::query);
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
-  load_rotated_queries<D>(p, work.partial_row, qs);
-  __syncthreads();
-  // Head g / 2's query at this lane's channels 16 kb + 2m + {0, 1, 8, 9}, scaled to log2 units.
-  float q[KBLK][4];
-#pragma unroll
-  for (int kb = 0; kb < KBLK; ++kb)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      q[kb][i] = qs[(g / 2) * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
-  __syncthreads();  // the queries' space becomes the slots
-
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, m4 = lane % 4;
+  float q[KBLK][4];  // head g / 2's channels
+  load_query_channels<F>(p, work, shared, g / 2, q);
   const int key_base = key_row_offset<F>(lane);
-  // Value codes of token 32 s + 8 m + 4 e + u (u = 0..3), fragment column g: value_base[e][u] + 32 s * row bytes.
   int value_base[2][4];
-#pragma unroll
-  for (int e = 0; e < 2; ++e)
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int col_bytes = g * kColBytes;
-      value_base[e][u] = (8 * m4 + 4 * e + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
-                         (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
-    }
+  value_code_offsets<F>(lane, value_base);
 
   float o[NV] = {};  // head m, channels g NV + c
   float m_run = -FLT_MAX, l_run = 0;
-  const int32_t* table = p.block_tables + work.seq.block_table_offset;
-  const int num = work.end_tile - work.first_tile;
-  const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
-  uint8_t* slots = shared + warp * 2 * L.bytes;
-  float* a_k = reinterpret_cast<float*>(shared + Shared::ring) + warp * 2 * D;
-  float* z_k = a_k + D;
-  auto tile_bytes = [&](int i) {
-    return p.blocks +
-           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
-  };
-  const WarpTileCopy<F> copy_tile(lane);
-  if (mine > 0) copy_tile(slots, tile_bytes(0));
-  cp_async_commit();
-  for (int it = 0; it < mine; ++it) {
-    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncwarp();
-    const uint8_t* tile = slots + (it & 1) * L.bytes;
-    stage_key_scales<F>(tile, a_k, z_k, lane);
-    __syncwarp();
-
+  for_each_warp_tile<F>(p, work, shared, [&](uint8_t* tile, int it, const float* a_k, const float* z_k) {
     // ---- scores: A = key codes (fp16 subnormals), B = q' a_K, this lane's column's part (hi or lo) ----
     float acc[kMTiles][4] = {};
     float z_sum = 0;  // sum_c q'_c z_K[c] of head g / 2 over this lane's channels
 #pragma unroll
     for (int kb = 0; kb < KBLK; ++kb) {
-      const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
-      const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
-      z_sum += q[kb][0] * zv.x + q[kb][1] * zv.y + q[kb][2] * zv.z + q[kb][3] * zv.w;
-      uint32_t hi01, lo01, hi23, lo23;
-      split_half2(q[kb][0] * av.x, q[kb][1] * av.y, hi01, lo01);
-      split_half2(q[kb][2] * av.z, q[kb][3] * av.w, hi23, lo23);
-      const uint32_t b0 = (g & 1) ? lo01 : hi01, b1 = (g & 1) ? lo23 : hi23;
+      uint32_t hi[2], lo[2];
+      fold_key_scales(q[kb], a_k, z_k, kb, z_sum, hi, lo);
+      const uint32_t b0 = (g & 1) ? lo[0] : hi[0], b1 = (g & 1) ? lo[1] : hi[1];
       uint32_t w[2][G / 32];  // [channel half][token span]
       load_key_codes<F>(tile + key_base, kb, w);
 #pragma unroll
@@ -966,7 +952,7 @@ __device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams&
         for (int r = 0; r < 2; ++r)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const uint8_t* src = tile + L.value_codes + value_base[e][q2] + 32 * (2 * sp + r) * Rows::kRowBytes;
+            const uint8_t* src = tile + value_base[e][q2] + 32 * (2 * sp + r) * Rows::kRowBytes;
             if constexpr (kColBytes == 2) {
               v[r][e][0] = *reinterpret_cast<const uint16_t*>(src);
             } else if constexpr (kColBytes == 4) {
@@ -1010,10 +996,7 @@ __device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams&
           o[cb] = fmaf(s_ch[cb], (cc[2] + cc[3]) + pz_k[q3], o[cb]);
         }
     }
-    __syncwarp();  // the slot is refilled in the next iteration
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the slots become the merge buffer
+  });
 #pragma unroll
   for (int o2 = 4; o2 < 32; o2 *= 2) l_run += __shfl_xor_sync(0xffffffffu, l_run, o2);
   if (m4 < p.group) {
