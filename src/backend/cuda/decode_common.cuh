@@ -1,0 +1,233 @@
+// Decode attention, the parts every CTA kind uses: launch parameters, the CTA's work, the group's rotated queries,
+// the fp16 tail (attend_tail), the merge of the 4 warps' softmax states, and small numeric helpers.
+#pragma once
+#include "backend/cuda/hadamard_warp.cuh"
+#include "backend/cuda/kv_layout.h"
+#include "backend/cuda/mma_fragments.cuh"
+#include "codec/tile_layout.h"
+
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cstddef>
+#include <cstdint>
+
+namespace kvarn::cuda::decode {
+
+constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kSubnormalScale = 16777216.0f;  // 2^24: a code c in the low bits of an fp16 is c * 2^-24
+
+// (x0, x1) as an fp16 pair `hi` and the fp16 pair `lo` of what hi misses: hi + lo = x within ~2^-22 relative.
+__device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(x0, x1);
+  const float2 back = __half22float2(h);
+  const __half2 l = __floats2half2_rn(x0 - back.x, x1 - back.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// 2^x for x <= 0 in one MUFU op; exp2f adds a fix-up for results below 2^-126, weights too small to matter here.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+struct DecodeParams {
+  const __half* q;
+  const uint8_t* blocks;
+  const __half* tails;
+  const SequenceKvView* seqs;
+  const int32_t* block_tables;
+  float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
+  float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
+  int num_seqs, num_kv_heads, group, tiles_per_split, num_splits;
+  float scale_log2;
+  bool rotated;
+};
+
+// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens. Its key rows,
+// then its value rows, are copied whole into shared memory (`ring`: G rows, then the scores) with cp.async, two
+// round trips to memory instead of one per row and thread; 16-byte chunks swizzled as in fp16 tiles (chunk ^
+// row & 7) so that the threads' row reads hit distinct banks.
+template <class F>
+__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, uint8_t* ring,
+                            int head, size_t partial_row, int partial_index) {
+  constexpr int D = F::D, G = F::G, kRowChunks = D / 8;
+  const int n = seq.tail_len, tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
+  const __half* k = p.tails + ((static_cast<size_t>(seq.tail_slot) * 2) * p.num_kv_heads + head) * G * D;
+  const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
+  float* scores = reinterpret_cast<float*>(ring + G * D * 2);  // [head][token]
+  auto stage_rows = [&](const __half* src) {
+    for (int q = tid; q < n * kRowChunks; q += kThreads) {
+      const int row = q / kRowChunks;
+      cp_async_16(ring + 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7))), src + 8 * q);
+    }
+    cp_async_commit();
+  };
+  auto chunk = [&](int t, int c8) { return ring + 16 * (t * kRowChunks + (c8 ^ (t & 7))); };
+
+  stage_rows(k);
+  cp_async_wait<0>();
+  __syncthreads();
+  if (tid < n) {
+    float acc[kMaxGroup] = {};
+#pragma unroll 4
+    for (int c8 = 0; c8 < kRowChunks; ++c8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(chunk(tid, c8));
+      const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __half22float2(h2[e]);
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h)
+          if (h < p.group) acc[h] += qs[h * D + c8 * 8 + 2 * e] * f.x + qs[h * D + c8 * 8 + 2 * e + 1] * f.y;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h)
+      if (h < p.group) scores[h * G + tid] = acc[h] * p.scale_log2;
+  }
+  __syncthreads();  // the key rows are read: the value rows replace them while the softmax runs
+  stage_rows(v);
+  for (int h = warp; h < p.group; h += kWarps) {
+    float m = -FLT_MAX;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, scores[h * G + t]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0;
+    for (int t = lane; t < n; t += 32) {
+      const float e = exp2_approx(scores[h * G + t] - m);
+      scores[h * G + t] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) p.partial_ml[(partial_row + h) * (p.num_splits + 1) + partial_index] = make_float2(m, l);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  for (int c = tid; c < D; c += kThreads) {
+    float acc[kMaxGroup] = {};
+#pragma unroll 4
+    for (int t = 0; t < n; ++t) {
+      const float x = __half2float(reinterpret_cast<const __half*>(chunk(t, c / 8))[c % 8]);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h)
+        if (h < p.group) acc[h] += scores[h * G + t] * x;
+    }
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h)
+      if (h < p.group) p.partial_o[((partial_row + h) * (p.num_splits + 1) + partial_index) * D + c] = acc[h];
+  }
+}
+
+// Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
+// (m = 0..3), which read 4-aligned runs 2 * NV or 16 floats apart, hit distinct banks.
+__device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
+constexpr int padded_size(int n) { return n + n / 8; }
+
+// n consecutive floats from a 4n-byte aligned address (n = 2, 4, 8, 16) in 8- or 16-byte loads.
+template <int N>
+__device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
+  if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    out[0] = v.x, out[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
+    }
+  }
+}
+
+// What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head) number
+// cta / num_splits, its tiles [first_tile, end_tile).
+struct CtaWork {
+  SequenceKvView seq;
+  int head, split, first_tile, end_tile;
+  size_t partial_row;  // the partials of the group's first q head
+};
+
+__device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
+  CtaWork w;
+  const int pair = cta / p.num_splits;
+  w.split = cta % p.num_splits;
+  w.head = pair % p.num_kv_heads;
+  const int seq_index = pair / p.num_kv_heads;
+  w.seq = p.seqs[seq_index];
+  w.first_tile = w.split * p.tiles_per_split;
+  w.end_tile = min(w.first_tile + p.tiles_per_split, w.seq.num_tiles);
+  w.partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + w.head * p.group;
+  return w;
+}
+
+// The group's queries, rotated into the storage space, as fp32 rows [kMaxGroup][D] (rows past the group zero).
+template <int D>
+__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, float* qs) {
+  constexpr int E = D / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  for (int h = warp; h < kMaxGroup; h += kWarps) {
+    float x[E] = {};
+    if (h < p.group) {
+      const __half* src = p.q + (partial_row + h) * D + lane * E;
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
+      if (p.rotated) hadamard_warp<D>(x);
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i];
+  }
+}
+
+// The merge buffer in shared memory, [warp][head][D + 2]: each warp's o[D], m, l for the heads of the group.
+template <int D>
+__device__ __forceinline__ float* warp_state(uint8_t* shared, int warp, int head) {
+  return reinterpret_cast<float*>(shared) + (warp * kMaxGroup + head) * (D + 2);
+}
+
+// After every warp has written its state (and a barrier): merges the 4 states and writes the CTA's partial.
+template <int D>
+__device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row,
+                                               int split) {
+  for (int idx = threadIdx.x; idx < p.group * D; idx += kThreads) {
+    const int h = idx / D, c = idx % D;
+    float mx = -FLT_MAX;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
+    float l = 0, acc = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const float* src = warp_state<D>(shared, w, h);
+      const float f = exp2f(src[D] - mx);
+      l += src[D + 1] * f;
+      acc += src[c] * f;
+    }
+    const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
+    p.partial_o[slot * D + c] = acc;
+    if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
+  }
+}
+
+// Merges the 4 warps' softmax states (lane (g, m): head g, channels (2m + e) NV + i in o[i][e]; l over the
+// lane's own tokens) through shared memory and writes the CTA's partial. Every warp of the CTA calls it.
+template <int D>
+__device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* shared, const float (&o)[D / 8][2],
+                                              float m_run, float l_run, size_t partial_row, int split) {
+  constexpr int NV = D / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, m4 = lane % 4;
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  if (g < p.group) {
+    float* dst = warp_state<D>(shared, warp, g);
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) dst[(2 * m4 + e) * NV + i] = o[i][e];
+    if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
+  }
+  __syncthreads();
+  write_partial_from_warp_states<D>(p, shared, partial_row, split);
+}
+
+}  // namespace kvarn::cuda::decode

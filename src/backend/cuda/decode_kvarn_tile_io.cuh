@@ -1,0 +1,240 @@
+// Decode attention over KVarN tiles, the tile in shared memory: each warp's two slots, the copy of a tile into a
+// slot (swizzled against bank conflicts), the fp32 staging of its scales, the reads of its key codes, and the loop
+// of a warp over its tiles.
+#pragma once
+#include "backend/cuda/decode_common.cuh"
+
+#include <algorithm>
+
+namespace kvarn::cuda::decode {
+
+// Shared memory of a KVarN CTA: each warp's two tile slots, then each warp's a_K and z_K of the tile being read
+// as fp32 in k-slot order. The setup's queries, the tail CTAs' rows and scores and the final merge reuse the slots.
+template <class F>
+struct KvarnSharedLayout {
+  static constexpr size_t query = 0;  // read into registers before the slots fill
+  static constexpr size_t ring = std::max({size_t{2} * kWarps * F::L.bytes, sizeof(float) * kMaxGroup * F::D,
+                                           sizeof(float) * kWarps * kMaxGroup * (F::D + 2)});
+  static constexpr size_t key_scales = sizeof(float) * kWarps * 2 * F::D;
+  static constexpr size_t bytes = ring + key_scales;
+};
+
+template <class F>
+using SharedLayout = std::conditional_t<F::kCodes, KvarnSharedLayout<F>, Fp16SharedLayout<F>>;
+
+// Per-token and per-channel scales of the tile being read, as fp32 over its dead key codes (padded()):
+// s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t], z_V[t], and
+// s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
+template <class F>
+struct TileScales {
+  static constexpr int s_tok = 0, a_v = padded_size(F::G), z_v = 2 * padded_size(F::G), s_ch = 3 * padded_size(F::G);
+  static_assert(sizeof(float) * (s_ch + padded_size(F::D)) <= F::D * F::G / 2, "scales fit over the key codes");
+};
+
+// Value-code rows (token-major, D*VB/8 bytes each) are placed permuted: the lanes m = 0..3 of a fragment column
+// read tokens 32 s + 8 m + u, rows a multiple of 8 apart that would share their banks. Row t moves to t ^ x and, in
+// 64-byte rows, its 16-byte chunk c to c ^ (m & 2), where m = (t / 8) % 4 and x = m (rows <= 32 bytes) or m & 1.
+template <class F>
+struct ValueRows {
+  static constexpr int kRowBytes = F::D * F::VB / 8, kGroupShift = 3;
+  static constexpr int kColBytes = kRowBytes / 8;  // a fragment column's D/8 channels
+  __device__ static int row_xor(int m) { return kRowBytes == 64 ? (m & 1) : (m & 3); }
+  __device__ static int chunk_xor(int m) { return kRowBytes == 64 ? (m & 2) : 0; }
+};
+
+// One lane's share of copying a tile into a slot (chunks lane, lane + 32, ... of each region), with its shared-
+// memory offsets computed once: key codes with their 16-byte chunks XOR-swizzled so that the 8 channel rows of an
+// ldmatrix read hit distinct banks (chunk c of row r goes to c ^ (r / (rows per 128 bytes)) mod (chunks per row)),
+// value codes in ValueRows order, scales as they are.
+template <class F>
+struct WarpTileCopy {
+  static constexpr codec::TileLayout L = F::L;
+  static constexpr int kKeyChunks = F::D * F::G / 32, kValueChunks = F::G * ValueRows<F>::kRowBytes / 16;
+  static constexpr int kChunksPerRow = (ValueRows<F>::kRowBytes + 15) / 16, kRowsPerRound = 32 / kChunksPerRow;
+  static_assert(L.key_codes == 0 && kKeyChunks % 32 == 0 && L.value_codes % 16 == 0);
+  int lane, key_offset;
+  // Offset of this lane's value chunk in a round whose rows' group m = t / (2 NT) is (lane_group + j) & 3.
+  int value_offset[4];
+
+  __device__ explicit WarpTileCopy(int lane_) : lane(lane_) {
+    constexpr int kKeyRowChunks = F::G / 32;  // rows = lane / kKeyRowChunks + const: (row / (8 / kKeyRowChunks))
+    const int chunk_k = lane % kKeyRowChunks;  // mod kKeyRowChunks = (lane / 8) mod kKeyRowChunks
+    key_offset = 16 * (lane - chunk_k + (chunk_k ^ ((lane >> 3) & (kKeyRowChunks - 1))));
+    const int t = lane / kChunksPerRow, chunk = lane % kChunksPerRow;
+    const int lane_group = t >> ValueRows<F>::kGroupShift;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = (lane_group + j) & 3;
+      value_offset[j] = 16 * lane + ((t ^ ValueRows<F>::row_xor(m)) - t) * ValueRows<F>::kRowBytes +
+                        (((chunk ^ ValueRows<F>::chunk_xor(m)) - chunk) << 4);
+    }
+  }
+
+  __device__ __forceinline__ void operator()(uint8_t* slot, const uint8_t* __restrict__ tile) const {
+    const uint8_t* src = tile + 16 * lane;
+#pragma unroll
+    for (int k = 0; k < kKeyChunks / 32; ++k) cp_async_16(slot + key_offset + 512 * k, src + 512 * k);
+#pragma unroll
+    for (int k = 0; k < (kValueChunks + 31) / 32; ++k)
+      if (kValueChunks % 32 == 0 || lane + 32 * k < kValueChunks)
+        cp_async_16(slot + L.value_codes + value_offset[((kRowsPerRound * k) >> ValueRows<F>::kGroupShift) & 3] +
+                        512 * k,
+                    src + L.value_codes + 512 * k);
+    copy_plain<static_cast<int>(L.key_scale), static_cast<int>(L.value_codes)>(slot, src);
+    copy_plain<static_cast<int>(L.value_channel_scale), static_cast<int>(L.bytes)>(slot, src);
+  }
+
+  template <int kFrom, int kTo>  // byte range, multiples of 16
+  __device__ __forceinline__ void copy_plain(uint8_t* slot, const uint8_t* src) const {
+#pragma unroll
+    for (int k = 0; k < (kTo - kFrom + 511) / 512; ++k)
+      if ((kTo - kFrom) % 512 == 0 || kFrom / 16 + lane + 32 * k < kTo / 16)
+        cp_async_16(slot + 16 * lane + kFrom + 512 * k, src + kFrom + 512 * k);
+  }
+};
+
+// a_K, z_K of a tile as fp32 in fragment order: lane l writes, for k-block l / 4 and m = l % 4, its channels
+// 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9 (k-slots 2m, 2m + 1, 2m + 8, 2m + 9).
+template <class F>
+__device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* a_k, float* z_k, int lane) {
+  if (lane < F::D / 4) {
+    const __half2* ak = reinterpret_cast<const __half2*>(tile + F::L.key_scale);
+    const __half2* zk = reinterpret_cast<const __half2*>(tile + F::L.key_zero);
+    const int c2 = 8 * (lane / 4) + lane % 4;  // half2 index of channel 16 kb + 2m
+    const float2 a0 = __half22float2(ak[c2]), a1 = __half22float2(ak[c2 + 4]);
+    const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
+    reinterpret_cast<float4*>(a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
+    reinterpret_cast<float4*>(z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
+  }
+}
+
+// The key codes of k-block kb through ldmatrix.trans (row address: this lane's key_base in the tile): w[h][s]
+// holds channels 16 kb + 8h + 2m, + 1 (register halves) of tokens 32 s + 4 g .. + 3 (4 bits each).
+template <class F>
+__device__ __forceinline__ void load_key_codes(const uint8_t* row, int kb, uint32_t (&w)[2][F::G / 32]) {
+  constexpr int kKeyRow = F::G / 2;
+  if constexpr (F::G == 128) {
+    ldmatrix_x4_trans(w[0], row + 16 * kb * kKeyRow);
+    ldmatrix_x4_trans(w[1], row + (16 * kb + 8) * kKeyRow);
+  } else {
+    uint32_t x[4];
+    ldmatrix_x4_trans(x, row + 16 * kb * kKeyRow);
+    w[0][0] = x[0], w[0][1] = x[1], w[1][0] = x[2], w[1][1] = x[3];
+  }
+}
+
+// This lane's ldmatrix row address in a tile's key codes (row lane % 8 of matrix lane / 8 = (channel half h,
+// 32-token span s); G = 128: one ldmatrix per h, s = matrix; G = 64: one ldmatrix, (h, s) = (matrix / 2, % 2)).
+template <class F>
+__device__ __forceinline__ int key_row_offset(int lane) {
+  constexpr int kKeyRowChunks = F::G / 32;
+  const int r = lane % 8, h = F::G == 128 ? 0 : lane / 16, s = F::G == 128 ? lane / 8 : (lane / 8) % 2;
+  return (8 * h + r) * (F::G / 2) + 16 * (s ^ ((r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
+}
+
+// The tile's per-token and per-channel scales as fp32 (TileScales) over its key codes, once those are read.
+template <class F>
+__device__ __forceinline__ void stage_token_and_channel_scales(const uint8_t* tile, float* scales, int lane) {
+  constexpr int kCodesPerByte = 8 / F::VB;
+  auto stage = [&](size_t from, int to, int n, float even, float odd, bool by_channel) {
+    if (4 * lane < n) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(tile + from + 8 * lane);
+      const __half* h = reinterpret_cast<const __half*>(&raw);
+      float4 f;
+      float* x = &f.x;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int idx = 4 * lane + j;
+        const float factor = by_channel ? static_cast<float>(1 << (24 - (idx % kCodesPerByte) * F::VB))
+                                        : ((idx & 1) ? odd : even);
+        x[j] = __half2float(h[j]) * factor;
+      }
+      *reinterpret_cast<float4*>(scales + to + padded(4 * lane)) = f;
+    }
+  };
+  stage(F::L.key_token_scale, TileScales<F>::s_tok, F::G, kSubnormalScale, kSubnormalScale / 16, false);
+  stage(F::L.value_scale, TileScales<F>::a_v, F::G, 1.0f, 1.0f, false);
+  stage(F::L.value_zero, TileScales<F>::z_v, F::G, 1.0f, 1.0f, false);
+  stage(F::L.value_channel_scale, TileScales<F>::s_ch, F::D, 0, 0, true);
+}
+
+// Loads the group's rotated queries and returns, scaled to log2 units, q head `row`'s channels 16 kb + 2m, 2m + 1,
+// 2m + 8, 2m + 9 (m = lane % 4; rows past the group are zero). The queries' space becomes the slots afterwards.
+template <class F>
+__device__ __forceinline__ void load_query_channels(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
+                                                    int row, float (&q)[F::D / 16][4]) {
+  constexpr int D = F::D;
+  float* qs = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::query);
+  const int m4 = threadIdx.x % 4;
+  load_rotated_queries<D>(p, work.partial_row, qs);
+  __syncthreads();
+#pragma unroll
+  for (int kb = 0; kb < D / 16; ++kb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[kb][i] = qs[row * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
+  __syncthreads();
+}
+
+// Offsets of this lane's value codes in a slot: token 32 s + 8 m + 4 e + u (u = 0..3), fragment column g's bytes,
+// at value_base[e][u] + 32 s * row bytes (ValueRows order).
+template <class F>
+__device__ __forceinline__ void value_code_offsets(int lane, int (&value_base)[2][4]) {
+  using Rows = ValueRows<F>;
+  const int g = (lane & 31) / 4, m4 = lane % 4, col_bytes = g * Rows::kColBytes;
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      value_base[e][u] = F::L.value_codes + (8 * m4 + 4 * e + (u ^ Rows::row_xor(m4))) * Rows::kRowBytes +
+                         (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
+}
+
+// One lane's q' a_K of k-block kb at its channels 2m, 2m + 1 (pair 0) and 2m + 8, 2m + 9 (pair 1) as fp16 hi and lo
+// pairs; adds their q' z_K to z_sum. a_k, z_k: the tile's, staged by stage_key_scales.
+__device__ __forceinline__ void fold_key_scales(const float (&q)[4], const float* a_k, const float* z_k, int kb,
+                                                float& z_sum, uint32_t (&hi)[2], uint32_t (&lo)[2]) {
+  const int m4 = threadIdx.x % 4;
+  const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
+  const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
+  z_sum += q[0] * zv.x + q[1] * zv.y + q[2] * zv.z + q[3] * zv.w;
+  split_half2(q[0] * av.x, q[1] * av.y, hi[0], lo[0]);
+  split_half2(q[2] * av.z, q[3] * av.w, hi[1], lo[1]);
+}
+
+// Runs body(tile, it, a_k, z_k) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w), each
+// whole in one of the warp's two shared-memory slots while the next streams in, its a_K and z_K staged; then waits
+// for every warp (the slots become the merge buffer).
+template <class F, class Body>
+__device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
+                                                   Body&& body) {
+  constexpr codec::TileLayout L = F::L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int32_t* table = p.block_tables + work.seq.block_table_offset;
+  const int num = work.end_tile - work.first_tile;
+  const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
+  uint8_t* slots = shared + warp * 2 * L.bytes;
+  float* a_k = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::ring) + warp * 2 * F::D;
+  float* z_k = a_k + F::D;
+  auto tile_bytes = [&](int i) {
+    return p.blocks +
+           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
+  };
+  const WarpTileCopy<F> copy_tile(lane);
+  if (mine > 0) copy_tile(slots, tile_bytes(0));
+  cp_async_commit();
+  for (int it = 0; it < mine; ++it) {
+    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    uint8_t* tile = slots + (it & 1) * L.bytes;
+    stage_key_scales<F>(tile, a_k, z_k, lane);
+    __syncwarp();
+    body(tile, it, a_k, z_k);
+    __syncwarp();  // the slot is refilled in the next iteration
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+}  // namespace kvarn::cuda::decode
