@@ -59,6 +59,9 @@ namespace {
 
 using namespace decode;
 
+template <class F>
+using SharedLayout = std::conditional_t<F::kCodes, KvarnSharedLayout<F>, Fp16SharedLayout<F>>;
+
 // Shared memory of a tail CTA: attend_tail's rows and scores, then the group's rotated queries.
 template <class F>
 struct TailSharedLayout {

@@ -19,9 +19,6 @@ struct KvarnSharedLayout {
   static constexpr size_t bytes = ring + key_scales;
 };
 
-template <class F>
-using SharedLayout = std::conditional_t<F::kCodes, KvarnSharedLayout<F>, Fp16SharedLayout<F>>;
-
 // Per-token and per-channel scales of the tile being read, as fp32 over its dead key codes (padded()):
 // s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t], z_V[t], and
 // s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
