@@ -6,6 +6,30 @@
 
 namespace kvarn::cuda::decode {
 
+// One tile's step of the online softmax over a lane's scores s (log2 units, relative to `reference`; tile_max:
+// their maximum over the lanes of the head): the reference moves only for the first tile or a new maximum, and then
+// l and the output (rescale_output(factor)) are rescaled; s becomes 2^s and l gains its sum.
+template <int N, class Rescale>
+__device__ __forceinline__ void online_softmax_step(float (&s)[N][2], float tile_max, int it, float reference,
+                                                    float& m_run, float& l_run, Rescale&& rescale_output) {
+  if (__any_sync(0xffffffffu, it == 0 || tile_max > 0)) {
+    const float shift = it == 0 ? tile_max : fmaxf(tile_max, 0.0f);
+    const float correction = it == 0 ? 0.0f : exp2_approx(-shift);
+    m_run = reference + shift;
+    l_run *= correction;
+    rescale_output(correction);
+#pragma unroll
+    for (int j = 0; j < N; ++j) s[j][0] -= shift, s[j][1] -= shift;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[j][e] = exp2_approx(s[j][e]);
+      l_run += s[j][e];
+    }
+}
+
 // One warp reads whole tiles: warp w of the CTA takes tiles w, w + 4, ... of its split through its own two-slot
 // cp.async ring, so that nothing but a warp barrier separates the tiles, and the per-tile and per-channel work
 // (folding a_K into the query, the scales, the values' epilogue) is paid once per 128 tokens.
@@ -84,23 +108,10 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     for (int j = 0; j < NT; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    if (__any_sync(0xffffffffu, it == 0 || tile_max > 0)) {
-      const float shift = it == 0 ? tile_max : fmaxf(tile_max, 0.0f);
-      const float correction = it == 0 ? 0.0f : exp2_approx(-shift);
-      m_run = reference + shift;
-      l_run *= correction;
+    online_softmax_step(s, tile_max, it, reference, m_run, l_run, [&](float correction) {
 #pragma unroll
       for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) s[j][0] -= shift, s[j][1] -= shift;
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[j][e] = exp2_approx(s[j][e]);
-        l_run += s[j][e];
-      }
+    });
 
     // ---- values: A = p a_V (hi / lo), B = value codes as fp16 subnormals; accumulated over the whole tile ----
     float c[NV][4] = {};
@@ -252,23 +263,10 @@ __device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams&
     for (int j = 0; j < kMTiles; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
 #pragma unroll
     for (int o2 = 4; o2 < 32; o2 *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o2));
-    if (__any_sync(0xffffffffu, it == 0 || tile_max > 0)) {
-      const float shift = it == 0 ? tile_max : fmaxf(tile_max, 0.0f);
-      const float correction = it == 0 ? 0.0f : exp2_approx(-shift);
-      m_run = reference + shift;
-      l_run *= correction;
+    online_softmax_step(s, tile_max, it, reference, m_run, l_run, [&](float correction) {
 #pragma unroll
       for (int c = 0; c < NV; ++c) o[c] *= correction;
-#pragma unroll
-      for (int j = 0; j < kMTiles; ++j) s[j][0] -= shift, s[j][1] -= shift;
-    }
-#pragma unroll
-    for (int j = 0; j < kMTiles; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        s[j][r] = exp2_approx(s[j][r]);
-        l_run += s[j][r];
-      }
+    });
 
     // ---- values: A = value codes (fp16 subnormals), B = (p a_V)^T hi / lo by movmatrix ----
     float c[kVTiles][4] = {};
