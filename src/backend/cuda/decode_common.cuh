@@ -124,7 +124,7 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, co
 }
 
 // Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
-// (m = 0..3), which read 4-aligned runs 2 * NV or 16 floats apart, hit distinct banks.
+// (m = 0..3), which read 4-aligned runs 8, 16 or 2 * NV floats apart, hit distinct banks.
 __device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
 constexpr int padded_size(int n) { return n + n / 8; }
 
