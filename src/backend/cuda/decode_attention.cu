@@ -13,22 +13,26 @@
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
 // KVarN (decode_kvarn_tiles.cuh, decode_kvarn_tile_io.cuh): one warp reads a whole tile (warps take every 4th tile
-// of the split, each through its own two slots), so that the fold of a_K into the query, the scales and the
-// per-channel end of the values are paid per tile rather than per quarter tile, and nothing but warp barriers
-// separates tiles. Up to 8 q heads are the mma's rows; up to 4 are its columns instead (tokens or channels as the
-// rows), so that no row and no lane works for an absent head. The folded operands (q' a_K, p a_V) are split into an
-// fp16 high part and the fp16 rounding of the rest, in the mma's otherwise idle rows or columns, so the two halves
-// of the result add up to the operand with ~2^-22 instead of 2^-12 relative rounding: a sink's large score does not
-// move the other weights. Codes enter as the raw bits of fp16 subnormals, code * 2^k * 2^-24 for a code at bit k
-// of a 16-bit half (exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off in fp32; no
-// dequantized copy is ever written. Key codes are read with ldmatrix.trans (a register: two channels' codes of 4
-// tokens), value codes as words of the packed rows paired by byte permutes; the token and channel orders inside an
-// mma follow the reads (any permutation of the reduced index, used consistently in A and B, gives the same sum).
+// of the split, each through its own slot, refilled by halves: the next keys while the values are read), so that
+// the fold of a_K into the query, the scales and the per-channel end of the values are paid per tile rather than
+// per quarter tile, and nothing but warp barriers separates tiles; ~71 KB of shared memory and <= 168 registers
+// leave 3 CTAs (12 warps) per SM. Values: channels as the mma's rows and the heads as its columns (all 16 rows
+// work); scores: up to 8 heads as the rows, up to 4 as the columns (tokens as the rows), so that no row and no lane
+// works for an absent head. The folded query q' a_K is split into an fp16 high part and the fp16 rounding of the
+// rest, in the mma's otherwise idle rows or columns, so the two halves of the result add up to it with ~2^-22
+// instead of 2^-12 relative rounding: a sink's large score does not move the other weights. The weights p a_V
+// are plain fp16 (2^-12, as FlashAttention's P). Codes enter as the raw bits of fp16 subnormals, code * 2^k * 2^-24
+// for a code at bit k of a 16-bit half (exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off
+// in fp32; no dequantized copy is ever written. Key codes are read with ldmatrix.trans (a register: two channels'
+// codes of 4 tokens), value codes as words of the packed rows paired by byte permutes; the token and channel orders
+// inside an mma follow the reads (any permutation of the reduced index, used consistently in A and B, gives the
+// same sum).
 // fp16 tiles (decode_fp16_tiles.cuh): the 4 warps share each tile (a quarter of its tokens each) through a ring of
 // several tiles; the raw fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
-// FLOPs (tensor cores, useful): 4 * G_q * D per token; issued: 16/G_q x that with the heads as rows, 8/G_q x with
-// the heads as columns (the hi and lo halves fill the rest). Measurements: docs/benchmarks.md.
+// FLOPs (tensor cores, useful): 4 * G_q * D per token; issued: for the scores 16/G_q x their share with the heads as
+// rows, 8/G_q x with the heads as columns (the hi and lo halves fill the rest); for the values 8/G_q x theirs.
+// Measurements: docs/benchmarks.md.
 //
 // decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
 // for rotated dtypes, writes fp16. The lanes read the partials' (m, l) in parallel and the partial outputs four at
@@ -75,7 +79,7 @@ constexpr size_t shared_bytes() {
 }
 
 template <class F>
-__global__ void __launch_bounds__(kThreads, F::kCodes ? 2 : 1) decode_attention_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
@@ -177,6 +181,21 @@ int blocks_per_sm() {
   return std::max(blocks, 1);
 }
 
+// When the grid's last CTA finishes, in units of a CTA's tile rounds: `slots` CTAs run at once; the `pairs` tail
+// CTAs come first and hold their slots for ~tail_time, so tile CTAs beyond the other slots start late; every tile
+// CTA takes cta_time. (A CTA's pace is set by its own instruction latencies more than by memory, so the CTAs of a
+// thin last round run only a little faster: they are counted whole.)
+double grid_time(long tile_ctas, long pairs, long slots, double cta_time, double tail_time) {
+  const long late = std::min(pairs, slots), early = slots - late;  // slots free at 0 / after the tails
+  const double tails_done = tail_time * static_cast<double>((pairs + slots - 1) / slots);
+  const long rounds = tile_ctas / slots, rest = tile_ctas % slots;
+  const double last_round_start = static_cast<double>(rounds) * cta_time;
+  if (rest == 0) return late > 0 ? tails_done + last_round_start : last_round_start;
+  if (rest <= early)
+    return std::max(last_round_start + cta_time, rounds > 0 && late > 0 ? tails_done + last_round_start : 0.0);
+  return tails_done + last_round_start + cta_time;
+}
+
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles) {
@@ -184,14 +203,12 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   const int tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
-  // Split-K over tiles. CTAs of equal length run in waves of (SMs x CTAs per SM), and a last wave that is only
-  // partly full costs much of a whole one (a CTA's pace is set by its own instruction latencies more than by
-  // memory, so the CTAs of a thin wave run only a little faster). Choose the split that minimizes waves x (tiles per
-  // CTA, divided by the tiles a CTA reads at once, + ~2 tiles of per-CTA start and merge); the tail CTAs are short
-  // and run first, so they are left out.
-  // Measured on the H100 (k4v2_g128, batch 8-128, 8K-32K): the old rule, "two waves", left 2.1-2.6 waves and ran
-  // up to 1.12x slower.
-  constexpr double kCtaOverheadTiles = 2.0;
+  // Split-K over tiles: the split that minimizes grid_time, a CTA taking its tiles per split, divided by the tiles
+  // it reads at once, + ~2 tiles of start (queries, the first tile's latency) and merge; a tail CTA ~2 tiles.
+  // Measured on the H200 (k4v2_g128, batch 8 x 8K): leaving the tail CTAs out chose 6 splits (384 tile CTAs,
+  // 396 slots, the last 52 waiting for the 64 tail CTAs) at 33.0 us; 4 splits ran 27.0 us. On the H100 (batch
+  // 8-128, 8K-32K) the older rule, "two waves", left 2.1-2.6 waves and ran up to 1.12x slower.
+  constexpr double kCtaOverheadTiles = 2.0, kTailTiles = 2.0;
   const long slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
   plan.tiles_per_split = std::max(1, max_tiles);
@@ -200,8 +217,9 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   for (long splits = 1; splits <= most_splits; ++splits) {
     const long per_split = (max_tiles + splits - 1) / splits;
     const long used = (max_tiles + per_split - 1) / per_split;
-    const double cost = static_cast<double>((pairs * used + slots - 1) / slots) *
-                        (static_cast<double>((per_split + tiles_at_once - 1) / tiles_at_once) + kCtaOverheadTiles);
+    const double cta_time =
+        static_cast<double>((per_split + tiles_at_once - 1) / tiles_at_once) + kCtaOverheadTiles;
+    const double cost = grid_time(pairs * used, pairs, slots, cta_time, kTailTiles);
     if (best < 0 || cost < best) best = cost, plan.tiles_per_split = static_cast<int>(per_split);
   }
   plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;

@@ -164,9 +164,10 @@ __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
   return w;
 }
 
-// The group's queries, rotated into the storage space, as fp32 rows [kMaxGroup][D] (rows past the group zero).
-template <int D>
-__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, float* qs) {
+// The group's queries, rotated into the storage space: store(h, c, x) for every head h < kMaxGroup and channel c
+// (heads past the group: zero).
+template <int D, class Store>
+__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, Store&& store) {
   constexpr int E = D / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   for (int h = warp; h < kMaxGroup; h += kWarps) {
@@ -178,8 +179,14 @@ __device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, 
       if (p.rotated) hadamard_warp<D>(x);
     }
 #pragma unroll
-    for (int i = 0; i < E; ++i) qs[h * D + lane * E + i] = x[i];
+    for (int i = 0; i < E; ++i) store(h, lane * E + i, x[i]);
   }
+}
+
+// The same as fp32 rows qs[kMaxGroup][D].
+template <int D>
+__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, float* qs) {
+  load_rotated_queries<D>(p, partial_row, [&](int h, int c, float x) { qs[h * D + c] = x; });
 }
 
 // The merge buffer in shared memory, [warp][head][D + 2]: each warp's o[D], m, l for the heads of the group.

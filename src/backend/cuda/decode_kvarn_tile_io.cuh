@@ -1,6 +1,6 @@
-// Decode attention over KVarN tiles, the tile in shared memory: each warp's two slots, the copy of a tile into a
-// slot (swizzled against bank conflicts), the fp32 staging of its scales, the reads of its key codes, and the loop
-// of a warp over its tiles.
+// Decode attention over KVarN tiles, the tile in shared memory: each warp's slot, the copy of a tile's two halves
+// into it (swizzled against bank conflicts), the fp32 staging of its scales and of the queries, the reads of its
+// key codes, and the loop of a warp over its tiles.
 #pragma once
 #include "backend/cuda/decode_common.cuh"
 
@@ -8,24 +8,27 @@
 
 namespace kvarn::cuda::decode {
 
-// Shared memory of a KVarN CTA: each warp's two tile slots, then each warp's a_K and z_K of the tile being read
-// as fp32 in k-slot order. The setup's queries, the tail CTAs' rows and scores and the final merge reuse the slots.
-template <class F>
-struct KvarnSharedLayout {
-  static constexpr size_t query = 0;  // read into registers before the slots fill
-  static constexpr size_t ring = std::max({size_t{2} * kWarps * F::L.bytes, sizeof(float) * kMaxGroup * F::D,
-                                           sizeof(float) * kWarps * kMaxGroup * (F::D + 2)});
-  static constexpr size_t key_scales = sizeof(float) * kWarps * 2 * F::D;
-  static constexpr size_t bytes = ring + key_scales;
-};
-
-// Per-token and per-channel scales of the tile being read, as fp32 over its dead key codes (padded()):
-// s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t], z_V[t], and
-// s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
+// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K and z_K in fragment order
+// (stage_key_scales), then in padded() order s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its
+// byte, see the scores), a_V[t], z_V[t], and s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
 template <class F>
 struct TileScales {
-  static constexpr int s_tok = 0, a_v = padded_size(F::G), z_v = 2 * padded_size(F::G), s_ch = 3 * padded_size(F::G);
-  static_assert(sizeof(float) * (s_ch + padded_size(F::D)) <= F::D * F::G / 2, "scales fit over the key codes");
+  static constexpr int a_k = 0, z_k = F::D, s_tok = 2 * F::D, a_v = s_tok + padded_size(F::G),
+                       z_v = a_v + padded_size(F::G), s_ch = z_v + padded_size(F::G), floats = s_ch + padded_size(F::D);
+  static_assert(s_tok % 4 == 0 && a_v % 4 == 0 && z_v % 4 == 0 && s_ch % 4 == 0, "float4 rows");
+};
+
+// Shared memory of a KVarN CTA: the group's queries in fragment order (for the whole CTA), then per warp one tile
+// slot and its TileScales. One slot per warp, refilled in two halves (keys while the values are read, values while
+// the next keys are), keeps a CTA at ~71 KB, so that 3 CTAs (12 warps) fit on an SM. The final merge reuses it all.
+template <class F>
+struct KvarnSharedLayout {
+  static constexpr size_t query = 0;
+  static constexpr size_t warp_regions = sizeof(float) * kMaxGroup * F::D;
+  static constexpr size_t slot_bytes = (F::L.bytes + 15) / 16 * 16;
+  static constexpr size_t warp_region = slot_bytes + sizeof(float) * TileScales<F>::floats;
+  static constexpr size_t bytes =
+      std::max(warp_regions + kWarps * warp_region, sizeof(float) * kWarps * kMaxGroup * (F::D + 2));
 };
 
 // Value-code rows (token-major, D*VB/8 bytes each) are placed permuted: the lanes m = 0..3 of a fragment column
@@ -67,17 +70,23 @@ struct WarpTileCopy {
     }
   }
 
-  __device__ __forceinline__ void operator()(uint8_t* slot, const uint8_t* __restrict__ tile) const {
+  // The key half of the tile: key codes and key scales, [0, value_codes).
+  __device__ __forceinline__ void keys(uint8_t* slot, const uint8_t* __restrict__ tile) const {
     const uint8_t* src = tile + 16 * lane;
 #pragma unroll
     for (int k = 0; k < kKeyChunks / 32; ++k) cp_async_16(slot + key_offset + 512 * k, src + 512 * k);
+    copy_plain<static_cast<int>(L.key_scale), static_cast<int>(L.value_codes)>(slot, src);
+  }
+
+  // The value half: value codes and value scales, [value_codes, bytes).
+  __device__ __forceinline__ void values(uint8_t* slot, const uint8_t* __restrict__ tile) const {
+    const uint8_t* src = tile + 16 * lane;
 #pragma unroll
     for (int k = 0; k < (kValueChunks + 31) / 32; ++k)
       if (kValueChunks % 32 == 0 || lane + 32 * k < kValueChunks)
         cp_async_16(slot + L.value_codes + value_offset[((kRowsPerRound * k) >> ValueRows<F>::kGroupShift) & 3] +
                         512 * k,
                     src + L.value_codes + 512 * k);
-    copy_plain<static_cast<int>(L.key_scale), static_cast<int>(L.value_codes)>(slot, src);
     copy_plain<static_cast<int>(L.value_channel_scale), static_cast<int>(L.bytes)>(slot, src);
   }
 
@@ -90,19 +99,47 @@ struct WarpTileCopy {
   }
 };
 
-// a_K, z_K of a tile as fp32 in fragment order: lane l writes, for k-block l / 4 and m = l % 4, its channels
-// 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9 (k-slots 2m, 2m + 1, 2m + 8, 2m + 9).
+// Four fp16 scales per lane (lanes with 4 lane < n) as fp32, times factor(index), to `to` in padded() order.
+template <class Factor>
+__device__ __forceinline__ void stage_scale_run(const uint8_t* from, float* to, int n, int lane, Factor&& factor) {
+  if (4 * lane < n) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(from + 8 * lane);
+    const __half* h = reinterpret_cast<const __half*>(&raw);
+    float4 f;
+    float* x = &f.x;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x[j] = __half2float(h[j]) * factor(4 * lane + j);
+    *reinterpret_cast<float4*>(to + padded(4 * lane)) = f;
+  }
+}
+
+// The key half's scales as TileScales: a_K, z_K in fragment order (lane l: k-block l / 4, m = l % 4, its channels
+// 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and s_tok_K.
 template <class F>
-__device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* a_k, float* z_k, int lane) {
+__device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* scales, int lane) {
+  using S = TileScales<F>;
   if (lane < F::D / 4) {
     const __half2* ak = reinterpret_cast<const __half2*>(tile + F::L.key_scale);
     const __half2* zk = reinterpret_cast<const __half2*>(tile + F::L.key_zero);
     const int c2 = 8 * (lane / 4) + lane % 4;  // half2 index of channel 16 kb + 2m
     const float2 a0 = __half22float2(ak[c2]), a1 = __half22float2(ak[c2 + 4]);
     const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
-    reinterpret_cast<float4*>(a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
-    reinterpret_cast<float4*>(z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
+    reinterpret_cast<float4*>(scales + S::a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
+    reinterpret_cast<float4*>(scales + S::z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
   }
+  stage_scale_run(tile + F::L.key_token_scale, scales + S::s_tok, F::G, lane,
+                  [](int t) { return (t & 1) ? kSubnormalScale / 16 : kSubnormalScale; });
+}
+
+// The value half's scales as TileScales: a_V, z_V and s_ch_V.
+template <class F>
+__device__ __forceinline__ void stage_value_scales(const uint8_t* tile, float* scales, int lane) {
+  using S = TileScales<F>;
+  constexpr int kCodesPerByte = 8 / F::VB;
+  stage_scale_run(tile + F::L.value_scale, scales + S::a_v, F::G, lane, [](int) { return 1.0f; });
+  stage_scale_run(tile + F::L.value_zero, scales + S::z_v, F::G, lane, [](int) { return 1.0f; });
+  stage_scale_run(tile + F::L.value_channel_scale, scales + S::s_ch, F::D, lane,
+                  [](int c) { return static_cast<float>(1 << (24 - (c % kCodesPerByte) * F::VB)); });
 }
 
 // The key codes of k-block kb through ldmatrix.trans (row address: this lane's key_base in the tile): w[h][s]
@@ -129,47 +166,25 @@ __device__ __forceinline__ int key_row_offset(int lane) {
   return (8 * h + r) * (F::G / 2) + 16 * (s ^ ((r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
 }
 
-// The tile's per-token and per-channel scales as fp32 (TileScales) over its key codes, once those are read.
+// Stages the group's rotated queries times scale_log2 (log2 units) in fragment order, for the whole CTA: float4
+// (kb, head, m) holds the head's channels 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9 (heads past the group: zero), so
+// that the 8 heads' fragments of a k-block are 512 consecutive bytes. Kept in shared memory rather than in 32
+// registers per thread, which would not leave 3 CTAs per SM.
 template <class F>
-__device__ __forceinline__ void stage_token_and_channel_scales(const uint8_t* tile, float* scales, int lane) {
-  constexpr int kCodesPerByte = 8 / F::VB;
-  auto stage = [&](size_t from, int to, int n, float even, float odd, bool by_channel) {
-    if (4 * lane < n) {
-      const uint2 raw = *reinterpret_cast<const uint2*>(tile + from + 8 * lane);
-      const __half* h = reinterpret_cast<const __half*>(&raw);
-      float4 f;
-      float* x = &f.x;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int idx = 4 * lane + j;
-        const float factor = by_channel ? static_cast<float>(1 << (24 - (idx % kCodesPerByte) * F::VB))
-                                        : ((idx & 1) ? odd : even);
-        x[j] = __half2float(h[j]) * factor;
-      }
-      *reinterpret_cast<float4*>(scales + to + padded(4 * lane)) = f;
-    }
-  };
-  stage(F::L.key_token_scale, TileScales<F>::s_tok, F::G, kSubnormalScale, kSubnormalScale / 16, false);
-  stage(F::L.value_scale, TileScales<F>::a_v, F::G, 1.0f, 1.0f, false);
-  stage(F::L.value_zero, TileScales<F>::z_v, F::G, 1.0f, 1.0f, false);
-  stage(F::L.value_channel_scale, TileScales<F>::s_ch, F::D, 0, 0, true);
+__device__ __forceinline__ void stage_query_fragments(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
+  float* fragments = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::query);
+  load_rotated_queries<F::D>(p, work.partial_row, [&](int h, int c, float x) {
+    const int r = c % 16, m = (r % 8) / 2, e = (r & 1) + 2 * (r / 8);
+    fragments[(((c / 16) * kMaxGroup + h) * 4 + m) * 4 + e] = x * p.scale_log2;
+  });
+  __syncthreads();
 }
 
-// Loads the group's rotated queries and returns, scaled to log2 units, q head `row`'s channels 16 kb + 2m, 2m + 1,
-// 2m + 8, 2m + 9 (m = lane % 4; rows past the group are zero). The queries' space becomes the slots afterwards.
+// This lane's query fragment of k-block kb for `head` (stage_query_fragments).
 template <class F>
-__device__ __forceinline__ void load_query_channels(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
-                                                    int row, float (&q)[F::D / 16][4]) {
-  constexpr int D = F::D;
-  float* qs = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::query);
-  const int m4 = threadIdx.x % 4;
-  load_rotated_queries<D>(p, work.partial_row, qs);
-  __syncthreads();
-#pragma unroll
-  for (int kb = 0; kb < D / 16; ++kb)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[kb][i] = qs[row * D + 16 * kb + 2 * m4 + (i & 1) + 8 * (i >> 1)] * p.scale_log2;
-  __syncthreads();
+__device__ __forceinline__ float4 query_fragment(const uint8_t* shared, int kb, int head) {
+  return reinterpret_cast<const float4*>(shared + KvarnSharedLayout<F>::query)[(kb * kMaxGroup + head) * 4 +
+                                                                               threadIdx.x % 4];
 }
 
 // Offsets of this lane's value codes in a slot: token 32 s + 8 m + 4 e + u (u = 0..3), fragment column g's bytes,
@@ -187,48 +202,60 @@ __device__ __forceinline__ void value_code_offsets(int lane, int (&value_base)[2
 }
 
 // One lane's q' a_K of k-block kb at its channels 2m, 2m + 1 (pair 0) and 2m + 8, 2m + 9 (pair 1) as fp16 hi and lo
-// pairs; adds their q' z_K to z_sum. a_k, z_k: the tile's, staged by stage_key_scales.
-__device__ __forceinline__ void fold_key_scales(const float (&q)[4], const float* a_k, const float* z_k, int kb,
-                                                float& z_sum, uint32_t (&hi)[2], uint32_t (&lo)[2]) {
+// pairs; adds their q' z_K to z_sum. q: query_fragment; scales: the tile's, staged by stage_key_scales.
+template <class F>
+__device__ __forceinline__ void fold_key_scales(const float4 q, const float* scales, int kb, float& z_sum,
+                                                uint32_t (&hi)[2], uint32_t (&lo)[2]) {
   const int m4 = threadIdx.x % 4;
-  const float4 av = reinterpret_cast<const float4*>(a_k)[4 * kb + m4];
-  const float4 zv = reinterpret_cast<const float4*>(z_k)[4 * kb + m4];
-  z_sum += q[0] * zv.x + q[1] * zv.y + q[2] * zv.z + q[3] * zv.w;
-  split_half2(q[0] * av.x, q[1] * av.y, hi[0], lo[0]);
-  split_half2(q[2] * av.z, q[3] * av.w, hi[1], lo[1]);
+  const float4 av = reinterpret_cast<const float4*>(scales + TileScales<F>::a_k)[4 * kb + m4];
+  const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
+  z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
+  split_half2(q.x * av.x, q.y * av.y, hi[0], lo[0]);
+  split_half2(q.z * av.z, q.w * av.w, hi[1], lo[1]);
 }
 
-// Runs body(tile, it, a_k, z_k) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w), each
-// whole in one of the warp's two shared-memory slots while the next streams in, its a_K and z_K staged; then waits
-// for every warp (the slots become the merge buffer).
-template <class F, class Body>
+// Stages the queries (stage_query_fragments) while the first tile streams in, then runs scores(tile, it, scales)
+// and values(tile, scales) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w) in the warp's
+// one slot: the next tile's key half streams in while this tile's values are read, its value half while the next
+// keys are; each half's scales are staged as TileScales before its phase. Then waits for every warp (the slots
+// become the merge buffer).
+template <class F, class Scores, class Values>
 __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
-                                                   Body&& body) {
-  constexpr codec::TileLayout L = F::L;
+                                                   Scores&& scores, Values&& values) {
+  using Layout = KvarnSharedLayout<F>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int32_t* table = p.block_tables + work.seq.block_table_offset;
   const int num = work.end_tile - work.first_tile;
   const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
-  uint8_t* slots = shared + warp * 2 * L.bytes;
-  float* a_k = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::ring) + warp * 2 * F::D;
-  float* z_k = a_k + F::D;
+  uint8_t* slot = shared + Layout::warp_regions + warp * Layout::warp_region;
+  float* scales = reinterpret_cast<float*>(slot + Layout::slot_bytes);
   auto tile_bytes = [&](int i) {
     return p.blocks +
-           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * L.bytes;
+           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * F::L.bytes;
   };
-  const WarpTileCopy<F> copy_tile(lane);
-  if (mine > 0) copy_tile(slots, tile_bytes(0));
+  const WarpTileCopy<F> copy(lane);
+  if (mine > 0) copy.keys(slot, tile_bytes(0));
   cp_async_commit();
+  if (mine > 0) copy.values(slot, tile_bytes(0));
+  cp_async_commit();
+  stage_query_fragments<F>(p, work, shared);  // while the first tile streams in
   for (int it = 0; it < mine; ++it) {
-    if (it + 1 < mine) copy_tile(slots + ((it + 1) & 1) * L.bytes, tile_bytes(it + 1));
+    cp_async_wait<1>();  // this tile's keys (its values may still stream)
+    __syncwarp();
+    stage_key_scales<F>(slot, scales, lane);
+    __syncwarp();
+    scores(slot, it, scales);
+    __syncwarp();  // the key half is read: the next tile's streams in
+    if (it + 1 < mine) copy.keys(slot, tile_bytes(it + 1));
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<1>();  // this tile's values
     __syncwarp();
-    uint8_t* tile = slots + (it & 1) * L.bytes;
-    stage_key_scales<F>(tile, a_k, z_k, lane);
+    stage_value_scales<F>(slot, scales, lane);
     __syncwarp();
-    body(tile, it, a_k, z_k);
-    __syncwarp();  // the slot is refilled in the next iteration
+    values(slot, scales);
+    __syncwarp();
+    if (it + 1 < mine) copy.values(slot, tile_bytes(it + 1));
+    cp_async_commit();
   }
   cp_async_wait<0>();
   __syncthreads();
