@@ -204,11 +204,13 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   const int tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
   // Split-K over tiles: the split that minimizes grid_time, a CTA taking its tiles per split, divided by the tiles
-  // it reads at once, + ~2 tiles of start (queries, the first tile's latency) and merge; a tail CTA ~2 tiles.
-  // Measured on the H200 (k4v2_g128, batch 8 x 8K): leaving the tail CTAs out chose 6 splits (384 tile CTAs,
-  // 396 slots, the last 52 waiting for the 64 tail CTAs) at 33.0 us; 4 splits ran 27.0 us. On the H100 (batch
+  // it reads at once, + ~2 tiles of start (queries, the first tile's latency) and merge; a tail CTA ~1 tile.
+  // Measured on the H200 (k4v2_g128): at batch 8 x 8K, leaving the tail CTAs out chose 6 splits (384 tile CTAs,
+  // 396 slots, the last 52 waiting for the 64 tail CTAs) at 33.0 us, 4 splits ran 27.0 us; at 8 x 32K, a tail of
+  // 2 tiles chose 5 splits, 72.2 us (Qwen shape 83.4), 1 tile 6 splits, 70.2 us (79.0). Adding a throughput bound
+  // (tiles of the busiest SM) chose 33 splits at 8 x 128K: 240.3 us against 226.1 (6 splits). On the H100 (batch
   // 8-128, 8K-32K) the older rule, "two waves", left 2.1-2.6 waves and ran up to 1.12x slower.
-  constexpr double kCtaOverheadTiles = 2.0, kTailTiles = 2.0;
+  constexpr double kCtaOverheadTiles = 2.0, kTailTiles = 1.0;
   const long slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
   plan.tiles_per_split = std::max(1, max_tiles);
