@@ -85,11 +85,17 @@ std::vector<double> fp16_operand(std::vector<float> row, bool rotated) {
   return out;
 }
 
+// A softmax scale off by this factor must move the float64 reference past what the criterion allows on inputs
+// that are to catch one (scale_margin below); beside a sink, attention is too close to one-hot for that.
+constexpr double kScaleError = 1.005;
+
 // kv(s, tokens): the keys and values of sequence s (prefix then chunk), [tokens][kv_heads][D], model space.
-// q: [chunk rows of all sequences][q_heads][D], model space.
+// q: [chunk rows of all sequences][q_heads][D], model space. scale_margin (when asked): the largest ratio, over
+// the sequences, of the float64 reference's distance to the same with the scale times kScaleError to the error
+// against float64 the criterion allows (> 1: a kernel with that scale error fails).
 void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_heads,
                    const std::vector<ChunkSpec>& specs, const test::KvSource& kv, const std::vector<float>& q_model,
-                   uint32_t seed) {
+                   uint32_t seed, double* scale_margin = nullptr) {
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
   const int g = test::tile_tokens_for(codec::parse_cache_dtype(dtype_name), d);
   std::vector<std::pair<std::vector<float>, std::vector<float>>> full(num_seqs);
@@ -168,7 +174,7 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
           to16.insert(to16.end(), row16.begin(), row16.end());
         }
     }
-    double err2 = 0, err16_2 = 0, dist2 = 0, ref2 = 0;
+    double err2 = 0, err16_2 = 0, dist2 = 0, shift2 = 0, ref2 = 0;
     for (int i = 0; i < specs[s].chunk; ++i) {
       const int visible = prefix + i + 1;
       for (int h = 0; h < q_heads; ++h) {
@@ -180,6 +186,10 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
         const auto o = attend(qr, keys[h / group], values[h / group], visible, scale, rotated);
         const auto o16 = attend(fp16_operand(q, rotated), keys16[h / group], values16[h / group], visible, scale,
                                 rotated);
+        if (scale_margin) {
+          const auto shifted = attend(qr, keys[h / group], values[h / group], visible, scale * kScaleError, rotated);
+          for (int c = 0; c < d; ++c) shift2 += (shifted[c] - o[c]) * (shifted[c] - o[c]);
+        }
         for (int c = 0; c < d; ++c) {
           const double got = out[at + c];
           ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " row " << i << " head " << h << " channel " << c
@@ -201,6 +211,7 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
           << ", kernel to fp16-operand reference " << dist;
     EXPECT_LE(rel, 2 * rel16 + kRelErrorFloor) << where.str();
     EXPECT_LE(dist, kRelDistanceCap) << where.str();
+    if (scale_margin) *scale_margin = std::max(*scale_margin, std::sqrt(shift2 / ref2) / (2 * rel16 + kRelErrorFloor));
   }
   std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e (fp16-operand reference %.2e, kernel to it %.2e) "
               "over %d sequences (%d rows)\n",
@@ -236,6 +247,8 @@ TEST_P(PrefillTest, MatchesFloat64ReferenceOnRaggedBatch) {
                 random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
 }
 
+// Spread attention (scores with a standard deviation of ~2): also where a wrong softmax scale shows, which the
+// sink-dominated synthetic inputs hide.
 TEST_P(PrefillTest, LongChunkOverLongPrefix) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
@@ -243,8 +256,10 @@ TEST_P(PrefillTest, LongChunkOverLongPrefix) {
   std::mt19937 rng(seed);
   const test::KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
   const std::vector<ChunkSpec> specs = {{{16, 7}, 700}};
+  double scale_margin = 0;
   check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-                random_queries(specs, c.q_heads, c.head_dim, rng, 2.0f), seed);
+                random_queries(specs, c.q_heads, c.head_dim, rng, 2.0f), seed, &scale_margin);
+  EXPECT_GT(scale_margin, 1.0) << "a softmax scale off by " << kScaleError << " would pass this test";
 }
 
 INSTANTIATE_TEST_SUITE_P(
