@@ -1,12 +1,13 @@
 // Shape contract: tails[slot][K|V][H][G][D] fp16 -> blocks[block][H][layout.bytes] (codec/tile_layout.h).
 // KVarN: one CTA of 128 threads per (job, kv-head, K|V): the matrix (keys D x G, channel-major; values G x D)
-// sits in shared memory as fp32 (R x (C+1), padded so that both row-per-thread and column-per-thread walks are
-// free of bank conflicts). Sums run one thread per row or column in the CPU's order, without FMA contraction,
-// and exp/log go through double and round once, as glibc's expf/logf do: the result matches the CPU codec
-// bit for bit except where glibc and the device's double exp/log round differently (a rare ulp), which can move
-// a code across a rounding boundary or, rarer, the choice of the best normalization iterate.
-// Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head; ~16 iterations x 4 passes over R*C elements,
-// latency-bound (serial sums), about 60 us per CTA; many CTAs run side by side.
+// sits in shared memory as it came, fp16 (R x (C+2), padded so that both row-per-thread and column-per-thread
+// walks are free of bank conflicts; 6 CTAs per SM). Sums run one thread per row or column in the CPU's order,
+// without FMA contraction, and exp/log go through double and round once, as glibc's expf/logf do: the result
+// matches the CPU codec bit for bit except where glibc and the device's double exp/log round differently (a rare
+// ulp), which can move a code across a rounding boundary or, rarer, the choice of the best normalization iterate.
+// Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head; ~16 iterations x 3 two-pass statistics over
+// R*C elements, ~90K instructions per warp, latency-bound (serial sums), ~130 us per CTA (H200); many CTAs run
+// side by side.
 #include "backend/cuda/flush_full_tiles.h"
 
 #include "backend/cuda/cuda_check.h"
@@ -42,11 +43,16 @@ __device__ float block_max(float v, float* scratch) {
 // Shared-memory state of one R x C matrix being encoded.
 template <int R, int C>
 struct MatrixState {
-  float x[R][C + 1];
+  // The tile as it came, fp16 (exact: the tail is fp16), rows padded to an odd number of words so that both
+  // row-per-thread and column-per-thread walks are free of bank conflicts; half the bytes of fp32, so that 6
+  // CTAs fit on an SM instead of 3 (a CTA is bound by its own chains of dependent adds, not by issue).
+  __half x_half[R][C + 2];
   float log_col[C], inv_col[C], col_std[C], best_col[C];
   float log_row[R], inv_row[R], row_std[R], best_row[R];
   float row_a[R], row_z[R];
   float scratch[8];
+
+  __device__ float x(int r, int c) const { return __half2float(x_half[r][c]); }
 };
 
 // cur = x * inv_col * inv_row; unbiased two-pass standard deviations of rows and (when asked) columns.
@@ -57,11 +63,11 @@ __device__ void refresh(MatrixState<R, C>& s, bool columns) {
   if (tid < R) {
     const float inv_row = s.inv_row[tid];
     float sum = 0;
-    for (int c = 0; c < C; ++c) sum = __fadd_rn(sum, __fmul_rn(__fmul_rn(s.x[tid][c], s.inv_col[c]), inv_row));
+    for (int c = 0; c < C; ++c) sum = __fadd_rn(sum, __fmul_rn(__fmul_rn(s.x(tid, c), s.inv_col[c]), inv_row));
     const float mean = __fdiv_rn(sum, static_cast<float>(C));
     float dev = 0;
     for (int c = 0; c < C; ++c) {
-      const float d = __fsub_rn(__fmul_rn(__fmul_rn(s.x[tid][c], s.inv_col[c]), inv_row), mean);
+      const float d = __fsub_rn(__fmul_rn(__fmul_rn(s.x(tid, c), s.inv_col[c]), inv_row), mean);
       dev = __fadd_rn(dev, __fmul_rn(d, d));
     }
     s.row_std[tid] = __fsqrt_rn(__fdiv_rn(dev, static_cast<float>(C - 1)));
@@ -69,11 +75,11 @@ __device__ void refresh(MatrixState<R, C>& s, bool columns) {
   if (columns && tid < C) {
     const float inv_col = s.inv_col[tid];
     float sum = 0;
-    for (int r = 0; r < R; ++r) sum = __fadd_rn(sum, __fmul_rn(__fmul_rn(s.x[r][tid], inv_col), s.inv_row[r]));
+    for (int r = 0; r < R; ++r) sum = __fadd_rn(sum, __fmul_rn(__fmul_rn(s.x(r, tid), inv_col), s.inv_row[r]));
     const float mean = __fdiv_rn(sum, static_cast<float>(R));
     float dev = 0;
     for (int r = 0; r < R; ++r) {
-      const float d = __fsub_rn(__fmul_rn(__fmul_rn(s.x[r][tid], inv_col), s.inv_row[r]), mean);
+      const float d = __fsub_rn(__fmul_rn(__fmul_rn(s.x(r, tid), inv_col), s.inv_row[r]), mean);
       dev = __fadd_rn(dev, __fmul_rn(d, d));
     }
     s.col_std[tid] = __fsqrt_rn(__fdiv_rn(dev, static_cast<float>(R - 1)));
@@ -122,11 +128,10 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
                               __half* __restrict__ row_zero_out, __half* __restrict__ col_scale_out) {
   const int tid = threadIdx.x;
   for (int i = tid; i < R * C; i += kThreads) {
-    const float value = __half2float(src[i]);
     if (transposed)
-      s.x[i % R][i / R] = value;
+      s.x_half[i % R][i / R] = src[i];
     else
-      s.x[i / C][i % C] = value;
+      s.x_half[i / C][i % C] = src[i];
   }
   if (tid < C) s.log_col[tid] = 0, s.inv_col[tid] = 1, s.best_col[tid] = 1;
   if (tid < R) s.log_row[tid] = 0, s.inv_row[tid] = 1, s.best_row[tid] = 1;
@@ -161,7 +166,7 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
     const float row_scale = s.best_row[tid];
     float lo = FLT_MAX, hi = -FLT_MAX;
     for (int c = 0; c < C; ++c) {
-      const float b = __fdiv_rn(__fdiv_rn(s.x[tid][c], s.best_col[c]), row_scale);
+      const float b = __fdiv_rn(__fdiv_rn(s.x(tid, c), s.best_col[c]), row_scale);
       lo = fminf(lo, b);
       hi = fmaxf(hi, b);
     }
@@ -171,7 +176,7 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
       uint32_t word = 0;
       for (int k = 0; k < kCodesPerWord; ++k) {
         const int c = w * kCodesPerWord + k;
-        const float b = __fdiv_rn(__fdiv_rn(s.x[tid][c], s.best_col[c]), row_scale);
+        const float b = __fdiv_rn(__fdiv_rn(s.x(tid, c), s.best_col[c]), row_scale);
         const float q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(b, lo), scale)), 0.0f), kMaxCode);
         word |= static_cast<uint32_t>(q) << (k * BITS);
       }
