@@ -5,9 +5,10 @@
 // operands (~2^-22 relative) and give the weights p*a_V as fp16 (2^-12); fp16 tiles use the fp16 query and fp16
 // weights p (2^-12); the fp16 tail is read in fp32; the output is fp16 (2^-12). Shapes: ragged batches, tails of
 // 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty one, one-tile sequences with a 100x attention
-// sink, long sequences split over many CTAs, GQA groups of 1, 4 and 8, head_dim 64 and 128, every KVarN preset, the
-// rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured K/V. Outputs
-// are poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
+// sink, long sequences split over many CTAs, GQA groups of 1, 3, 4, 5, 7 and 8 (both KVarN paths, with and without
+// heads absent from the mma tiles), head_dim 64 and 128, every KVarN preset, the rtn ablation (unrotated codes) and
+// the fp16 baseline; random K/V with outliers and real captured K/V. Outputs are poisoned (NaN) before each run;
+// tail positions past tail_len hold NaN so that reading them fails the test.
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/kv_layout.h"
 #include "cuda_test_support.h"
@@ -187,7 +188,9 @@ INSTANTIATE_TEST_SUITE_P(
                       DecodeCase{"kvarn_k4v2_g128", 64, 8, 2}, DecodeCase{"kvarn_k4v4_g128", 64, 16, 2},
                       DecodeCase{"kvarn_k4v2_g64", 64, 8, 2}, DecodeCase{"kvarn_k4v4_g64", 64, 4, 1},
                       DecodeCase{"rtn_k4v2_g128", 128, 8, 2}, DecodeCase{"fp16", 128, 8, 2},
-                      DecodeCase{"fp16", 128, 16, 2}, DecodeCase{"fp16", 64, 8, 2}),
+                      DecodeCase{"fp16", 128, 16, 2}, DecodeCase{"fp16", 64, 8, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 128, 6, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 10, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 64, 14, 2}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
