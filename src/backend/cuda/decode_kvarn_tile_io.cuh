@@ -42,6 +42,31 @@ struct ValueRows {
   __device__ static int chunk_xor(int m) { return kRowBytes == 64 ? (m & 2) : 0; }
 };
 
+// A lane's bytes of one value-code row: its fragment column's ValueRows::kColBytes bytes, as words (src: their
+// address in a slot, value_code_offsets).
+template <class F>
+struct ValueColumn {
+  static constexpr int kWords = (ValueRows<F>::kColBytes + 3) / 4;
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ explicit ValueColumn(const uint8_t* src) {
+    if constexpr (ValueRows<F>::kColBytes == 2) {
+      w[0] = *reinterpret_cast<const uint16_t*>(src);
+    } else if constexpr (ValueRows<F>::kColBytes == 4) {
+      w[0] = *reinterpret_cast<const uint32_t*>(src);
+    } else {
+      const uint2 x = *reinterpret_cast<const uint2*>(src);
+      w[0] = x.x, w[1] = x.y;
+    }
+  }
+};
+
+// Byte b of two rows' columns in bytes 0 and 2 of a register: the codes of two tokens, an mma operand after a mask.
+template <class F>
+__device__ __forceinline__ uint32_t pair_column_byte(const ValueColumn<F>& x, const ValueColumn<F>& y, int b) {
+  return __byte_perm(x.w[b / 4], y.w[b / 4], pair_selector(b % 4));
+}
+
 // One lane's share of copying a tile into a slot (chunks lane, lane + 32, ... of each region), with its shared-
 // memory offsets computed once: key codes with their 16-byte chunks XOR-swizzled so that the 8 channel rows of an
 // ldmatrix read hit distinct banks (chunk c of row r goes to c ^ (r / (rows per 128 bytes)) mod (chunks per row)),

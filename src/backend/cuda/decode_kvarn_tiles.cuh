@@ -135,28 +135,15 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     float c[NV / 2][4] = {};  // m-tile i / 2: channels g NV + i (c0, c1), + 1 (c2, c3); heads 2m, 2m + 1
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
-      // Code words of tokens 32 (kk / 2) + 8 m + 4 e + 2 (kk % 2) + jj, this column's bytes.
-      constexpr int kWords = (Rows::kColBytes + 3) / 4;
-      uint32_t v[2][2][kWords];
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const uint8_t* src = tile + value_base[e][2 * (kk % 2) + jj] + (kk / 2) * 32 * Rows::kRowBytes;
-          if constexpr (Rows::kColBytes == 2) {
-            v[jj][e][0] = *reinterpret_cast<const uint16_t*>(src);
-          } else if constexpr (Rows::kColBytes == 4) {
-            v[jj][e][0] = *reinterpret_cast<const uint32_t*>(src);
-          } else {
-            const uint2 x = *reinterpret_cast<const uint2*>(src);
-            v[jj][e][0] = x.x, v[jj][e][1] = x.y;
-          }
-        }
+      // This column of tokens 32 (kk / 2) + 8 m + 4 e + 2 (kk % 2) + jj: v[jj][e].
+      auto column = [&](int jj, int e) {
+        return ValueColumn<F>(tile + value_base[e][2 * (kk % 2) + jj] + (kk / 2) * 32 * Rows::kRowBytes);
+      };
+      const ValueColumn<F> v[2][2] = {{column(0, 0), column(0, 1)}, {column(1, 0), column(1, 1)}};
 #pragma unroll
       for (int byte = 0; byte < Rows::kColBytes; ++byte) {
-        const uint32_t sel = pair_selector(byte % 4);
-        const uint32_t x_ab = __byte_perm(v[0][0][byte / 4], v[0][1][byte / 4], sel);
-        const uint32_t x_cd = __byte_perm(v[1][0][byte / 4], v[1][1][byte / 4], sel);
+        const uint32_t x_ab = pair_column_byte(v[0][0], v[0][1], byte);
+        const uint32_t x_cd = pair_column_byte(v[1][0], v[1][1], byte);
 #pragma unroll
         for (int q2 = 0; q2 < kCodesPerByte; q2 += 2) {
           const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << (q2 * VB), mask1 = mask << VB;
@@ -302,30 +289,17 @@ __device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams&
           pz += s[kk][r] * z_v[r][q2];
           b[r] = movmatrix_trans(pack_half2(s[kk][r] * a_v[r][q2], 0.0f));
         }
-        // Code words of tokens 32 (2 sp + r) + 8 m + 4 e + q (k-slots 2m + e of row half r), column g's bytes.
-        constexpr int kWords = (kColBytes + 3) / 4;
-        uint32_t v[2][2][kWords];
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const uint8_t* src = tile + value_base[e][q2] + 32 * (2 * sp + r) * Rows::kRowBytes;
-            if constexpr (kColBytes == 2) {
-              v[r][e][0] = *reinterpret_cast<const uint16_t*>(src);
-            } else if constexpr (kColBytes == 4) {
-              v[r][e][0] = *reinterpret_cast<const uint32_t*>(src);
-            } else {
-              const uint2 x2 = *reinterpret_cast<const uint2*>(src);
-              v[r][e][0] = x2.x, v[r][e][1] = x2.y;
-            }
-          }
+        // Column g of tokens 32 (2 sp + r) + 8 m + 4 e + q (k-slots 2m + e of row half r): v[r][e].
+        auto column = [&](int r, int e) {
+          return ValueColumn<F>(tile + value_base[e][q2] + 32 * (2 * sp + r) * Rows::kRowBytes);
+        };
+        const ValueColumn<F> v[2][2] = {{column(0, 0), column(0, 1)}, {column(1, 0), column(1, 1)}};
 #pragma unroll
         for (int j = 0; j < kColBytes / 2; ++j) {
-          const int byte0 = 2 * j, byte1 = 2 * j + 1;
-          const uint32_t x0a = __byte_perm(v[0][0][byte0 / 4], v[0][1][byte0 / 4], pair_selector(byte0 % 4));
-          const uint32_t x0b = __byte_perm(v[0][0][byte1 / 4], v[0][1][byte1 / 4], pair_selector(byte1 % 4));
-          const uint32_t x1a = __byte_perm(v[1][0][byte0 / 4], v[1][1][byte0 / 4], pair_selector(byte0 % 4));
-          const uint32_t x1b = __byte_perm(v[1][0][byte1 / 4], v[1][1][byte1 / 4], pair_selector(byte1 % 4));
+          const uint32_t x0a = pair_column_byte(v[0][0], v[0][1], 2 * j);
+          const uint32_t x0b = pair_column_byte(v[0][0], v[0][1], 2 * j + 1);
+          const uint32_t x1a = pair_column_byte(v[1][0], v[1][1], 2 * j);
+          const uint32_t x1b = pair_column_byte(v[1][0], v[1][1], 2 * j + 1);
 #pragma unroll
           for (int q3 = 0; q3 < kCodesPerByte; ++q3) {
             const uint32_t mask = ((1u << VB) - 1) * 0x00010001u << (q3 * VB);
