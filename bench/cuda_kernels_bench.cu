@@ -8,8 +8,10 @@
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
-// Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only] [--batches 8,32] [--contexts 8192,32768]
-//   --decode-only: only the copy and the k4v2_g128 / fp16 decode rows; --batches, --contexts: only these.
+// Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only] [--batches 8,32]
+//                         [--contexts 8192,32768]
+//   --decode-only: only the copy and the k4v2_g128 / fp16 decode rows; --flush-only: only the flush rows;
+//   --batches, --contexts: only these.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -203,6 +205,12 @@ void bench_flush(Csv& csv, const std::string& dtype_name, int jobs) {
   KVARN_CUDA_CHECK(cudaFree(dev));
 }
 
+// One job is a sequence filling a tile in every kv-head of a layer; a step at batch 128 flushes ~1 sequence x 32
+// layers.
+void bench_flushes(Csv& csv) {
+  for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
+}
+
 void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, int tokens, int prefix) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tiles = prefix / g;
@@ -257,12 +265,13 @@ std::vector<int> parse_list(const char* text) {
 
 int run(int argc, char** argv) {
   Csv csv;
-  bool decode_only = false;
+  bool decode_only = false, flush_only = false;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
     if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
     if (!std::strcmp(argv[i], "--decode-only")) decode_only = true;
+    if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
   }
@@ -270,6 +279,11 @@ int run(int argc, char** argv) {
   KVARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs, %.0f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
   csv.row("kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits");
+  if (flush_only) {
+    bench_flushes(csv);
+    if (csv.file) std::fclose(csv.file);
+    return 0;
+  }
   copy_bandwidth(csv);
   const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
   for (const Shape& shape : shapes)
@@ -282,7 +296,7 @@ int run(int argc, char** argv) {
   }
   for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
     bench_decode(csv, shapes[0], dtype, 32, 32768);
-  for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
+  bench_flushes(csv);
   for (const Shape& shape : shapes)
     for (const char* dtype : {"kvarn_k4v2_g128", "fp16"}) {
       for (int tokens : {2048, 8192}) bench_prefill(csv, shape, dtype, tokens, 0);

@@ -68,11 +68,14 @@ void encode_matrix(const float* x, int rows, int cols, int bits, bool normalize,
                    uint8_t* row_scale_out, uint8_t* row_zero_out, uint8_t* col_scale_out) {
   Normalization norm = normalize ? variance_normalize(x, rows, cols)
                                  : Normalization{std::vector<float>(cols, 1.0f), std::vector<float>(rows, 1.0f)};
-  std::vector<float> a(rows), z(rows), b(cols);
+  std::vector<float> a(rows), z(rows), b(cols), inv_col(cols);
   std::vector<uint8_t> codes(cols);
+  // B = X / s_col / s_row as the normalization formed it: times the reciprocals (the CUDA flush does the same).
+  for (int c = 0; c < cols; ++c) inv_col[c] = 1.0f / norm.col_scale[c];
   const size_t row_bytes = static_cast<size_t>(cols) * bits / 8;
   for (int r = 0; r < rows; ++r) {
-    for (int c = 0; c < cols; ++c) b[c] = x[static_cast<long>(r) * cols + c] / norm.col_scale[c] / norm.row_scale[r];
+    const float inv_row = 1.0f / norm.row_scale[r];
+    for (int c = 0; c < cols; ++c) b[c] = x[static_cast<long>(r) * cols + c] * inv_col[c] * inv_row;
     const RowRange range = quantize_row(b.data(), cols, bits, codes.data());
     pack_codes(codes.data(), cols, bits, codes_out + r * row_bytes);
     a[r] = norm.row_scale[r] * range.scale;

@@ -14,6 +14,11 @@ struct Normalization {
 };
 
 inline constexpr int kNormalizationIterations = 16;
+// Sums over a row or column run as 8 ordered partials meeting in a halving tree (variance_normalize.cpp), an
+// order a warp reproduces with one lane per partial.
+inline constexpr int kSumPartials = 8;
+// An iterate whose imbalance is within this factor of the best one's counts as a tie and is kept.
+inline constexpr float kTieMargin = 1.0f + 1e-6f;
 
 Normalization variance_normalize(const float* x, int rows, int cols, int iterations = kNormalizationIterations);
 

@@ -1,16 +1,17 @@
 // Shape contract: tails[slot][K|V][H][G][D] fp16 -> blocks[block][H][layout.bytes] (codec/tile_layout.h).
-// KVarN: one CTA of 128 threads per (job, kv-head, K|V): the matrix (keys D x G, channel-major; values G x D)
-// sits in shared memory as it came, fp16 (R x (C+2), padded so that both row-per-thread and column-per-thread
-// walks are free of bank conflicts; 6 CTAs per SM). Sums run one thread per row or column in the CPU's order,
-// without FMA contraction, and exp/log go through double and round once, as glibc's expf/logf do: the result
-// matches the CPU codec bit for bit except where glibc and the device's double exp/log round differently (a rare
-// ulp), which can move a code across a rounding boundary or, rarer, the choice of the best normalization iterate.
-// Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head; ~16 iterations x 3 two-pass statistics over
-// R*C elements, ~90K instructions per warp, latency-bound (serial sums), ~130 us per CTA (H200); many CTAs run
-// side by side.
+// KVarN: one CTA of 256 threads per (job, kv-head, K|V) encodes one matrix R x C (keys D x G, channel-major;
+// values G x D), held in shared memory as it came, fp16. Every sum follows the CPU codec's order
+// (codec/variance_normalize.cpp: 8 ordered partials, a halving tree) with one lane per partial and the tree as
+// xor shuffles, no FMA contraction beyond the codec's own fma, exp/log in double rounded once as the codec does:
+// the output equals the CPU codec's bit for bit (unless the device's and libm's double exp/log land on
+// opposite sides of a float rounding boundary, ~2^-29 per call).
+// Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head. Per normalization iteration one row pass and
+// one column pass over the R*C elements (load, convert, scale, sum; then squared deviations), ~12 instructions
+// per element; 16 iterations. Issue-bound when many CTAs run side by side (4 per SM).
 #include "backend/cuda/flush_full_tiles.h"
 
 #include "backend/cuda/cuda_check.h"
+#include "codec/variance_normalize.h"
 
 #include <cuda_fp16.h>
 
@@ -20,13 +21,22 @@ namespace kvarn::cuda {
 
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kIterations = 16;  // codec::kNormalizationIterations
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPartials = 8;  // lanes per row or column sum
+static_assert(codec::kSumPartials == kPartials);
 
-__device__ __forceinline__ float exp_as_glibc(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
-__device__ __forceinline__ float log_as_glibc(float x) { return static_cast<float>(log(static_cast<double>(x))); }
-__device__ __forceinline__ float log2_as_glibc(float x) {
-  return static_cast<float>(log2(static_cast<double>(x)));
+// In double, rounded to float once, as the codec computes them.
+__device__ __forceinline__ float exp_rounded(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
+__device__ __forceinline__ float log_rounded(float x) { return static_cast<float>(log(static_cast<double>(x))); }
+__device__ __forceinline__ float log2_rounded(float x) { return static_cast<float>(log2(static_cast<double>(x))); }
+
+// The codec's halving tree over 8 partials held by the lanes `far` (partial k + 4), 2 (k + 2) and 1 (k + 1)
+// apart: after each xor step every lane holds the sum the tree forms at that level (float addition commutes).
+__device__ __forceinline__ float tree_sum(float v, int far) {
+  v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, far));
+  v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, 2));
+  return __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, 1));
 }
 
 __device__ float block_max(float v, float* scratch) {
@@ -36,55 +46,122 @@ __device__ float block_max(float v, float* scratch) {
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   float m = scratch[0];
-  for (int w = 1; w < kThreads / 32; ++w) m = fmaxf(m, scratch[w]);
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
   return m;
 }
 
 // Shared-memory state of one R x C matrix being encoded.
 template <int R, int C>
 struct MatrixState {
-  // The tile as it came, fp16 (exact: the tail is fp16), rows padded to an odd number of words so that both
-  // row-per-thread and column-per-thread walks are free of bank conflicts; half the bytes of fp32, so that 6
-  // CTAs fit on an SM instead of 3 (a CTA is bound by its own chains of dependent adds, not by issue).
-  __half x_half[R][C + 2];
-  float log_col[C], inv_col[C], col_std[C], best_col[C];
-  float log_row[R], inv_row[R], row_std[R], best_row[R];
+  // Rows (C + 8) halves apart, (C + 8) / 2 = 4 mod 8 words: the row walk (a quarter warp reads 16-byte pieces of
+  // two adjacent rows, or of one row when C = 64) and the column walk (8 rows x 4 column pairs) are both free of
+  // bank conflicts.
+  static constexpr int kStride = C + 8;
+  __half x[R][kStride];
+  float log_col[C], inv_col[C], col_dev[C], col_std[C], best_log_col[C], col_scale[C];
+  float log_row[R], inv_row[R], row_dev[R], row_std[R], best_log_row[R], row_scale[R];
   float row_a[R], row_z[R];
-  float scratch[8];
-
-  __device__ float x(int r, int c) const { return __half2float(x_half[r][c]); }
+  float scratch[4 * kWarps];
 };
 
-// cur = x * inv_col * inv_row; unbiased two-pass standard deviations of rows and (when asked) columns.
+// The row walk: the 8 lanes of a row hold its 8 chunks of C/8 consecutive columns; a warp covers 4 rows per
+// step. For C = 128 a quarter warp takes chunks 0-3 of two adjacent rows (bank-conflict free), so chunk k + 4 is
+// 8 lanes away; for C = 64 it takes one row's 8 chunks.
+template <int C>
+struct RowWalk {
+  static constexpr int kChunk = C / kPartials;
+  static constexpr int kFar = C == 128 ? 8 : 4;
+  static_assert(C == 64 || C == 128);
+  __device__ static int chunk(int lane) { return C == 128 ? (lane & 3) | ((lane >> 1) & 4) : lane & 7; }
+  __device__ static int row(int lane) { return C == 128 ? ((lane >> 2) & 1) | ((lane >> 3) & 2) : lane >> 3; }
+};
+
+// The kChunk halves of `row` at chunk k, converted to float.
 template <int R, int C>
-__device__ void refresh(MatrixState<R, C>& s, bool columns) {
-  __syncthreads();
-  const int tid = threadIdx.x;
-  if (tid < R) {
-    const float inv_row = s.inv_row[tid];
-    float sum = 0;
-    for (int c = 0; c < C; ++c) sum = __fadd_rn(sum, __fmul_rn(__fmul_rn(s.x(tid, c), s.inv_col[c]), inv_row));
-    const float mean = __fdiv_rn(sum, static_cast<float>(C));
-    float dev = 0;
-    for (int c = 0; c < C; ++c) {
-      const float d = __fsub_rn(__fmul_rn(__fmul_rn(s.x(tid, c), s.inv_col[c]), inv_row), mean);
-      dev = __fadd_rn(dev, __fmul_rn(d, d));
+__device__ __forceinline__ void load_chunk(const MatrixState<R, C>& s, int row, int k, float* out) {
+  constexpr int kVectors = RowWalk<C>::kChunk / 8;
+#pragma unroll
+  for (int v = 0; v < kVectors; ++v) {
+    const uint4 bits = *reinterpret_cast<const uint4*>(&s.x[row][k * RowWalk<C>::kChunk + 8 * v]);
+    const __half2* h = reinterpret_cast<const __half2*>(&bits);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      out[8 * v + 2 * i] = f.x;
+      out[8 * v + 2 * i + 1] = f.y;
     }
-    s.row_std[tid] = __fsqrt_rn(__fdiv_rn(dev, static_cast<float>(C - 1)));
   }
-  if (columns && tid < C) {
-    const float inv_col = s.inv_col[tid];
+}
+
+// The sums of squared deviations of x * col_factor along each row (out[row]) and of x * row_factor down each
+// column (out[col]), two-pass, in the codec's order; spread() turns them into standard deviations, one thread
+// per row or column. The mean divides by a power of two: the multiplication is exact and equal.
+template <int R, int C>
+__device__ void row_deviations(const MatrixState<R, C>& s, const float* col_factor, float* out) {
+  constexpr int L = RowWalk<C>::kChunk;
+  static_assert((C & (C - 1)) == 0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = RowWalk<C>::chunk(lane);
+  float factor[L];
+#pragma unroll
+  for (int j = 0; j < L; ++j) factor[j] = col_factor[k * L + j];
+#pragma unroll
+  for (int step = 0; step < R / (4 * kWarps); ++step) {
+    const int row = (step * kWarps + warp) * 4 + RowWalk<C>::row(lane);
+    float y[L];
+    load_chunk(s, row, k, y);
     float sum = 0;
-    for (int r = 0; r < R; ++r) sum = __fadd_rn(sum, __fmul_rn(__fmul_rn(s.x(r, tid), inv_col), s.inv_row[r]));
-    const float mean = __fdiv_rn(sum, static_cast<float>(R));
-    float dev = 0;
-    for (int r = 0; r < R; ++r) {
-      const float d = __fsub_rn(__fmul_rn(__fmul_rn(s.x(r, tid), inv_col), s.inv_row[r]), mean);
-      dev = __fadd_rn(dev, __fmul_rn(d, d));
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      y[j] = __fmul_rn(y[j], factor[j]);
+      sum = __fadd_rn(sum, y[j]);
     }
-    s.col_std[tid] = __fsqrt_rn(__fdiv_rn(dev, static_cast<float>(R - 1)));
+    const float mean = __fmul_rn(tree_sum(sum, RowWalk<C>::kFar), 1.0f / C);
+    float dev = 0;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const float d = __fsub_rn(y[j], mean);
+      dev = __fmaf_rn(d, d, dev);
+    }
+    dev = tree_sum(dev, RowWalk<C>::kFar);
+    if (k == 0) out[row] = dev;
   }
-  __syncthreads();
+}
+
+// The column walk: lane k sums rows k, k + 8, ... (the codec's strided partials) of 2 adjacent columns; a warp
+// covers 4 column pairs per step.
+template <int R, int C>
+__device__ void column_deviations(const MatrixState<R, C>& s, const float* row_factor, float* out) {
+  constexpr int M = R / kPartials;
+  static_assert((R & (R - 1)) == 0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = lane & 7;
+#pragma unroll
+  for (int step = 0; step < C / (8 * kWarps); ++step) {
+    const int col = 2 * ((step * kWarps + warp) * 4 + lane / 8);
+    float2 z[M];
+    float2 sum = {0, 0};
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int row = k + kPartials * m;
+      const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&s.x[row][col]));
+      const float factor = row_factor[row];
+      z[m] = {__fmul_rn(v.x, factor), __fmul_rn(v.y, factor)};
+      sum = {__fadd_rn(sum.x, z[m].x), __fadd_rn(sum.y, z[m].y)};
+    }
+    const float2 mean = {__fmul_rn(tree_sum(sum.x, 4), 1.0f / R), __fmul_rn(tree_sum(sum.y, 4), 1.0f / R)};
+    float2 dev = {0, 0};
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float dx = __fsub_rn(z[m].x, mean.x), dy = __fsub_rn(z[m].y, mean.y);
+      dev = {__fmaf_rn(dx, dx, dev.x), __fmaf_rn(dy, dy, dev.y)};
+    }
+    dev = {tree_sum(dev.x, 4), tree_sum(dev.y, 4)};
+    if (k == 0) out[col] = dev.x, out[col + 1] = dev.y;
+  }
+}
+
+// Unbiased standard deviation from a sum of squared deviations over n terms.
+__device__ __forceinline__ float spread(float deviations, int n) {
+  return __fsqrt_rn(__fdiv_rn(deviations, static_cast<float>(n - 1)));
 }
 
 // max(col_std)/max(min(col_std), 1e-8) + max(row_std)/max(min(row_std), 1e-8), the same in every thread.
@@ -110,96 +187,146 @@ __device__ float imbalance(MatrixState<R, C>& s) {
     }
   }
   __syncthreads();
-  const float result = __fadd_rn(__fdiv_rn(s.scratch[1], fmaxf(s.scratch[0], 1e-8f)),
-                                 __fdiv_rn(s.scratch[3], fmaxf(s.scratch[2], 1e-8f)));
-  __syncthreads();
-  return result;
+  return __fadd_rn(__fdiv_rn(s.scratch[1], fmaxf(s.scratch[0], 1e-8f)),
+                   __fdiv_rn(s.scratch[3], fmaxf(s.scratch[2], 1e-8f)));
 }
 
 __device__ __forceinline__ float step_log_scale(float log_scale, float std_dev) {
-  const float next = __fadd_rn(log_scale, log_as_glibc(fminf(fmaxf(std_dev, 1e-3f), 1e3f)));
+  const float next = __fadd_rn(log_scale, log_rounded(fminf(fmaxf(std_dev, 1e-3f), 1e3f)));
   return fminf(fmaxf(next, -0.3f), 10.0f);
+}
+
+// Spec step 3 as codec::variance_normalize computes it: leaves col_scale / row_scale (the kept iterate) and
+// inv_col / inv_row (their reciprocals).
+template <int R, int C>
+__device__ void normalize(MatrixState<R, C>& s) {
+  const int tid = threadIdx.x;
+  row_deviations(s, s.inv_col, s.row_dev);
+  column_deviations(s, s.inv_row, s.col_dev);
+  __syncthreads();
+  if (tid < R) s.row_std[tid] = spread(s.row_dev[tid], C);
+  if (tid < C) s.col_std[tid] = spread(s.col_dev[tid], R);
+  __syncthreads();
+  float best = imbalance(s);
+  for (int it = 1; it <= codec::kNormalizationIterations; ++it) {
+    if (tid < C) {
+      s.log_col[tid] = step_log_scale(s.log_col[tid], s.col_std[tid]);
+      s.inv_col[tid] = __fdiv_rn(1.0f, exp_rounded(s.log_col[tid]));
+    }
+    __syncthreads();
+    row_deviations(s, s.inv_col, s.row_dev);
+    __syncthreads();
+    if (tid < R) {
+      const float row_spread = spread(s.row_dev[tid], C);
+      s.log_row[tid] = step_log_scale(s.log_row[tid], __fmul_rn(s.inv_row[tid], row_spread));
+      s.inv_row[tid] = __fdiv_rn(1.0f, exp_rounded(s.log_row[tid]));
+      s.row_std[tid] = __fmul_rn(s.inv_row[tid], row_spread);
+    }
+    __syncthreads();
+    column_deviations(s, s.inv_row, s.col_dev);
+    __syncthreads();
+    if (tid < C) s.col_std[tid] = __fmul_rn(s.inv_col[tid], spread(s.col_dev[tid], R));
+    __syncthreads();
+    const float current = imbalance(s);
+    if (current <= __fmul_rn(best, codec::kTieMargin)) {
+      best = current;
+      if (tid < C) s.best_log_col[tid] = s.log_col[tid];
+      if (tid < R) s.best_log_row[tid] = s.log_row[tid];
+    }
+  }
+  if (tid < C) {
+    s.col_scale[tid] = exp_rounded(s.best_log_col[tid]);
+    s.inv_col[tid] = __fdiv_rn(1.0f, s.col_scale[tid]);
+  }
+  if (tid < R) {
+    s.row_scale[tid] = exp_rounded(s.best_log_row[tid]);
+    s.inv_row[tid] = __fdiv_rn(1.0f, s.row_scale[tid]);
+  }
+}
+
+// Spec step 4 on B = x * inv_col * inv_row in the row walk: each lane rounds its chunk of a row against the
+// row's range and stores its codes (C/8 codes of BITS bits: 16 to 64 bits, aligned).
+template <int R, int C, int BITS>
+__device__ void quantize_rows(MatrixState<R, C>& s, uint8_t* __restrict__ codes_out) {
+  constexpr int L = RowWalk<C>::kChunk;
+  constexpr float kMaxCode = static_cast<float>((1 << BITS) - 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = RowWalk<C>::chunk(lane);
+#pragma unroll 1
+  for (int step = 0; step < R / (4 * kWarps); ++step) {
+    const int row = (step * kWarps + warp) * 4 + RowWalk<C>::row(lane);
+    float b[L];
+    load_chunk(s, row, k, b);
+    const float inv_row = s.inv_row[row];
+    float lo = FLT_MAX, hi = -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      b[j] = __fmul_rn(__fmul_rn(b[j], s.inv_col[k * L + j]), inv_row);
+      lo = fminf(lo, b[j]);
+      hi = fmaxf(hi, b[j]);
+    }
+    const int far[3] = {RowWalk<C>::kFar, 2, 1};
+#pragma unroll
+    for (int o : far) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), kMaxCode), 1e-10f);
+    uint64_t word = 0;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const float q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(b[j], lo), scale)), 0.0f), kMaxCode);
+      word |= static_cast<uint64_t>(q) << (j * BITS);
+    }
+    uint8_t* out = codes_out + row * (C * BITS / 8) + k * (L * BITS / 8);
+    if constexpr (L * BITS == 64) *reinterpret_cast<uint64_t*>(out) = word;
+    if constexpr (L * BITS == 32) *reinterpret_cast<uint32_t*>(out) = static_cast<uint32_t>(word);
+    if constexpr (L * BITS == 16) *reinterpret_cast<uint16_t*>(out) = static_cast<uint16_t>(word);
+    if (k == 0) {
+      s.row_a[row] = __fmul_rn(s.row_scale[row], scale);
+      s.row_z[row] = __fmul_rn(s.row_scale[row], lo);
+    }
+  }
 }
 
 // Spec steps 3-5 for one matrix; X[r][c] = src[r*C + c], or src[c*R + r] when `transposed` (the keys).
 template <int R, int C, int BITS>
-__device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ src, bool transposed, bool normalize,
+__device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ src, bool transposed, bool normalize_it,
                               uint8_t* __restrict__ codes_out, __half* __restrict__ row_scale_out,
                               __half* __restrict__ row_zero_out, __half* __restrict__ col_scale_out) {
   const int tid = threadIdx.x;
-  for (int i = tid; i < R * C; i += kThreads) {
-    if (transposed)
-      s.x_half[i % R][i / R] = src[i];
-    else
-      s.x_half[i / C][i % C] = src[i];
-  }
-  if (tid < C) s.log_col[tid] = 0, s.inv_col[tid] = 1, s.best_col[tid] = 1;
-  if (tid < R) s.log_row[tid] = 0, s.inv_row[tid] = 1, s.best_row[tid] = 1;
-  if (normalize) {
-    refresh(s, true);
-    float best = imbalance(s);
-    for (int it = 1; it <= kIterations; ++it) {
-      if (tid < C) {
-        s.log_col[tid] = step_log_scale(s.log_col[tid], s.col_std[tid]);
-        s.inv_col[tid] = __fdiv_rn(1.0f, exp_as_glibc(s.log_col[tid]));
-      }
-      refresh(s, false);
-      if (tid < R) {
-        s.log_row[tid] = step_log_scale(s.log_row[tid], s.row_std[tid]);
-        s.inv_row[tid] = __fdiv_rn(1.0f, exp_as_glibc(s.log_row[tid]));
-      }
-      refresh(s, true);
-      const float current = imbalance(s);
-      if (current <= best) {
-        best = current;
-        if (tid < C) s.best_col[tid] = exp_as_glibc(s.log_col[tid]);
-        if (tid < R) s.best_row[tid] = exp_as_glibc(s.log_row[tid]);
-      }
+  for (int v = tid; v < R * C / 8; v += kThreads) {  // 8 halves of one source row per thread
+    const uint4 bits = reinterpret_cast<const uint4*>(src)[v];
+    const __half* h = reinterpret_cast<const __half*>(&bits);
+    if (transposed) {
+      const int col = v / (R / 8), row = v % (R / 8) * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s.x[row + i][col] = h[i];
+    } else {
+      *reinterpret_cast<uint4*>(&s.x[v / (C / 8)][v % (C / 8) * 8]) = bits;
     }
   }
+  if (tid < C) s.log_col[tid] = 0, s.inv_col[tid] = 1, s.best_log_col[tid] = 0, s.col_scale[tid] = 1;
+  if (tid < R) s.log_row[tid] = 0, s.inv_row[tid] = 1, s.best_log_row[tid] = 0, s.row_scale[tid] = 1;
+  __syncthreads();
+  if (normalize_it) normalize(s);
+  __syncthreads();
+  quantize_rows<R, C, BITS>(s, codes_out);
   __syncthreads();
 
-  constexpr float kMaxCode = static_cast<float>((1 << BITS) - 1);
-  constexpr int kCodesPerWord = 32 / BITS, kWordsPerRow = C / kCodesPerWord;
-  float row_max = 0;
-  if (tid < R) {
-    const float row_scale = s.best_row[tid];
-    float lo = FLT_MAX, hi = -FLT_MAX;
-    for (int c = 0; c < C; ++c) {
-      const float b = __fdiv_rn(__fdiv_rn(s.x(tid, c), s.best_col[c]), row_scale);
-      lo = fminf(lo, b);
-      hi = fmaxf(hi, b);
-    }
-    const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), kMaxCode), 1e-10f);
-    auto* row_words = reinterpret_cast<uint32_t*>(codes_out) + tid * kWordsPerRow;
-    for (int w = 0; w < kWordsPerRow; ++w) {
-      uint32_t word = 0;
-      for (int k = 0; k < kCodesPerWord; ++k) {
-        const int c = w * kCodesPerWord + k;
-        const float b = __fdiv_rn(__fdiv_rn(s.x(tid, c), s.best_col[c]), row_scale);
-        const float q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(b, lo), scale)), 0.0f), kMaxCode);
-        word |= static_cast<uint32_t>(q) << (k * BITS);
-      }
-      row_words[w] = word;
-    }
-    s.row_a[tid] = __fmul_rn(row_scale, scale);
-    s.row_z[tid] = __fmul_rn(row_scale, lo);
-    row_max = fmaxf(fabsf(s.row_a[tid]), fabsf(s.row_z[tid]));
-  }
   // codec's balance_for_fp16: move a power of two between row and column factors to keep them in fp16's range.
-  row_max = block_max(row_max, s.scratch);
-  const float outer_max = block_max(tid < C ? s.best_col[tid] : 0.0f, s.scratch);
+  const float row_max = block_max(tid < R ? fmaxf(fabsf(s.row_a[tid]), fabsf(s.row_z[tid])) : 0.0f, s.scratch);
+  const float outer_max = block_max(tid < C ? s.col_scale[tid] : 0.0f, s.scratch);
   int shift = 0;
   if (row_max != 0 && outer_max != 0) {
-    if (row_max > 16384.0f) shift = static_cast<int>(ceilf(log2_as_glibc(row_max / 16384.0f)));
-    if (row_max < 0x1p-6f) shift = -static_cast<int>(ceilf(log2_as_glibc(0x1p-6f / row_max)));
+    if (row_max > 16384.0f) shift = static_cast<int>(ceilf(log2_rounded(row_max / 16384.0f)));
+    if (row_max < 0x1p-6f) shift = -static_cast<int>(ceilf(log2_rounded(0x1p-6f / row_max)));
     while (shift < 0 && outer_max * ldexpf(1.0f, shift) < 0x1p-6f) ++shift;
   }
   if (tid < R) {
     row_scale_out[tid] = __float2half_rn(ldexpf(s.row_a[tid], -shift));
     row_zero_out[tid] = __float2half_rn(ldexpf(s.row_z[tid], -shift));
   }
-  if (tid < C) col_scale_out[tid] = __float2half_rn(ldexpf(s.best_col[tid], shift));
+  if (tid < C) col_scale_out[tid] = __float2half_rn(ldexpf(s.col_scale[tid], shift));
 }
 
 template <int D, int G, int KB, int VB>
@@ -209,7 +336,7 @@ constexpr size_t flush_shared_bytes() {
 }
 
 template <int D, int G, int KB, int VB>
-__global__ void __launch_bounds__(kThreads) flush_code_tiles_kernel(const TileFlushJob* __restrict__ jobs,
+__global__ void __launch_bounds__(kThreads, 4) flush_code_tiles_kernel(const TileFlushJob* __restrict__ jobs,
                                                                       const __half* __restrict__ tails,
                                                                       uint8_t* __restrict__ blocks, int num_kv_heads,
                                                                       bool normalize) {
