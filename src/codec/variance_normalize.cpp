@@ -1,5 +1,7 @@
 #include "codec/variance_normalize.h"
 
+#include "codec/portable_math.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -68,13 +70,8 @@ float imbalance(const std::vector<float>& col_std, const std::vector<float>& row
   return *col_max / std::max(*col_min, 1e-8f) + *row_max / std::max(*row_min, 1e-8f);
 }
 
-// exp and log in double, rounded to float once, as the CUDA kernel computes them: float expf / logf of libm and
-// of the device differ in the last ulp often enough to change the kept iterate.
-float exp_rounded(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
-float log_rounded(float x) { return static_cast<float>(std::log(static_cast<double>(x))); }
-
 float step_log_scale(float log_scale, float std_dev) {
-  return std::clamp(log_scale + log_rounded(std::clamp(std_dev, kStdFloor, kStdCeil)), kLogScaleMin, kLogScaleMax);
+  return std::clamp(log_scale + portable::log(std::clamp(std_dev, kStdFloor, kStdCeil)), kLogScaleMin, kLogScaleMax);
 }
 
 void scale(const std::vector<float>& factor, const std::vector<float>& spread, std::vector<float>& out) {
@@ -83,7 +80,7 @@ void scale(const std::vector<float>& factor, const std::vector<float>& spread, s
 
 std::vector<float> exp_of(const std::vector<float>& log_scale) {
   std::vector<float> out(log_scale.size());
-  for (size_t k = 0; k < out.size(); ++k) out[k] = exp_rounded(log_scale[k]);
+  for (size_t k = 0; k < out.size(); ++k) out[k] = portable::exp(log_scale[k]);
   return out;
 }
 
@@ -100,13 +97,13 @@ Normalization variance_normalize(const float* x, int rows, int cols, int iterati
   for (int it = 1; it <= iterations; ++it) {
     for (int j = 0; j < cols; ++j) {
       log_col[j] = step_log_scale(log_col[j], col_std[j]);
-      inv_col[j] = 1.0f / exp_rounded(log_col[j]);
+      inv_col[j] = 1.0f / portable::exp(log_col[j]);
     }
     spreads.of_rows(inv_col, row_spread);
     scale(inv_row, row_spread, row_std);
     for (int i = 0; i < rows; ++i) {
       log_row[i] = step_log_scale(log_row[i], row_std[i]);
-      inv_row[i] = 1.0f / exp_rounded(log_row[i]);
+      inv_row[i] = 1.0f / portable::exp(log_row[i]);
     }
     scale(inv_row, row_spread, row_std);
     spreads.of_columns(inv_row, col_spread);

@@ -2,15 +2,15 @@
 // KVarN: one CTA of 256 threads per (job, kv-head, K|V) encodes one matrix R x C (keys D x G, channel-major;
 // values G x D), held in shared memory as it came, fp16. Every sum follows the CPU codec's order
 // (codec/variance_normalize.cpp: 8 ordered partials, a halving tree) with one lane per partial and the tree as
-// xor shuffles, no FMA contraction beyond the codec's own fma, exp/log in double rounded once as the codec does:
-// the output equals the CPU codec's bit for bit (unless the device's and libm's double exp/log land on
-// opposite sides of a float rounding boundary, ~2^-29 per call).
+// xor shuffles, no FMA contraction beyond the codec's own fma, exp/log from codec/portable_math.h: the output
+// equals the CPU codec's bit for bit.
 // Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head. Per normalization iteration one row pass and
 // one column pass over the R*C elements (load, convert, scale, sum; then squared deviations), ~12 instructions
 // per element; 16 iterations. Issue-bound when many CTAs run side by side (4 per SM).
 #include "backend/cuda/flush_full_tiles.h"
 
 #include "backend/cuda/cuda_check.h"
+#include "codec/portable_math.h"
 #include "codec/variance_normalize.h"
 
 #include <cuda_fp16.h>
@@ -26,10 +26,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kPartials = 8;  // lanes per row or column sum
 static_assert(codec::kSumPartials == kPartials);
 
-// In double, rounded to float once, as the codec computes them.
-__device__ __forceinline__ float exp_rounded(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
-__device__ __forceinline__ float log_rounded(float x) { return static_cast<float>(log(static_cast<double>(x))); }
-__device__ __forceinline__ float log2_rounded(float x) { return static_cast<float>(log2(static_cast<double>(x))); }
+__device__ __forceinline__ float log2_as_libm(float x) { return static_cast<float>(log2(static_cast<double>(x))); }
 
 // The codec's halving tree over 8 partials held by the lanes `far` (partial k + 4), 2 (k + 2) and 1 (k + 1)
 // apart: after each xor step every lane holds the sum the tree forms at that level (float addition commutes).
@@ -192,7 +189,7 @@ __device__ float imbalance(MatrixState<R, C>& s) {
 }
 
 __device__ __forceinline__ float step_log_scale(float log_scale, float std_dev) {
-  const float next = __fadd_rn(log_scale, log_rounded(fminf(fmaxf(std_dev, 1e-3f), 1e3f)));
+  const float next = __fadd_rn(log_scale, codec::portable::log(fminf(fmaxf(std_dev, 1e-3f), 1e3f)));
   return fminf(fmaxf(next, -0.3f), 10.0f);
 }
 
@@ -211,7 +208,7 @@ __device__ void normalize(MatrixState<R, C>& s) {
   for (int it = 1; it <= codec::kNormalizationIterations; ++it) {
     if (tid < C) {
       s.log_col[tid] = step_log_scale(s.log_col[tid], s.col_std[tid]);
-      s.inv_col[tid] = __fdiv_rn(1.0f, exp_rounded(s.log_col[tid]));
+      s.inv_col[tid] = __fdiv_rn(1.0f, codec::portable::exp(s.log_col[tid]));
     }
     __syncthreads();
     row_deviations(s, s.inv_col, s.row_dev);
@@ -219,7 +216,7 @@ __device__ void normalize(MatrixState<R, C>& s) {
     if (tid < R) {
       const float row_spread = spread(s.row_dev[tid], C);
       s.log_row[tid] = step_log_scale(s.log_row[tid], __fmul_rn(s.inv_row[tid], row_spread));
-      s.inv_row[tid] = __fdiv_rn(1.0f, exp_rounded(s.log_row[tid]));
+      s.inv_row[tid] = __fdiv_rn(1.0f, codec::portable::exp(s.log_row[tid]));
       s.row_std[tid] = __fmul_rn(s.inv_row[tid], row_spread);
     }
     __syncthreads();
@@ -235,11 +232,11 @@ __device__ void normalize(MatrixState<R, C>& s) {
     }
   }
   if (tid < C) {
-    s.col_scale[tid] = exp_rounded(s.best_log_col[tid]);
+    s.col_scale[tid] = codec::portable::exp(s.best_log_col[tid]);
     s.inv_col[tid] = __fdiv_rn(1.0f, s.col_scale[tid]);
   }
   if (tid < R) {
-    s.row_scale[tid] = exp_rounded(s.best_log_row[tid]);
+    s.row_scale[tid] = codec::portable::exp(s.best_log_row[tid]);
     s.inv_row[tid] = __fdiv_rn(1.0f, s.row_scale[tid]);
   }
 }
@@ -318,8 +315,8 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
   const float outer_max = block_max(tid < C ? s.col_scale[tid] : 0.0f, s.scratch);
   int shift = 0;
   if (row_max != 0 && outer_max != 0) {
-    if (row_max > 16384.0f) shift = static_cast<int>(ceilf(log2_rounded(row_max / 16384.0f)));
-    if (row_max < 0x1p-6f) shift = -static_cast<int>(ceilf(log2_rounded(0x1p-6f / row_max)));
+    if (row_max > 16384.0f) shift = static_cast<int>(ceilf(log2_as_libm(row_max / 16384.0f)));
+    if (row_max < 0x1p-6f) shift = -static_cast<int>(ceilf(log2_as_libm(0x1p-6f / row_max)));
     while (shift < 0 && outer_max * ldexpf(1.0f, shift) < 0x1p-6f) ++shift;
   }
   if (tid < R) {
