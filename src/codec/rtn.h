@@ -9,7 +9,7 @@ struct RowRange {
   float scale;  // max((hi - lo) / (2^bits - 1), 1e-10)
 };
 
-// codes[i] = clamp(round_half_even((row[i] - lo) / scale), 0, 2^bits - 1), one code per byte.
+// codes[i] = clamp(round_half_even((row[i] - lo) * (1 / scale)), 0, 2^bits - 1), one code per byte.
 RowRange quantize_row(const float* row, int n, int bits, uint8_t* codes);
 
 // Code i sits at bit i*bits of `packed` (n*bits/8 bytes), lower index in lower bits. bits in {2, 4, 8}.

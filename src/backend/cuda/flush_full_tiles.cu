@@ -55,8 +55,13 @@ struct MatrixState {
   // bank conflicts.
   static constexpr int kStride = C + 8;
   __half x[R][kStride];
-  float log_col[C], inv_col[C], col_dev[C], col_std[C], best_log_col[C], col_scale[C];
+  alignas(16) float inv_col[C];
+  float log_col[C], col_dev[C], col_std[C], best_log_col[C], col_scale[C];
   float log_row[R], inv_row[R], row_dev[R], row_std[R], best_log_row[R], row_scale[R];
+  // inv_row[k + 8m] at [k][m]: the factors a column-walk lane reads, in order, rows 4 words apart from the
+  // previous row's bank group (R/8 + 4 = 4 mod 8 words) so that 8 lanes' 16-byte reads do not conflict.
+  static constexpr int kByPartialStride = R / 8 + 4;
+  alignas(16) float inv_row_by_partial[8][kByPartialStride];
   float row_a[R], row_z[R];
   float scratch[4 * kWarps];
 };
@@ -100,7 +105,8 @@ __device__ void row_deviations(const MatrixState<R, C>& s, const float* col_fact
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = RowWalk<C>::chunk(lane);
   float factor[L];
 #pragma unroll
-  for (int j = 0; j < L; ++j) factor[j] = col_factor[k * L + j];
+  for (int j = 0; j < L; j += 4)
+    *reinterpret_cast<float4*>(&factor[j]) = *reinterpret_cast<const float4*>(&col_factor[k * L + j]);
 #pragma unroll
   for (int step = 0; step < R / (4 * kWarps); ++step) {
     const int row = (step * kWarps + warp) * 4 + RowWalk<C>::row(lane);
@@ -125,12 +131,15 @@ __device__ void row_deviations(const MatrixState<R, C>& s, const float* col_fact
 }
 
 // The column walk: lane k sums rows k, k + 8, ... (the codec's strided partials) of 2 adjacent columns; a warp
-// covers 4 column pairs per step.
+// covers 4 column pairs per step. Its row factors come in the order it walks them (inv_row_by_partial).
 template <int R, int C>
-__device__ void column_deviations(const MatrixState<R, C>& s, const float* row_factor, float* out) {
+__device__ void column_deviations(const MatrixState<R, C>& s,
+                                  const float (*row_factor_by_partial)[MatrixState<R, C>::kByPartialStride],
+                                  float* out) {
   constexpr int M = R / kPartials;
-  static_assert((R & (R - 1)) == 0);
+  static_assert((R & (R - 1)) == 0 && M % 4 == 0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = lane & 7;
+  const float4* factors = reinterpret_cast<const float4*>(row_factor_by_partial[k]);
 #pragma unroll
   for (int step = 0; step < C / (8 * kWarps); ++step) {
     const int col = 2 * ((step * kWarps + warp) * 4 + lane / 8);
@@ -138,9 +147,9 @@ __device__ void column_deviations(const MatrixState<R, C>& s, const float* row_f
     float2 sum = {0, 0};
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const int row = k + kPartials * m;
-      const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&s.x[row][col]));
-      const float factor = row_factor[row];
+      const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&s.x[k + kPartials * m][col]));
+      const float4 four = factors[m / 4];
+      const float factor = m % 4 == 0 ? four.x : m % 4 == 1 ? four.y : m % 4 == 2 ? four.z : four.w;
       z[m] = {__fmul_rn(v.x, factor), __fmul_rn(v.y, factor)};
       sum = {__fadd_rn(sum.x, z[m].x), __fadd_rn(sum.y, z[m].y)};
     }
@@ -199,7 +208,7 @@ template <int R, int C>
 __device__ void normalize(MatrixState<R, C>& s) {
   const int tid = threadIdx.x;
   row_deviations(s, s.inv_col, s.row_dev);
-  column_deviations(s, s.inv_row, s.col_dev);
+  column_deviations(s, s.inv_row_by_partial, s.col_dev);
   __syncthreads();
   if (tid < R) s.row_std[tid] = spread(s.row_dev[tid], C);
   if (tid < C) s.col_std[tid] = spread(s.col_dev[tid], R);
@@ -218,9 +227,10 @@ __device__ void normalize(MatrixState<R, C>& s) {
       s.log_row[tid] = step_log_scale(s.log_row[tid], __fmul_rn(s.inv_row[tid], row_spread));
       s.inv_row[tid] = __fdiv_rn(1.0f, codec::portable::exp(s.log_row[tid]));
       s.row_std[tid] = __fmul_rn(s.inv_row[tid], row_spread);
+      s.inv_row_by_partial[tid % kPartials][tid / kPartials] = s.inv_row[tid];
     }
     __syncthreads();
-    column_deviations(s, s.inv_row, s.col_dev);
+    column_deviations(s, s.inv_row_by_partial, s.col_dev);
     __syncthreads();
     if (tid < C) s.col_std[tid] = __fmul_rn(s.inv_col[tid], spread(s.col_dev[tid], R));
     __syncthreads();
@@ -267,11 +277,11 @@ __device__ void quantize_rows(MatrixState<R, C>& s, uint8_t* __restrict__ codes_
       lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
       hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     }
-    const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), kMaxCode), 1e-10f);
+    const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), kMaxCode), 1e-10f), inv_scale = __fdiv_rn(1.0f, scale);
     uint64_t word = 0;
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      const float q = fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(b[j], lo), scale)), 0.0f), kMaxCode);
+      const float q = fminf(fmaxf(rintf(__fmul_rn(__fsub_rn(b[j], lo), inv_scale)), 0.0f), kMaxCode);
       word |= static_cast<uint64_t>(q) << (j * BITS);
     }
     uint8_t* out = codes_out + row * (C * BITS / 8) + k * (L * BITS / 8);
@@ -303,7 +313,10 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
     }
   }
   if (tid < C) s.log_col[tid] = 0, s.inv_col[tid] = 1, s.best_log_col[tid] = 0, s.col_scale[tid] = 1;
-  if (tid < R) s.log_row[tid] = 0, s.inv_row[tid] = 1, s.best_log_row[tid] = 0, s.row_scale[tid] = 1;
+  if (tid < R) {
+    s.log_row[tid] = 0, s.inv_row[tid] = 1, s.best_log_row[tid] = 0, s.row_scale[tid] = 1;
+    s.inv_row_by_partial[tid % kPartials][tid / kPartials] = 1;
+  }
   __syncthreads();
   if (normalize_it) normalize(s);
   __syncthreads();
