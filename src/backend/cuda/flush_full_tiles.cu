@@ -112,12 +112,11 @@ __device__ void row_deviations(const MatrixState<R, C>& s, const float* col_fact
     const int row = (step * kWarps + warp) * 4 + RowWalk<C>::row(lane);
     float y[L];
     load_chunk(s, row, k, y);
-    float sum = 0;
 #pragma unroll
-    for (int j = 0; j < L; ++j) {
-      y[j] = __fmul_rn(y[j], factor[j]);
-      sum = __fadd_rn(sum, y[j]);
-    }
+    for (int j = 0; j < L; ++j) y[j] = __fmul_rn(y[j], factor[j]);
+    float sum = y[0];  // the codec's 0 + y[0] but for the sign of an all-zero sum, which no deviation sees
+#pragma unroll
+    for (int j = 1; j < L; ++j) sum = __fadd_rn(sum, y[j]);
     const float mean = __fmul_rn(tree_sum(sum, RowWalk<C>::kFar), 1.0f / C);
     float dev = 0;
 #pragma unroll
@@ -144,15 +143,16 @@ __device__ void column_deviations(const MatrixState<R, C>& s,
   for (int step = 0; step < C / (8 * kWarps); ++step) {
     const int col = 2 * ((step * kWarps + warp) * 4 + lane / 8);
     float2 z[M];
-    float2 sum = {0, 0};
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&s.x[k + kPartials * m][col]));
       const float4 four = factors[m / 4];
       const float factor = m % 4 == 0 ? four.x : m % 4 == 1 ? four.y : m % 4 == 2 ? four.z : four.w;
       z[m] = {__fmul_rn(v.x, factor), __fmul_rn(v.y, factor)};
-      sum = {__fadd_rn(sum.x, z[m].x), __fadd_rn(sum.y, z[m].y)};
     }
+    float2 sum = z[0];
+#pragma unroll
+    for (int m = 1; m < M; ++m) sum = {__fadd_rn(sum.x, z[m].x), __fadd_rn(sum.y, z[m].y)};
     const float2 mean = {__fmul_rn(tree_sum(sum.x, 4), 1.0f / R), __fmul_rn(tree_sum(sum.y, 4), 1.0f / R)};
     float2 dev = {0, 0};
 #pragma unroll
@@ -170,31 +170,37 @@ __device__ __forceinline__ float spread(float deviations, int n) {
   return __fsqrt_rn(__fdiv_rn(deviations, static_cast<float>(n - 1)));
 }
 
-// max(col_std)/max(min(col_std), 1e-8) + max(row_std)/max(min(row_std), 1e-8), the same in every thread.
+// After a column pass: col_std = inv_col * the column spreads, then the imbalance
+// max(col_std)/max(min(col_std), 1e-8) + max(row_std)/max(min(row_std), 1e-8) in the threads that keep scales
+// (tid < max(R, C); the others get 0): each of their warps reduces its own rows and columns, one barrier.
 template <int R, int C>
-__device__ float imbalance(MatrixState<R, C>& s) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  if (warp < 2) {
-    const float* v = warp == 0 ? s.col_std : s.row_std;
-    const int n = warp == 0 ? C : R;
-    float lo = FLT_MAX, hi = 0;
-    for (int i = lane; i < n; i += 32) {
-      lo = fminf(lo, v[i]);
-      hi = fmaxf(hi, v[i]);
-    }
+__device__ float column_stds_and_imbalance(MatrixState<R, C>& s) {
+  constexpr int kScaleWarps = (R > C ? R : C) / 32;
+  const int tid = threadIdx.x, warp = tid / 32;
+  float col_lo = FLT_MAX, col_hi = 0, row_lo = FLT_MAX, row_hi = 0;
+  if (tid < C) col_lo = col_hi = s.col_std[tid] = __fmul_rn(s.inv_col[tid], spread(s.col_dev[tid], R));
+  if (tid < R) row_lo = row_hi = s.row_std[tid];
+  if (warp < kScaleWarps) {
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) {
-      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+      col_lo = fminf(col_lo, __shfl_xor_sync(0xffffffffu, col_lo, o));
+      col_hi = fmaxf(col_hi, __shfl_xor_sync(0xffffffffu, col_hi, o));
+      row_lo = fminf(row_lo, __shfl_xor_sync(0xffffffffu, row_lo, o));
+      row_hi = fmaxf(row_hi, __shfl_xor_sync(0xffffffffu, row_hi, o));
     }
-    if (lane == 0) {
-      s.scratch[2 * warp] = lo;
-      s.scratch[2 * warp + 1] = hi;
+    if ((tid & 31) == 0) {
+      s.scratch[4 * warp] = col_lo, s.scratch[4 * warp + 1] = col_hi;
+      s.scratch[4 * warp + 2] = row_lo, s.scratch[4 * warp + 3] = row_hi;
     }
   }
   __syncthreads();
-  return __fadd_rn(__fdiv_rn(s.scratch[1], fmaxf(s.scratch[0], 1e-8f)),
-                   __fdiv_rn(s.scratch[3], fmaxf(s.scratch[2], 1e-8f)));
+  if (warp >= kScaleWarps) return 0;
+#pragma unroll
+  for (int w = 0; w < kScaleWarps; ++w) {
+    col_lo = fminf(col_lo, s.scratch[4 * w]), col_hi = fmaxf(col_hi, s.scratch[4 * w + 1]);
+    row_lo = fminf(row_lo, s.scratch[4 * w + 2]), row_hi = fmaxf(row_hi, s.scratch[4 * w + 3]);
+  }
+  return __fadd_rn(__fdiv_rn(col_hi, fmaxf(col_lo, 1e-8f)), __fdiv_rn(row_hi, fmaxf(row_lo, 1e-8f)));
 }
 
 __device__ __forceinline__ float step_log_scale(float log_scale, float std_dev) {
@@ -211,9 +217,7 @@ __device__ void normalize(MatrixState<R, C>& s) {
   column_deviations(s, s.inv_row_by_partial, s.col_dev);
   __syncthreads();
   if (tid < R) s.row_std[tid] = spread(s.row_dev[tid], C);
-  if (tid < C) s.col_std[tid] = spread(s.col_dev[tid], R);
-  __syncthreads();
-  float best = imbalance(s);
+  float best = column_stds_and_imbalance(s);
   for (int it = 1; it <= codec::kNormalizationIterations; ++it) {
     if (tid < C) {
       s.log_col[tid] = step_log_scale(s.log_col[tid], s.col_std[tid]);
@@ -232,9 +236,7 @@ __device__ void normalize(MatrixState<R, C>& s) {
     __syncthreads();
     column_deviations(s, s.inv_row_by_partial, s.col_dev);
     __syncthreads();
-    if (tid < C) s.col_std[tid] = __fmul_rn(s.inv_col[tid], spread(s.col_dev[tid], R));
-    __syncthreads();
-    const float current = imbalance(s);
+    const float current = column_stds_and_imbalance(s);
     if (current <= __fmul_rn(best, codec::kTieMargin)) {
       best = current;
       if (tid < C) s.best_log_col[tid] = s.log_col[tid];
