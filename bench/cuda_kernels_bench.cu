@@ -4,6 +4,8 @@
 //             back-to-back calls (as one decode step calls it once per layer, launch latency hidden), bytes really
 //             read (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
 //   flush     flush_full_tiles of N full tails of the Llama-3-8B layer shape: tiles per second
+//   linear    the linear layers of one Llama-3-8B decode step at batch 128 with cuBLAS (fp16 weights, fp32
+//             accumulation): the rest of a step that the flush's share is taken against
 //   prefill   prefill_attention of one chunk of N tokens after a prefix of P cached tokens (whole tiles): useful
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
@@ -19,6 +21,7 @@
 #include "backend/cuda/kv_layout.h"
 #include "backend/cuda/prefill_attention.h"
 
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -205,10 +208,60 @@ void bench_flush(Csv& csv, const std::string& dtype_name, int jobs) {
   KVARN_CUDA_CHECK(cudaFree(dev));
 }
 
+// One decode step's linear layers at `batch` tokens, Llama-3-8B: per layer QKV 4096 -> 6144, O 4096 -> 4096,
+// gate + up 4096 -> 28672, down 14336 -> 4096, 32 layers, then the lm_head 4096 -> 128256. The same weights serve
+// every layer: one layer's 436 MB pass through L2 (50 MB) as 32 distinct layers' would. Norms, RoPE, the MLP's
+// activation and sampling are left out: a step costs at least this plus attention.
+void bench_step_linear_layers(Csv& csv, int batch) {
+  struct Linear {
+    int in, out;
+  };
+  const Linear layer[] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096}}, head{4096, 128256};
+  const int layers = 32;
+  size_t weight_elements = 0, flops = 0, max_dim = 0;
+  for (const Linear& l : layer) {
+    weight_elements = std::max(weight_elements, static_cast<size_t>(l.in) * l.out);
+    flops += 2ull * batch * l.in * l.out * layers;
+    max_dim = std::max({max_dim, static_cast<size_t>(l.in), static_cast<size_t>(l.out)});
+  }
+  weight_elements = std::max(weight_elements, static_cast<size_t>(head.in) * head.out);
+  flops += 2ull * batch * head.in * head.out;
+  size_t bytes = 2ull * head.in * head.out;
+  for (const Linear& l : layer) bytes += 2ull * l.in * l.out * layers;
+  void *weights, *x, *y;
+  KVARN_CUDA_CHECK(cudaMalloc(&weights, 2 * weight_elements));
+  KVARN_CUDA_CHECK(cudaMalloc(&x, 2 * batch * std::max<size_t>(max_dim, head.out)));
+  KVARN_CUDA_CHECK(cudaMalloc(&y, 2 * batch * std::max<size_t>(max_dim, head.out)));
+  fill_plausible(weights, 2 * weight_elements, 11);
+  fill_plausible(x, 2 * batch * max_dim, 12);
+  cublasHandle_t handle;
+  if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+  const float one = 1, zero = 0;
+  // Row-major y[batch][out] = x[batch][in] * W^T with W[out][in] (Hugging Face's layout): column-major
+  // y^T = W^T' * x^T, i.e. op(A) = A^T over a column-major in x out matrix.
+  auto linear = [&](const Linear& l) {
+    if (cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, l.out, batch, l.in, &one, weights, CUDA_R_16F, l.in, x,
+                     CUDA_R_16F, l.in, &zero, y, CUDA_R_16F, l.out, CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+      throw std::runtime_error("cublasGemmEx failed");
+  };
+  const double ms = median_ms(5, [&](int) {
+    for (int i = 0; i < layers; ++i)
+      for (const Linear& l : layer) linear(l);
+    linear(head);
+  });
+  csv.row("linear,llama3-8b,fp16," + std::to_string(batch) + ",," + std::to_string(ms * 1e3) + "," +
+          std::to_string(bytes) + "," + std::to_string(bytes / (ms * 1e6)) + "," + std::to_string(flops / (ms * 1e9)) +
+          ",");
+  cublasDestroy(handle);
+  for (void* p : {weights, x, y}) KVARN_CUDA_CHECK(cudaFree(p));
+}
+
 // One job is a sequence filling a tile in every kv-head of a layer; a step at batch 128 flushes ~1 sequence x 32
 // layers.
 void bench_flushes(Csv& csv) {
   for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
+  bench_step_linear_layers(csv, 128);
 }
 
 void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, int tokens, int prefix) {

@@ -61,14 +61,19 @@ def main():
         for r in flush:
             print(f"| {r['batch']} | {num(r['time_us']):.1f} | {num(r['TFLOP_per_s']):.3g} |")
         f32 = next((num(r["time_us"]) for r in flush if r["batch"] == "32"), None)
+        linear = next((num(r["time_us"]) for r in rows if r["kind"] == "linear"), None)
         if f32:
             print("\nShare of a decode step at batch 128 (one flush per step on average, 32 layers = 32 jobs in one "
-                  "launch, against 32 layers of k4v2_g128 decode attention, Llama-3-8B shape):\n")
-            print("| context | flush us | attention us (32 layers) | share |\n| ---: | ---: | ---: | ---: |")
+                  "launch), against 32 layers of k4v2_g128 decode attention (Llama-3-8B shape) alone, and against "
+                  "attention plus the step's linear layers (cuBLAS, fp16 weights; norms, RoPE, activations and "
+                  "sampling not counted, so the step is longer still):\n")
+            print("| context | flush us | attention us (32 layers) | share of attention | linear layers us "
+                  "| share of attention + linear |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
             for (shape, dtype, batch, context), r in sorted(decode.items()):
                 if shape == "llama3-8b" and dtype == "kvarn_k4v2_g128" and batch == 128 and num(r["time_us"]):
                     att = 32 * num(r["time_us"])
-                    print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% |")
+                    step = f"{linear:.0f} | {100 * f32 / (f32 + att + linear):.1f}%" if linear else "- | -"
+                    print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% | {step} |")
     prefill = {(r["shape"], r["dtype"], int(r["context"]), int(r["splits"] or 0)): r
                for r in rows if r["kind"] == "prefill"}
     if prefill:

@@ -18,6 +18,8 @@ else
   TESTS=$BIN_DIR/kvarn_cuda_tests
   BENCH=$BIN_DIR/kvarn_cuda_bench
 fi
+# kvarn_cuda_bench times the linear layers of a decode step with cuBLAS, from the CUDA toolkit.
+export LD_LIBRARY_PATH=${CUDA_HOME:-/usr/local/cuda}/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 quick=()
 [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
 

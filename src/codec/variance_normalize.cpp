@@ -3,7 +3,6 @@
 #include "codec/portable_math.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 
 namespace kvarn::codec {
@@ -19,48 +18,61 @@ constexpr float kLogScaleMin = -0.3f, kLogScaleMax = 10.0f;
 // and the 8 partials meet in a halving tree. Standard deviations are two-pass (mean, then squared deviations):
 // one-pass sums of squares cancel badly on tiles with a 100x attention-sink token.
 constexpr int kPartials = kSumPartials;
-using Partials = std::array<float, kPartials>;
 
-float tree_sum(Partials p) {
-  for (int half = kPartials / 2; half > 0; half /= 2)
-    for (int k = 0; k < half; ++k) p[k] += p[k + half];
-  return p[0];
-}
-
-// Unbiased standard deviation of the n terms term(i), term i summed into partial part(i).
-template <class Term, class Part>
-float ordered_std(int n, Term term, Part part) {
-  Partials sum{};
-  for (int i = 0; i < n; ++i) sum[part(i)] += term(i);
-  const float mean = tree_sum(sum) / static_cast<float>(n);
-  Partials dev{};
-  for (int i = 0; i < n; ++i) {
-    const float d = term(i) - mean;
-    dev[part(i)] = std::fma(d, d, dev[part(i)]);
+// Unbiased standard deviation of every line of a matrix stored term-major, a[t][l] (terms x lines), each term
+// scaled by factor[t] and summed into partial part(t); the loops run along the lines so that they vectorize.
+template <class Part>
+void line_stds(const float* a, int terms, int lines, const std::vector<float>& factor, Part part,
+               std::vector<float>& out) {
+  std::vector<float> partials(static_cast<size_t>(kPartials) * lines), mean(lines);
+  auto tree_sum = [&](auto&& each_line) {
+    for (int half = kPartials / 2; half > 0; half /= 2)
+      for (int k = 0; k < half; ++k)
+        for (int l = 0; l < lines; ++l) partials[k * lines + l] += partials[(k + half) * lines + l];
+    for (int l = 0; l < lines; ++l) each_line(l, partials[l]);
+  };
+  std::fill(partials.begin(), partials.end(), 0.0f);
+  for (int t = 0; t < terms; ++t) {
+    const float* in = a + static_cast<long>(t) * lines;
+    float* sum = partials.data() + static_cast<long>(part(t)) * lines;
+    for (int l = 0; l < lines; ++l) sum[l] += in[l] * factor[t];
   }
-  return std::sqrt(tree_sum(dev) / static_cast<float>(n - 1));
+  tree_sum([&](int l, float total) { mean[l] = total / static_cast<float>(terms); });
+  std::fill(partials.begin(), partials.end(), 0.0f);
+  for (int t = 0; t < terms; ++t) {
+    const float* in = a + static_cast<long>(t) * lines;
+    float* dev = partials.data() + static_cast<long>(part(t)) * lines;
+    for (int l = 0; l < lines; ++l) {
+      const float d = in[l] * factor[t] - mean[l];
+      dev[l] = std::fma(d, d, dev[l]);
+    }
+  }
+  tree_sum([&](int l, float total) { out[l] = std::sqrt(total / static_cast<float>(terms - 1)); });
 }
 
 // cur = x * inv_col[col] * inv_row[row] has row i's standard deviation inv_row[i] * row_spread[i] and column j's
 // inv_col[j] * col_spread[j], where the spreads are those of x * inv_col (rows) and of x * inv_row (columns).
 // So a column step needs one pass over the rows and a row step one pass over the columns, each multiplying by a
-// single factor; the spec's cur is never formed.
+// single factor; the spec's cur is never formed. The rows are walked in a transposed copy.
 struct Spreads {
   const float* x;
   int rows, cols;
+  std::vector<float> x_transposed;
+
+  Spreads(const float* x_, int rows_, int cols_)
+      : x(x_), rows(rows_), cols(cols_), x_transposed(static_cast<size_t>(rows_) * cols_) {
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j)
+        x_transposed[static_cast<size_t>(j) * rows + i] = x[static_cast<size_t>(i) * cols + j];
+  }
 
   void of_rows(const std::vector<float>& inv_col, std::vector<float>& out) const {
     const int chunk = (cols + kPartials - 1) / kPartials;
-    for (int i = 0; i < rows; ++i) {
-      const float* row = x + static_cast<long>(i) * cols;
-      out[i] = ordered_std(cols, [&](int j) { return row[j] * inv_col[j]; }, [&](int j) { return j / chunk; });
-    }
+    line_stds(x_transposed.data(), cols, rows, inv_col, [chunk](int j) { return j / chunk; }, out);
   }
 
   void of_columns(const std::vector<float>& inv_row, std::vector<float>& out) const {
-    for (int j = 0; j < cols; ++j)
-      out[j] = ordered_std(rows, [&](int i) { return x[static_cast<long>(i) * cols + j] * inv_row[i]; },
-                           [](int i) { return i % kPartials; });
+    line_stds(x, rows, cols, inv_row, [](int i) { return i % kPartials; }, out);
   }
 };
 
@@ -87,7 +99,7 @@ std::vector<float> exp_of(const std::vector<float>& log_scale) {
 }  // namespace
 
 Normalization variance_normalize(const float* x, int rows, int cols, int iterations) {
-  const Spreads spreads{x, rows, cols};
+  const Spreads spreads(x, rows, cols);
   std::vector<float> log_row(rows, 0.0f), log_col(cols, 0.0f), inv_row(rows, 1.0f), inv_col(cols, 1.0f);
   std::vector<float> row_spread(rows), col_spread(cols), row_std(rows), col_std(cols);
   spreads.of_rows(inv_col, row_std);

@@ -5,8 +5,10 @@
 // xor shuffles, no FMA contraction beyond the codec's own fma, exp/log from codec/portable_math.h: the output
 // equals the CPU codec's bit for bit.
 // Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head. Per normalization iteration one row pass and
-// one column pass over the R*C elements (load, convert, scale, sum; then squared deviations), ~12 instructions
-// per element; 16 iterations. Issue-bound when many CTAs run side by side (4 per SM).
+// one column pass over the R*C elements (load, convert, scale, sum; then squared deviations), ~10 instructions
+// per element and ~20% more for the per-row / per-column steps; 16 iterations: ~18K instructions per warp.
+// 4 CTAs per SM (64 registers); H200: one job (16 CTAs) ~57 us, 32 jobs (512 CTAs, one wave) ~123 us at ~66%
+// of the issue slots, stalled mostly on shared-memory / shuffle results and barriers.
 #include "backend/cuda/flush_full_tiles.h"
 
 #include "backend/cuda/cuda_check.h"
@@ -61,7 +63,7 @@ struct MatrixState {
   // inv_row[k + 8m] at [k][m]: the factors a column-walk lane reads, in order, rows 4 words apart from the
   // previous row's bank group (R/8 + 4 = 4 mod 8 words) so that 8 lanes' 16-byte reads do not conflict.
   static constexpr int kByPartialStride = R / 8 + 4;
-  alignas(16) float inv_row_by_partial[8][kByPartialStride];
+  alignas(16) float inv_row_by_partial[kPartials][kByPartialStride];
   float row_a[R], row_z[R];
   float scratch[4 * kWarps];
 };
@@ -303,15 +305,15 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
                               uint8_t* __restrict__ codes_out, __half* __restrict__ row_scale_out,
                               __half* __restrict__ row_zero_out, __half* __restrict__ col_scale_out) {
   const int tid = threadIdx.x;
-  for (int v = tid; v < R * C / 8; v += kThreads) {  // 8 halves of one source row per thread
-    const uint4 bits = reinterpret_cast<const uint4*>(src)[v];
-    const __half* h = reinterpret_cast<const __half*>(&bits);
-    if (transposed) {
-      const int col = v / (R / 8), row = v % (R / 8) * 8;
+  for (int v = tid; v < R * C / 8; v += kThreads) {  // 8 consecutive halves of the source per thread
+    if (transposed) {  // neighbouring threads take neighbouring tokens: their 2-byte stores fill a row's words
+      const int col = v % C, row = v / C * 8;
+      const uint4 bits = reinterpret_cast<const uint4*>(src)[(col * R + row) / 8];
+      const __half* h = reinterpret_cast<const __half*>(&bits);
 #pragma unroll
       for (int i = 0; i < 8; ++i) s.x[row + i][col] = h[i];
     } else {
-      *reinterpret_cast<uint4*>(&s.x[v / (C / 8)][v % (C / 8) * 8]) = bits;
+      *reinterpret_cast<uint4*>(&s.x[v / (C / 8)][v % (C / 8) * 8]) = reinterpret_cast<const uint4*>(src)[v];
     }
   }
   if (tid < C) s.log_col[tid] = 0, s.inv_col[tid] = 1, s.best_log_col[tid] = 0, s.col_scale[tid] = 1;
