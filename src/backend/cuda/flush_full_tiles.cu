@@ -109,25 +109,38 @@ __device__ void row_deviations(const MatrixState<R, C>& s, const float* col_fact
 #pragma unroll
   for (int j = 0; j < L; j += 4)
     *reinterpret_cast<float4*>(&factor[j]) = *reinterpret_cast<const float4*>(&col_factor[k * L + j]);
+  // Two rows per lane at a time: their chains of adds and shuffles interleave.
+  static_assert(R / (4 * kWarps) % 2 == 0);
 #pragma unroll
-  for (int step = 0; step < R / (4 * kWarps); ++step) {
-    const int row = (step * kWarps + warp) * 4 + RowWalk<C>::row(lane);
-    float y[L];
-    load_chunk(s, row, k, y);
+  for (int step = 0; step < R / (4 * kWarps); step += 2) {
+    int row[2];
+    float y[2][L], sum[2], mean[2], dev[2];
 #pragma unroll
-    for (int j = 0; j < L; ++j) y[j] = __fmul_rn(y[j], factor[j]);
-    float sum = y[0];  // the codec's 0 + y[0] but for the sign of an all-zero sum, which no deviation sees
+    for (int p = 0; p < 2; ++p) {
+      row[p] = ((step + p) * kWarps + warp) * 4 + RowWalk<C>::row(lane);
+      load_chunk(s, row[p], k, y[p]);
 #pragma unroll
-    for (int j = 1; j < L; ++j) sum = __fadd_rn(sum, y[j]);
-    const float mean = __fmul_rn(tree_sum(sum, RowWalk<C>::kFar), 1.0f / C);
-    float dev = 0;
+      for (int j = 0; j < L; ++j) y[p][j] = __fmul_rn(y[p][j], factor[j]);
+      sum[p] = y[p][0];  // the codec's 0 + y[0] but for the sign of an all-zero sum, which no deviation sees
 #pragma unroll
-    for (int j = 0; j < L; ++j) {
-      const float d = __fsub_rn(y[j], mean);
-      dev = __fmaf_rn(d, d, dev);
+      for (int j = 1; j < L; ++j) sum[p] = __fadd_rn(sum[p], y[p][j]);
     }
-    dev = tree_sum(dev, RowWalk<C>::kFar);
-    if (k == 0) out[row] = dev;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) mean[p] = __fmul_rn(tree_sum(sum[p], RowWalk<C>::kFar), 1.0f / C);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      dev[p] = 0;
+#pragma unroll
+      for (int j = 0; j < L; ++j) {
+        const float d = __fsub_rn(y[p][j], mean[p]);
+        dev[p] = __fmaf_rn(d, d, dev[p]);
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      dev[p] = tree_sum(dev[p], RowWalk<C>::kFar);
+      if (k == 0) out[row[p]] = dev[p];
+    }
   }
 }
 
