@@ -275,6 +275,10 @@ __device__ void quantize_rows(MatrixState<R, C>& s, uint8_t* __restrict__ codes_
   constexpr int L = RowWalk<C>::kChunk;
   constexpr float kMaxCode = static_cast<float>((1 << BITS) - 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = RowWalk<C>::chunk(lane);
+  float inv_col[L];
+#pragma unroll
+  for (int j = 0; j < L; j += 4)
+    *reinterpret_cast<float4*>(&inv_col[j]) = *reinterpret_cast<const float4*>(&s.inv_col[k * L + j]);
 #pragma unroll 1
   for (int step = 0; step < R / (4 * kWarps); ++step) {
     const int row = (step * kWarps + warp) * 4 + RowWalk<C>::row(lane);
@@ -284,7 +288,7 @@ __device__ void quantize_rows(MatrixState<R, C>& s, uint8_t* __restrict__ codes_
     float lo = FLT_MAX, hi = -FLT_MAX;
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      b[j] = __fmul_rn(__fmul_rn(b[j], s.inv_col[k * L + j]), inv_row);
+      b[j] = __fmul_rn(__fmul_rn(b[j], inv_col[j]), inv_row);
       lo = fminf(lo, b[j]);
       hi = fmaxf(hi, b[j]);
     }
