@@ -95,7 +95,8 @@ void decode_matrix(const uint8_t* codes_in, const uint8_t* row_scale_in, const u
   const size_t row_bytes = static_cast<size_t>(cols) * bits / 8;
   for (int r = 0; r < rows; ++r) {
     unpack_codes(codes_in + r * row_bytes, cols, bits, codes.data());
-    for (int c = 0; c < cols; ++c) x[static_cast<long>(r) * cols + c] = outer[c] * (a[r] * codes[c] + z[r]);
+    for (int c = 0; c < cols; ++c)
+      x[static_cast<long>(r) * cols + c] = outer[c] * std::fma(a[r], static_cast<float>(codes[c]), z[r]);
   }
 }
 

@@ -1,7 +1,7 @@
 #pragma once
 // Flush: every full fp16 tail slot of a step becomes one tile in its new block, for every kv-head, in one launch.
-// KVarN (and the rtn/rot ablations): variance normalization, RTN and packing exactly as the CPU codec's
-// TileCodec::encode_stored (same operation order and roundings; see flush_full_tiles.cu for where it can differ).
+// KVarN (and the rtn/rot ablations): variance normalization, RTN and packing as the CPU codec's
+// TileCodec::encode_stored computes them, bit for bit (same operation order and roundings).
 // fp16: the tail is copied into the block. The tail slot is left as it was: the caller empties it.
 #include "backend/cuda/kv_layout.h"
 
