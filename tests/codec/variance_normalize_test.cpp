@@ -1,11 +1,18 @@
 // The variance normalization equalizes row and column spreads, keeps the best iterate (never worse than doing
-// nothing), agrees with the float64 reference, and is deterministic.
+// nothing), agrees with the float64 reference, is deterministic, and follows its documented summation order bit
+// for bit (the CUDA flush reproduces that order; CI, which has no GPU, checks it here).
 #include "codec/variance_normalize.h"
 
+#include "codec/portable_math.h"
 #include "codec/synthetic_kv.h"
 #include "reference_codec.h"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <random>
 
 namespace kvarn::codec {
 namespace {
@@ -57,6 +64,107 @@ TEST(VarianceNormalize, IsDeterministic) {
   const auto b = variance_normalize(kv.keys.data(), 128, 128);
   EXPECT_EQ(a.col_scale, b.col_scale);
   EXPECT_EQ(a.row_scale, b.row_scale);
+}
+
+// The order as a warp runs it, written out independently of the codec: lane k of 8 holds partial k (rows: the
+// k-th chunk of consecutive terms; columns: every 8th term from k), adds its terms in order (deviations by fma),
+// and the lanes meet in an xor butterfly. Row spreads of x * inv_col, column spreads of x * inv_row, scaled by the
+// other side's factor to give cur's (the factored form of the spec's statistics).
+struct WarpOrderNormalization {
+  const std::vector<float>& x;
+  int rows, cols;
+
+  static float butterfly(std::array<float, 8> p) {
+    for (int far : {4, 2, 1}) {
+      std::array<float, 8> q;
+      for (int k = 0; k < 8; ++k) q[k] = p[k] + p[k ^ far];
+      p = q;
+    }
+    return p[0];
+  }
+
+  template <class Term, class Lane>
+  static float spread(int n, Term term, Lane lane_of) {
+    std::array<float, 8> sum{}, dev{};
+    for (int i = 0; i < n; ++i) sum[lane_of(i)] += term(i);
+    const float mean = butterfly(sum) / static_cast<float>(n);
+    for (int i = 0; i < n; ++i) {
+      const float d = term(i) - mean;
+      dev[lane_of(i)] = std::fma(d, d, dev[lane_of(i)]);
+    }
+    return std::sqrt(butterfly(dev) / static_cast<float>(n - 1));
+  }
+
+  Normalization run() const {
+    std::vector<float> log_col(cols, 0), inv_col(cols, 1), col_std(cols), best_log_col(cols, 0);
+    std::vector<float> log_row(rows, 0), inv_row(rows, 1), row_spread(rows), row_std(rows), best_log_row(rows, 0);
+    auto row_pass = [&] {
+      for (int i = 0; i < rows; ++i)
+        row_spread[i] = spread(cols, [&](int j) { return x[i * cols + j] * inv_col[j]; },
+                               [&](int j) { return j / (cols / 8); });
+    };
+    auto column_pass = [&] {
+      for (int j = 0; j < cols; ++j)
+        col_std[j] = inv_col[j] * spread(rows, [&](int i) { return x[i * cols + j] * inv_row[i]; },
+                                         [](int i) { return i % 8; });
+    };
+    auto imbalance = [&] {
+      const auto [cmin, cmax] = std::minmax_element(col_std.begin(), col_std.end());
+      const auto [rmin, rmax] = std::minmax_element(row_std.begin(), row_std.end());
+      return *cmax / std::max(*cmin, 1e-8f) + *rmax / std::max(*rmin, 1e-8f);
+    };
+    auto step = [](float log_scale, float std_dev) {
+      return std::clamp(log_scale + portable::log(std::clamp(std_dev, 1e-3f, 1e3f)), -0.3f, 10.0f);
+    };
+    row_pass();
+    row_std = row_spread;
+    column_pass();
+    float best = imbalance();
+    int best_iteration = 0;
+    for (int it = 1; it <= kNormalizationIterations; ++it) {
+      for (int j = 0; j < cols; ++j) {
+        log_col[j] = step(log_col[j], col_std[j]);
+        inv_col[j] = 1 / portable::exp(log_col[j]);
+      }
+      row_pass();
+      for (int i = 0; i < rows; ++i) {
+        log_row[i] = step(log_row[i], inv_row[i] * row_spread[i]);
+        inv_row[i] = 1 / portable::exp(log_row[i]);
+        row_std[i] = inv_row[i] * row_spread[i];
+      }
+      column_pass();
+      const float current = imbalance();
+      if (current <= best * kTieMargin) {
+        best = current, best_iteration = it;
+        best_log_col = log_col, best_log_row = log_row;
+      }
+    }
+    Normalization out{std::vector<float>(cols), std::vector<float>(rows), best, best_iteration};
+    for (int j = 0; j < cols; ++j) out.col_scale[j] = portable::exp(best_log_col[j]);
+    for (int i = 0; i < rows; ++i) out.row_scale[i] = portable::exp(best_log_row[i]);
+    return out;
+  }
+};
+
+TEST(VarianceNormalize, FollowsTheWarpSummationOrderBitForBit) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (const auto& [rows, cols] : {std::pair{128, 128}, {128, 64}, {64, 128}, {64, 64}})
+    for (int sample = 0; sample < 3; ++sample) {
+      std::vector<float> x(static_cast<size_t>(rows) * cols);
+      if (sample == 0) {
+        const auto kv = synthetic_kv({.tokens = rows, .head_dim = cols, .seed = static_cast<uint64_t>(rows + cols)});
+        x = kv.keys;
+      } else {
+        for (size_t i = 0; i < x.size(); ++i) x[i] = normal(rng) * (1.0f + static_cast<float>(i % cols % 7));
+      }
+      const Normalization want = WarpOrderNormalization{x, rows, cols}.run();
+      const Normalization got = variance_normalize(x.data(), rows, cols);
+      EXPECT_EQ(got.best_iteration, want.best_iteration) << rows << "x" << cols << " sample " << sample;
+      EXPECT_EQ(got.imbalance, want.imbalance) << rows << "x" << cols << " sample " << sample;
+      EXPECT_EQ(got.col_scale, want.col_scale) << rows << "x" << cols << " sample " << sample;
+      EXPECT_EQ(got.row_scale, want.row_scale) << rows << "x" << cols << " sample " << sample;
+    }
 }
 
 }  // namespace
