@@ -1,7 +1,5 @@
 #include "codec/variance_normalize.h"
 
-#include "codec/portable_math.h"
-
 #include <algorithm>
 #include <cmath>
 
@@ -9,8 +7,10 @@ namespace kvarn::codec {
 
 namespace {
 
-constexpr float kStdFloor = 1e-3f, kStdCeil = 1e3f;
-constexpr float kLogScaleMin = -0.3f, kLogScaleMax = 10.0f;
+// The spec's step, log_scale = clamp(log_scale + log(clamp(std, 1e-3, 1e3)), -0.3, 10), is (exp being monotone)
+// scale = clamp(scale * clamp(std, 1e-3, 1e3), e^-0.3, e^10): the scales are updated by multiplication, with no
+// log or exp at all (libm's and the device's expf / logf differ in the last ulp often enough to change which
+// iterate a tile keeps).
 
 // The order of every sum below is part of the codec: the CUDA flush kernel reproduces it bit for bit with one
 // warp lane per partial. A row's terms go to 8 partials in chunks of consecutive terms, a column's terms to 8
@@ -82,49 +82,43 @@ float imbalance(const std::vector<float>& col_std, const std::vector<float>& row
   return *col_max / std::max(*col_min, 1e-8f) + *row_max / std::max(*row_min, 1e-8f);
 }
 
-float step_log_scale(float log_scale, float std_dev) {
-  return std::clamp(log_scale + portable::log(std::clamp(std_dev, kStdFloor, kStdCeil)), kLogScaleMin, kLogScaleMax);
+float step_scale(float scale, float std_dev) {
+  return std::clamp(scale * std::clamp(std_dev, kStdFloor, kStdCeil), kScaleMin, kScaleMax);
 }
 
-void scale(const std::vector<float>& factor, const std::vector<float>& spread, std::vector<float>& out) {
+void multiply(const std::vector<float>& factor, const std::vector<float>& spread, std::vector<float>& out) {
   for (size_t k = 0; k < out.size(); ++k) out[k] = factor[k] * spread[k];
-}
-
-std::vector<float> exp_of(const std::vector<float>& log_scale) {
-  std::vector<float> out(log_scale.size());
-  for (size_t k = 0; k < out.size(); ++k) out[k] = portable::exp(log_scale[k]);
-  return out;
 }
 
 }  // namespace
 
 Normalization variance_normalize(const float* x, int rows, int cols, int iterations) {
   const Spreads spreads(x, rows, cols);
-  std::vector<float> log_row(rows, 0.0f), log_col(cols, 0.0f), inv_row(rows, 1.0f), inv_col(cols, 1.0f);
+  std::vector<float> row_scale(rows, 1.0f), col_scale(cols, 1.0f), inv_row(rows, 1.0f), inv_col(cols, 1.0f);
   std::vector<float> row_spread(rows), col_spread(cols), row_std(rows), col_std(cols);
   spreads.of_rows(inv_col, row_std);
   spreads.of_columns(inv_row, col_std);
 
-  Normalization best{std::vector<float>(cols, 1.0f), std::vector<float>(rows, 1.0f), imbalance(col_std, row_std), 0};
+  Normalization best{col_scale, row_scale, imbalance(col_std, row_std), 0};
   for (int it = 1; it <= iterations; ++it) {
     for (int j = 0; j < cols; ++j) {
-      log_col[j] = step_log_scale(log_col[j], col_std[j]);
-      inv_col[j] = 1.0f / portable::exp(log_col[j]);
+      col_scale[j] = step_scale(col_scale[j], col_std[j]);
+      inv_col[j] = 1.0f / col_scale[j];
     }
     spreads.of_rows(inv_col, row_spread);
-    scale(inv_row, row_spread, row_std);
+    multiply(inv_row, row_spread, row_std);
     for (int i = 0; i < rows; ++i) {
-      log_row[i] = step_log_scale(log_row[i], row_std[i]);
-      inv_row[i] = 1.0f / portable::exp(log_row[i]);
+      row_scale[i] = step_scale(row_scale[i], row_std[i]);
+      inv_row[i] = 1.0f / row_scale[i];
     }
-    scale(inv_row, row_spread, row_std);
+    multiply(inv_row, row_spread, row_std);
     spreads.of_columns(inv_row, col_spread);
-    scale(inv_col, col_spread, col_std);
+    multiply(inv_col, col_spread, col_std);
     // Once the spreads are balanced the imbalance stays within float rounding of 2 while the scales still drift
     // (a common factor moves between rows and columns); exact arithmetic keeps the last such iterate, and the tie
     // margin lets float arithmetic do the same.
     const float current = imbalance(col_std, row_std);
-    if (current <= best.imbalance * kTieMargin) best = {exp_of(log_col), exp_of(log_row), current, it};
+    if (current <= best.imbalance * kTieMargin) best = {col_scale, row_scale, current, it};
   }
   return best;
 }

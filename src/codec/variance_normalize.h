@@ -19,6 +19,10 @@ inline constexpr int kNormalizationIterations = 16;
 inline constexpr int kSumPartials = 8;
 // An iterate whose imbalance is within this factor of the best one's counts as a tie and is kept.
 inline constexpr float kTieMargin = 1.0f + 1e-6f;
+// A step multiplies a scale by its standard deviation clamped to [kStdFloor, kStdCeil] and clamps the scale to
+// [kScaleMin, kScaleMax] = [e^-0.3, e^10]: the spec's log-domain step, exp being monotone.
+inline constexpr float kStdFloor = 1e-3f, kStdCeil = 1e3f;
+inline constexpr float kScaleMin = 0.740818220681717866f, kScaleMax = 22026.4657948067165f;
 
 Normalization variance_normalize(const float* x, int rows, int cols, int iterations = kNormalizationIterations);
 

@@ -3,7 +3,6 @@
 // for bit (the CUDA flush reproduces that order; CI, which has no GPU, checks it here).
 #include "codec/variance_normalize.h"
 
-#include "codec/portable_math.h"
 #include "codec/synthetic_kv.h"
 #include "reference_codec.h"
 
@@ -96,8 +95,8 @@ struct WarpOrderNormalization {
   }
 
   Normalization run() const {
-    std::vector<float> log_col(cols, 0), inv_col(cols, 1), col_std(cols), best_log_col(cols, 0);
-    std::vector<float> log_row(rows, 0), inv_row(rows, 1), row_spread(rows), row_std(rows), best_log_row(rows, 0);
+    std::vector<float> col_scale(cols, 1), inv_col(cols, 1), col_std(cols), best_col_scale(cols, 1);
+    std::vector<float> row_scale(rows, 1), inv_row(rows, 1), row_spread(rows), row_std(rows), best_row_scale(rows, 1);
     auto row_pass = [&] {
       for (int i = 0; i < rows; ++i)
         row_spread[i] = spread(cols, [&](int j) { return x[i * cols + j] * inv_col[j]; },
@@ -113,8 +112,8 @@ struct WarpOrderNormalization {
       const auto [rmin, rmax] = std::minmax_element(row_std.begin(), row_std.end());
       return *cmax / std::max(*cmin, 1e-8f) + *rmax / std::max(*rmin, 1e-8f);
     };
-    auto step = [](float log_scale, float std_dev) {
-      return std::clamp(log_scale + portable::log(std::clamp(std_dev, 1e-3f, 1e3f)), -0.3f, 10.0f);
+    auto step = [](float scale, float std_dev) {  // exp(log scale + log std), both clamped as the spec says
+      return std::clamp(scale * std::clamp(std_dev, 1e-3f, 1e3f), kScaleMin, kScaleMax);
     };
     row_pass();
     row_std = row_spread;
@@ -123,28 +122,30 @@ struct WarpOrderNormalization {
     int best_iteration = 0;
     for (int it = 1; it <= kNormalizationIterations; ++it) {
       for (int j = 0; j < cols; ++j) {
-        log_col[j] = step(log_col[j], col_std[j]);
-        inv_col[j] = 1 / portable::exp(log_col[j]);
+        col_scale[j] = step(col_scale[j], col_std[j]);
+        inv_col[j] = 1 / col_scale[j];
       }
       row_pass();
       for (int i = 0; i < rows; ++i) {
-        log_row[i] = step(log_row[i], inv_row[i] * row_spread[i]);
-        inv_row[i] = 1 / portable::exp(log_row[i]);
+        row_scale[i] = step(row_scale[i], inv_row[i] * row_spread[i]);
+        inv_row[i] = 1 / row_scale[i];
         row_std[i] = inv_row[i] * row_spread[i];
       }
       column_pass();
       const float current = imbalance();
       if (current <= best * kTieMargin) {
         best = current, best_iteration = it;
-        best_log_col = log_col, best_log_row = log_row;
+        best_col_scale = col_scale, best_row_scale = row_scale;
       }
     }
-    Normalization out{std::vector<float>(cols), std::vector<float>(rows), best, best_iteration};
-    for (int j = 0; j < cols; ++j) out.col_scale[j] = portable::exp(best_log_col[j]);
-    for (int i = 0; i < rows; ++i) out.row_scale[i] = portable::exp(best_log_row[i]);
-    return out;
+    return {best_col_scale, best_row_scale, best, best_iteration};
   }
 };
+
+TEST(VarianceNormalize, ScaleBoundsAreTheSpecsLogBounds) {
+  EXPECT_EQ(kScaleMin, static_cast<float>(std::exp(-0.3)));
+  EXPECT_EQ(kScaleMax, static_cast<float>(std::exp(10.0)));
+}
 
 TEST(VarianceNormalize, FollowsTheWarpSummationOrderBitForBit) {
   std::mt19937 rng(7);

@@ -2,7 +2,7 @@
 // KVarN: one CTA of 256 threads per (job, kv-head, K|V) encodes one matrix R x C (keys D x G, channel-major;
 // values G x D), held in shared memory as it came, fp16. Every sum follows the CPU codec's order
 // (codec/variance_normalize.cpp: 8 ordered partials, a halving tree) with one lane per partial and the tree as
-// xor shuffles, no FMA contraction beyond the codec's own fma, exp/log from codec/portable_math.h: the output
+// xor shuffles, no FMA contraction beyond the codec's own fma, the scales updated by multiplication: the output
 // equals the CPU codec's bit for bit.
 // Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head. Per normalization iteration one row pass and
 // one column pass over the R*C elements (load, convert, scale, sum; then squared deviations), ~10 instructions
@@ -12,7 +12,6 @@
 #include "backend/cuda/flush_full_tiles.h"
 
 #include "backend/cuda/cuda_check.h"
-#include "codec/portable_math.h"
 #include "codec/variance_normalize.h"
 
 #include <cuda_fp16.h>
@@ -58,8 +57,8 @@ struct MatrixState {
   static constexpr int kStride = C + 8;
   __half x[R][kStride];
   alignas(16) float inv_col[C];
-  float log_col[C], col_dev[C], col_std[C], best_log_col[C], col_scale[C];
-  float log_row[R], inv_row[R], row_dev[R], row_std[R], best_log_row[R], row_scale[R];
+  float col_scale[C], col_dev[C], col_std[C], best_col_scale[C];
+  float row_scale[R], inv_row[R], row_dev[R], row_std[R], best_row_scale[R];
   // inv_row[k + 8m] at [k][m]: the factors a column-walk lane reads, in order, rows 4 words apart from the
   // previous row's bank group (R/8 + 4 = 4 mod 8 words) so that 8 lanes' 16-byte reads do not conflict.
   static constexpr int kByPartialStride = R / 8 + 4;
@@ -218,9 +217,10 @@ __device__ float column_stds_and_imbalance(MatrixState<R, C>& s) {
   return __fadd_rn(__fdiv_rn(col_hi, fmaxf(col_lo, 1e-8f)), __fdiv_rn(row_hi, fmaxf(row_lo, 1e-8f)));
 }
 
-__device__ __forceinline__ float step_log_scale(float log_scale, float std_dev) {
-  const float next = __fadd_rn(log_scale, codec::portable::log(fminf(fmaxf(std_dev, 1e-3f), 1e3f)));
-  return fminf(fmaxf(next, -0.3f), 10.0f);
+// The codec's multiplicative form of the spec's log-domain step (codec/variance_normalize.cpp).
+__device__ __forceinline__ float step_scale(float scale, float std_dev) {
+  const float factor = fminf(fmaxf(std_dev, codec::kStdFloor), codec::kStdCeil);
+  return fminf(fmaxf(__fmul_rn(scale, factor), codec::kScaleMin), codec::kScaleMax);
 }
 
 // Spec step 3 as codec::variance_normalize computes it: leaves col_scale / row_scale (the kept iterate) and
@@ -235,16 +235,16 @@ __device__ void normalize(MatrixState<R, C>& s) {
   float best = column_stds_and_imbalance(s);
   for (int it = 1; it <= codec::kNormalizationIterations; ++it) {
     if (tid < C) {
-      s.log_col[tid] = step_log_scale(s.log_col[tid], s.col_std[tid]);
-      s.inv_col[tid] = __fdiv_rn(1.0f, codec::portable::exp(s.log_col[tid]));
+      s.col_scale[tid] = step_scale(s.col_scale[tid], s.col_std[tid]);
+      s.inv_col[tid] = __fdiv_rn(1.0f, s.col_scale[tid]);
     }
     __syncthreads();
     row_deviations(s, s.inv_col, s.row_dev);
     __syncthreads();
     if (tid < R) {
       const float row_spread = spread(s.row_dev[tid], C);
-      s.log_row[tid] = step_log_scale(s.log_row[tid], __fmul_rn(s.inv_row[tid], row_spread));
-      s.inv_row[tid] = __fdiv_rn(1.0f, codec::portable::exp(s.log_row[tid]));
+      s.row_scale[tid] = step_scale(s.row_scale[tid], __fmul_rn(s.inv_row[tid], row_spread));
+      s.inv_row[tid] = __fdiv_rn(1.0f, s.row_scale[tid]);
       s.row_std[tid] = __fmul_rn(s.inv_row[tid], row_spread);
       s.inv_row_by_partial[tid % kPartials][tid / kPartials] = s.inv_row[tid];
     }
@@ -254,16 +254,16 @@ __device__ void normalize(MatrixState<R, C>& s) {
     const float current = column_stds_and_imbalance(s);
     if (current <= __fmul_rn(best, codec::kTieMargin)) {
       best = current;
-      if (tid < C) s.best_log_col[tid] = s.log_col[tid];
-      if (tid < R) s.best_log_row[tid] = s.log_row[tid];
+      if (tid < C) s.best_col_scale[tid] = s.col_scale[tid];
+      if (tid < R) s.best_row_scale[tid] = s.row_scale[tid];
     }
   }
   if (tid < C) {
-    s.col_scale[tid] = codec::portable::exp(s.best_log_col[tid]);
+    s.col_scale[tid] = s.best_col_scale[tid];
     s.inv_col[tid] = __fdiv_rn(1.0f, s.col_scale[tid]);
   }
   if (tid < R) {
-    s.row_scale[tid] = codec::portable::exp(s.best_log_row[tid]);
+    s.row_scale[tid] = s.best_row_scale[tid];
     s.inv_row[tid] = __fdiv_rn(1.0f, s.row_scale[tid]);
   }
 }
@@ -333,9 +333,9 @@ __device__ void encode_matrix(MatrixState<R, C>& s, const __half* __restrict__ s
       *reinterpret_cast<uint4*>(&s.x[v / (C / 8)][v % (C / 8) * 8]) = reinterpret_cast<const uint4*>(src)[v];
     }
   }
-  if (tid < C) s.log_col[tid] = 0, s.inv_col[tid] = 1, s.best_log_col[tid] = 0, s.col_scale[tid] = 1;
+  if (tid < C) s.col_scale[tid] = 1, s.inv_col[tid] = 1, s.best_col_scale[tid] = 1;
   if (tid < R) {
-    s.log_row[tid] = 0, s.inv_row[tid] = 1, s.best_log_row[tid] = 0, s.row_scale[tid] = 1;
+    s.row_scale[tid] = 1, s.inv_row[tid] = 1, s.best_row_scale[tid] = 1;
     s.inv_row_by_partial[tid % kPartials][tid / kPartials] = 1;
   }
   __syncthreads();
