@@ -7,11 +7,6 @@ namespace kvarn::codec {
 
 namespace {
 
-// The spec's step, log_scale = clamp(log_scale + log(clamp(std, 1e-3, 1e3)), -0.3, 10), is (exp being monotone)
-// scale = clamp(scale * clamp(std, 1e-3, 1e3), e^-0.3, e^10): the scales are updated by multiplication, with no
-// log or exp at all (libm's and the device's expf / logf differ in the last ulp often enough to change which
-// iterate a tile keeps).
-
 // The order of every sum below is part of the codec: the CUDA flush kernel reproduces it bit for bit with one
 // warp lane per partial. A row's terms go to 8 partials in chunks of consecutive terms, a column's terms to 8
 // strided partials (row i to partial i mod 8); each partial adds its terms in order, squared deviations by fma,
@@ -82,6 +77,10 @@ float imbalance(const std::vector<float>& col_std, const std::vector<float>& row
   return *col_max / std::max(*col_min, 1e-8f) + *row_max / std::max(*row_min, 1e-8f);
 }
 
+// The spec's step, log_scale = clamp(log_scale + log(clamp(std, 1e-3, 1e3)), -0.3, 10), is (exp being monotone)
+// scale = clamp(scale * clamp(std, 1e-3, 1e3), e^-0.3, e^10): the scales are updated by multiplication, with no
+// log or exp at all (libm's and the device's expf / logf differ in the last ulp often enough to change which
+// iterate a tile keeps).
 float step_scale(float scale, float std_dev) {
   return std::clamp(scale * std::clamp(std_dev, kStdFloor, kStdCeil), kScaleMin, kScaleMax);
 }

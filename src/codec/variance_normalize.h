@@ -1,7 +1,8 @@
 #pragma once
 // Sinkhorn-style variance normalization of one tile X (rows x cols, row-major, fp32), spec step 3: alternately
-// divide columns and rows by their standard deviation (in log space, clamped) for `iterations` rounds and keep
-// the iterate with the smallest imbalance max(std)/min(std) over columns plus rows. X ~= B * col_scale * row_scale.
+// divide columns and rows by their standard deviation (clamped) for `iterations` rounds and keep the iterate with
+// the smallest imbalance max(std)/min(std) over columns plus rows. X ~= B * col_scale * row_scale. The CUDA flush
+// computes the same bits (same order of every operation, see variance_normalize.cpp).
 #include <vector>
 
 namespace kvarn::codec {
