@@ -6,8 +6,8 @@
 // equals the CPU codec's bit for bit.
 // Cost: reads 2*G*D*2 bytes and writes layout.bytes per kv-head. Per normalization iteration one row pass and
 // one column pass over the R*C elements (load, convert, scale, sum; then squared deviations), ~10 instructions
-// per element and ~20% more for the per-row / per-column steps; 16 iterations: ~18K instructions per warp.
-// 4 CTAs per SM (64 registers); H200: one job (16 CTAs) ~57 us, 32 jobs (512 CTAs, one wave) ~123 us at ~66%
+// per element and ~15% more for the per-row / per-column steps; 16 iterations: ~17K instructions per warp.
+// 4 CTAs per SM (64 registers); H200: one job (16 CTAs) ~47 us, 32 jobs (512 CTAs, one wave) ~106 us at ~71%
 // of the issue slots, stalled mostly on shared-memory / shuffle results and barriers.
 #include "backend/cuda/flush_full_tiles.h"
 
