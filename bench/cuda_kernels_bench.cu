@@ -237,8 +237,8 @@ void bench_step_linear_layers(Csv& csv, int batch) {
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
   const float one = 1, zero = 0;
-  // Row-major y[batch][out] = x[batch][in] * W^T with W[out][in] (Hugging Face's layout): column-major
-  // y^T = W^T' * x^T, i.e. op(A) = A^T over a column-major in x out matrix.
+  // Row-major y[batch][out] = x[batch][in] W^T with W[out][in] (Hugging Face's layout). cuBLAS is column-major:
+  // W is an in x out matrix there, and y^T (out x batch) = op(W) x^T with op = transpose.
   auto linear = [&](const Linear& l) {
     if (cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, l.out, batch, l.in, &one, weights, CUDA_R_16F, l.in, x,
                      CUDA_R_16F, l.in, &zero, y, CUDA_R_16F, l.out, CUBLAS_COMPUTE_32F,
