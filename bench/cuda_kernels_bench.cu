@@ -11,9 +11,9 @@
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only] [--batches 8,32]
-//                         [--contexts 8192,32768]
-//   --decode-only: only the copy and the k4v2_g128 / fp16 decode rows; --flush-only: only the flush rows;
-//   --batches, --contexts: only these.
+//                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
+//   --decode-only: only the copy and the decode rows; --flush-only: only the flush rows; --batches, --contexts,
+//   --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default kvarn_k4v2_g128,fp16): only these.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -316,10 +316,20 @@ std::vector<int> parse_list(const char* text) {
   return out;
 }
 
+std::vector<std::string> split_names(const char* text) {
+  std::vector<std::string> out;
+  std::string rest = text;
+  for (size_t comma; (comma = rest.find(',')) != std::string::npos; rest.erase(0, comma + 1))
+    out.push_back(rest.substr(0, comma));
+  out.push_back(rest);
+  return out;
+}
+
 int run(int argc, char** argv) {
   Csv csv;
   bool decode_only = false, flush_only = false;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072};
+  std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
     if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
@@ -327,6 +337,8 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
+    if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_names(argv[++i]);
+    if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_names(argv[++i]);
   }
   cudaDeviceProp prop;
   KVARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -340,9 +352,10 @@ int run(int argc, char** argv) {
   copy_bandwidth(csv);
   const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
   for (const Shape& shape : shapes)
-    for (const char* dtype : {"kvarn_k4v2_g128", "fp16"})
-      for (int batch : batches)
-        for (int context : contexts) bench_decode(csv, shape, dtype, batch, context);
+    if (std::find(shape_names.begin(), shape_names.end(), shape.name) != shape_names.end())
+      for (const std::string& dtype : dtypes)
+        for (int batch : batches)
+          for (int context : contexts) bench_decode(csv, shape, dtype, batch, context);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;
