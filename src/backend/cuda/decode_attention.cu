@@ -2,7 +2,7 @@
 //
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
 // threads (4 warps). The first `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic;
-// short, and first so that they do not trail the launch); then pair-major, CTA split s of pair (n, h) reads the
+// short, and first so that they do not trail the launch); then split-major, CTA split s of pair (n, h) reads the
 // tiles [s*tps, (s+1)*tps) of sequence n, kv-head h through cp.async copies of whole tiles into shared memory
 // (16-byte pieces, tiles in flight while others are read). Each CTA leaves one partial softmax state (m, l, o[D])
 // per q head; a tile CTA's 4 warps keep their own online softmax and merge at the end. (Measured and not kept,
@@ -196,6 +196,14 @@ double grid_time(long tile_ctas, long pairs, long slots, double cta_time, double
   return tails_done + last_round_start + cta_time;
 }
 
+// When tile CTA number `index` (in launch order) starts, in the units of grid_time, the CTAs before it taking
+// cta_time: its round's start, and the tails' time if it waits for a slot a tail CTA held.
+double start_of(long index, long pairs, long slots, double cta_time, double tail_time) {
+  const long late = std::min(pairs, slots), early = slots - late;
+  const double tails_done = tail_time * static_cast<double>((pairs + slots - 1) / slots);
+  return static_cast<double>(index / slots) * cta_time + (index % slots >= early ? tails_done : 0.0);
+}
+
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles) {
@@ -203,25 +211,33 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   const int tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
-  // Split-K over tiles: the split that minimizes grid_time, a CTA taking its tiles per split, divided by the tiles
-  // it reads at once, + ~2 tiles of start (queries, the first tile's latency) and merge; a tail CTA ~1 tile.
-  // Measured on the H200 (k4v2_g128): at batch 8 x 8K, leaving the tail CTAs out chose 6 splits (384 tile CTAs,
-  // 396 slots, the last 52 waiting for the 64 tail CTAs) at 33.0 us, 4 splits ran 27.0 us; at 8 x 32K, a tail of
-  // 2 tiles chose 5 splits, 72.2 us (Qwen shape 83.4), 1 tile 6 splits, 70.2 us (79.0). Adding a throughput bound
-  // (tiles of the busiest SM) chose 33 splits at 8 x 128K: 240.3 us against 226.1 (6 splits). On the H100 (batch
-  // 8-128, 8K-32K) the older rule, "two waves", left 2.1-2.6 waves and ran up to 1.12x slower.
-  constexpr double kCtaOverheadTiles = 2.0, kTailTiles = 1.0;
+  // Split-K over tiles: the tiles per split that minimize when the last CTA finishes (grid_time for the CTAs of the
+  // full splits, start_of + its own time for the last split's, launched last), a CTA taking its tiles divided by
+  // the tiles it reads at once, + ~2 of those rounds of start (queries, the first tile's latency) and merge; a tail
+  // CTA as long as ~4 tiles (1 KVarN round, 4 fp16 rounds). Every split size is tried, not only max_tiles / splits
+  // rounded up: a last split shorter by about a tail's time lets the CTAs that start after the tails finish with
+  // the others. Measured on the H200 (k4v2_g128, same run): batch 8 x 32K, 6 x 43 tiles 71.1 / 78.1 us (Llama /
+  // Qwen shape), 6 x 44 (the last 35) 68.5 / 74.9; 8 x 8K 4 x 16: 27.8 / 33.6, 6 x 12: 25.9 / 31.1. For fp16
+  // tiles a tail counted as 1 round chose 16 x 4 at batch 1 x 8K, 22.1 us against 17.8 for 13 x 5. Before: leaving
+  // the tail CTAs out chose 6 splits at 8 x 8K (33.0 us; 4 splits 27.0); a throughput bound (tiles of the busiest
+  // SM) chose 33 splits at 8 x 128K (240.3 us against 226.1 with 6); on the H100 the older rule, "two waves", ran
+  // up to 1.12x slower.
+  constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 4.0;
+  const double tail_time = kTailTiles / tiles_at_once;
   const long slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
+  const long most_splits = std::min<long>(max_tiles, std::max(16L, 8 * slots / pairs));
+  auto cta_time = [&](long tiles) {
+    return static_cast<double>((tiles + tiles_at_once - 1) / tiles_at_once) + kCtaOverheadRounds;
+  };
   plan.tiles_per_split = std::max(1, max_tiles);
   double best = -1;
-  const long most_splits = std::min<long>(max_tiles, std::max(16L, 8 * slots / pairs));
-  for (long splits = 1; splits <= most_splits; ++splits) {
-    const long per_split = (max_tiles + splits - 1) / splits;
+  for (long per_split = std::max(1, max_tiles); per_split >= 1; --per_split) {
     const long used = (max_tiles + per_split - 1) / per_split;
-    const double cta_time =
-        static_cast<double>((per_split + tiles_at_once - 1) / tiles_at_once) + kCtaOverheadTiles;
-    const double cost = grid_time(pairs * used, pairs, slots, cta_time, kTailTiles);
+    if (used > most_splits) break;
+    const double full = cta_time(per_split), last = cta_time(max_tiles - (used - 1) * per_split);
+    const double cost = std::max(used > 1 ? grid_time(pairs * (used - 1), pairs, slots, full, tail_time) : 0.0,
+                                 start_of(pairs * used - 1, pairs, slots, full, tail_time) + last);
     if (best < 0 || cost < best) best = cost, plan.tiles_per_split = static_cast<int>(per_split);
   }
   plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;

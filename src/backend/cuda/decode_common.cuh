@@ -144,7 +144,8 @@ __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
 }
 
 // What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head) number
-// cta / num_splits, its tiles [first_tile, end_tile).
+// cta % pairs, its tiles [first_tile, end_tile). Split-major, so that the last split of every pair, the shortest,
+// is launched last: at one wave those are the CTAs that start late, when the tail CTAs free their slots.
 struct CtaWork {
   SequenceKvView seq;
   int head, split, first_tile, end_tile;
@@ -153,8 +154,9 @@ struct CtaWork {
 
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
   CtaWork w;
-  const int pair = cta / p.num_splits;
-  w.split = cta % p.num_splits;
+  const int pairs = p.num_seqs * p.num_kv_heads;
+  const int pair = cta % pairs;
+  w.split = cta / pairs;
   w.head = pair % p.num_kv_heads;
   const int seq_index = pair / p.num_kv_heads;
   w.seq = p.seqs[seq_index];
