@@ -48,6 +48,7 @@
 #include "backend/cuda/decode_common.cuh"
 #include "backend/cuda/decode_fp16_tiles.cuh"
 #include "backend/cuda/decode_kvarn_tiles.cuh"
+#include "backend/cuda/decode_split_plan.h"
 #include "backend/cuda/tile_formats.cuh"
 
 #include <cuda_fp16.h>
@@ -181,65 +182,17 @@ int blocks_per_sm() {
   return std::max(blocks, 1);
 }
 
-// When the grid's last CTA finishes, in units of a CTA's tile rounds: `slots` CTAs run at once; the `pairs` tail
-// CTAs come first and hold their slots for ~tail_time, so tile CTAs beyond the other slots start late; every tile
-// CTA takes cta_time. (A CTA's pace is set by its own instruction latencies more than by memory, so the CTAs of a
-// thin last round run only a little faster: they are counted whole.)
-double grid_time(long tile_ctas, long pairs, long slots, double cta_time, double tail_time) {
-  const long late = std::min(pairs, slots), early = slots - late;  // slots free at 0 / after the tails
-  const double tails_done = tail_time * static_cast<double>((pairs + slots - 1) / slots);
-  const long rounds = tile_ctas / slots, rest = tile_ctas % slots;
-  const double last_round_start = static_cast<double>(rounds) * cta_time;
-  if (rest == 0) return late > 0 ? tails_done + last_round_start : last_round_start;
-  if (rest <= early)
-    return std::max(last_round_start + cta_time, rounds > 0 && late > 0 ? tails_done + last_round_start : 0.0);
-  return tails_done + last_round_start + cta_time;
-}
-
-// When tile CTA number `index` (in launch order) starts, in the units of grid_time, the CTAs before it taking
-// cta_time: its round's start, and the tails' time if it waits for a slot a tail CTA held.
-double start_of(long index, long pairs, long slots, double cta_time, double tail_time) {
-  const long late = std::min(pairs, slots), early = slots - late;
-  const double tails_done = tail_time * static_cast<double>((pairs + slots - 1) / slots);
-  return static_cast<double>(index / slots) * cta_time + (index % slots >= early ? tails_done : 0.0);
-}
-
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles) {
   DecodeAttentionPlan plan;
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
-  const int tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
-  // Split-K over tiles: the tiles per split that minimize when the last CTA finishes (grid_time for the CTAs of the
-  // full splits, start_of + its own time for the last split's, launched last), a CTA taking its tiles divided by
-  // the tiles it reads at once, + ~2 of those rounds of start (queries, the first tile's latency) and merge; a tail
-  // CTA as long as ~4 tiles (1 KVarN round, 4 fp16 rounds). Every split size is tried, not only max_tiles / splits
-  // rounded up: a last split shorter by about a tail's time lets the CTAs that start after the tails finish with
-  // the others. Measured on the H200 (k4v2_g128, same run): batch 8 x 32K, 6 x 43 tiles 71.1 / 78.1 us (Llama /
-  // Qwen shape), 6 x 44 (the last 35) 68.5 / 74.9; 8 x 8K 4 x 16: 27.8 / 33.6, 6 x 12: 25.9 / 31.1. For fp16
-  // tiles a tail counted as 1 round chose 16 x 4 at batch 1 x 8K, 22.1 us against 17.8 for 13 x 5. Before: leaving
-  // the tail CTAs out chose 6 splits at 8 x 8K (33.0 us; 4 splits 27.0); a throughput bound (tiles of the busiest
-  // SM) chose 33 splits at 8 x 128K (240.3 us against 226.1 with 6); on the H100 the older rule, "two waves", ran
-  // up to 1.12x slower.
-  constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 4.0;
-  const double tail_time = kTailTiles / tiles_at_once;
-  const long slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
-  const long pairs = std::max(1L, static_cast<long>(num_seqs) * cache.num_kv_heads);
-  const long most_splits = std::min<long>(max_tiles, std::max(16L, 8 * slots / pairs));
-  auto cta_time = [&](long tiles) {
-    return static_cast<double>((tiles + tiles_at_once - 1) / tiles_at_once) + kCtaOverheadRounds;
-  };
-  plan.tiles_per_split = std::max(1, max_tiles);
-  double best = -1;
-  for (long per_split = std::max(1, max_tiles); per_split >= 1; --per_split) {
-    const long used = (max_tiles + per_split - 1) / per_split;
-    if (used > most_splits) break;
-    const double full = cta_time(per_split), last = cta_time(max_tiles - (used - 1) * per_split);
-    const double cost = std::max(used > 1 ? grid_time(pairs * (used - 1), pairs, slots, full, tail_time) : 0.0,
-                                 start_of(pairs * used - 1, pairs, slots, full, tail_time) + last);
-    if (best < 0 || cost < best) best = cost, plan.tiles_per_split = static_cast<int>(per_split);
-  }
+  DecodeGridShape grid;
+  grid.pairs = static_cast<long>(num_seqs) * cache.num_kv_heads;
+  grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
+  grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
+  plan.tiles_per_split = choose_tiles_per_split(max_tiles, grid);
   plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   const size_t rows = static_cast<size_t>(num_seqs) * num_q_heads * (plan.num_splits + 1);
   plan.workspace_bytes = rows * (sizeof(float) * cache.head_dim() + sizeof(float2));
