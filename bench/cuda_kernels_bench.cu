@@ -340,6 +340,17 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_names(argv[++i]);
     if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_names(argv[++i]);
   }
+  const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
+  for (const std::string& name : shape_names)
+    if (std::none_of(std::begin(shapes), std::end(shapes), [&](const Shape& s) { return name == s.name; }))
+      throw std::runtime_error("--shapes: unknown shape '" + name + "'; expected llama3-8b or qwen3-32b");
+  const std::vector<std::string>& known = codec::cache_dtype_names();
+  for (const std::string& name : dtypes)
+    if (std::find(known.begin(), known.end(), name) == known.end()) {
+      std::string expected;
+      for (const std::string& k : known) expected += (expected.empty() ? "" : ", ") + k;
+      throw std::runtime_error("--dtypes: unknown cache dtype '" + name + "'; expected one of " + expected);
+    }
   cudaDeviceProp prop;
   KVARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs, %.0f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
@@ -350,7 +361,6 @@ int run(int argc, char** argv) {
     return 0;
   }
   copy_bandwidth(csv);
-  const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
   for (const Shape& shape : shapes)
     if (std::find(shape_names.begin(), shape_names.end(), shape.name) != shape_names.end())
       for (const std::string& dtype : dtypes)
