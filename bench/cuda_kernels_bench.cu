@@ -305,23 +305,23 @@ void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, 
     KVARN_CUDA_CHECK(cudaFree(p));
 }
 
-std::vector<int> parse_list(const char* text) {
-  std::vector<int> out;
-  for (const char* p = text; *p;) {
-    char* end = nullptr;
-    out.push_back(static_cast<int>(std::strtol(p, &end, 10)));
-    if (end == p) throw std::runtime_error(std::string("not a list of integers: ") + text);
-    p = *end == ',' ? end + 1 : end;
-  }
-  return out;
-}
-
-std::vector<std::string> split_names(const char* text) {
+std::vector<std::string> split_commas(const char* text) {
   std::vector<std::string> out;
   std::string rest = text;
   for (size_t comma; (comma = rest.find(',')) != std::string::npos; rest.erase(0, comma + 1))
     out.push_back(rest.substr(0, comma));
   out.push_back(rest);
+  return out;
+}
+
+std::vector<int> parse_list(const char* text) {
+  std::vector<int> out;
+  for (const std::string& item : split_commas(text)) {
+    char* end = nullptr;
+    const long value = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || *end) throw std::runtime_error(std::string("not a list of integers: ") + text);
+    out.push_back(static_cast<int>(value));
+  }
   return out;
 }
 
@@ -337,8 +337,8 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
-    if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_names(argv[++i]);
-    if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_names(argv[++i]);
+    if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_commas(argv[++i]);
+    if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_commas(argv[++i]);
   }
   const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
   for (const std::string& name : shape_names)

@@ -14,27 +14,33 @@ namespace {
 // against 226.1 with 6); on the H100 the older rule, "two waves", ran up to 1.12x slower.
 constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 4.0;
 
-// When the grid's last CTA finishes, in rounds: `slots` CTAs run at once; the `pairs` tail CTAs come first and
-// hold their slots for ~tail_time, so tile CTAs beyond the other slots start late; every tile CTA takes cta_time.
-// (A CTA's pace is set by its own instruction latencies more than by memory, so the CTAs of a thin last round run
-// only a little faster: they are counted whole.)
-double grid_time(long tile_ctas, long pairs, long slots, double cta_time, double tail_time) {
-  const long late = std::min(pairs, slots), early = slots - late;  // slots free at 0 / after the tails
-  const double tails_done = tail_time * static_cast<double>((pairs + slots - 1) / slots);
-  const long rounds = tile_ctas / slots, rest = tile_ctas % slots;
+// The slots the `pairs` tail CTAs take first: the tile CTAs in slots [early, slots) start when the tails are done.
+struct TailSlots {
+  long slots, early;
+  double tails_done;
+
+  TailSlots(long pairs, long slots_, double tail_time)
+      : slots(slots_), early(slots_ - std::min(pairs, slots_)),
+        tails_done(tail_time * static_cast<double>((pairs + slots_ - 1) / slots_)) {}
+};
+
+// When the grid's last CTA finishes, in rounds: `slots` CTAs run at once; tile CTAs beyond the slots free at the
+// start wait for the tails; every tile CTA takes cta_time. (A CTA's pace is set by its own instruction latencies
+// more than by memory, so the CTAs of a thin last round run only a little faster: they are counted whole.)
+double grid_time(long tile_ctas, const TailSlots& t, double cta_time) {
+  const bool tails = t.early < t.slots;
+  const long rounds = tile_ctas / t.slots, rest = tile_ctas % t.slots;
   const double last_round_start = static_cast<double>(rounds) * cta_time;
-  if (rest == 0) return late > 0 ? tails_done + last_round_start : last_round_start;
-  if (rest <= early)
-    return std::max(last_round_start + cta_time, rounds > 0 && late > 0 ? tails_done + last_round_start : 0.0);
-  return tails_done + last_round_start + cta_time;
+  if (rest == 0) return tails ? t.tails_done + last_round_start : last_round_start;
+  if (rest <= t.early)
+    return std::max(last_round_start + cta_time, rounds > 0 && tails ? t.tails_done + last_round_start : 0.0);
+  return t.tails_done + last_round_start + cta_time;
 }
 
 // When tile CTA number `index` (in launch order) starts, in the units of grid_time, the CTAs before it taking
 // cta_time: its round's start, and the tails' time if it waits for a slot a tail CTA held.
-double start_of(long index, long pairs, long slots, double cta_time, double tail_time) {
-  const long late = std::min(pairs, slots), early = slots - late;
-  const double tails_done = tail_time * static_cast<double>((pairs + slots - 1) / slots);
-  return static_cast<double>(index / slots) * cta_time + (index % slots >= early ? tails_done : 0.0);
+double start_of(long index, const TailSlots& t, double cta_time) {
+  return static_cast<double>(index / t.slots) * cta_time + (index % t.slots >= t.early ? t.tails_done : 0.0);
 }
 
 }  // namespace
@@ -42,7 +48,7 @@ double start_of(long index, long pairs, long slots, double cta_time, double tail
 int choose_tiles_per_split(int max_tiles, const DecodeGridShape& grid) {
   const long tiles = std::max(1, max_tiles), pairs = std::max(1L, grid.pairs), slots = std::max(1L, grid.slots);
   const int at_once = std::max(1, grid.tiles_at_once);
-  const double tail_time = kTailTiles / at_once;
+  const TailSlots tail_slots(pairs, slots, kTailTiles / at_once);
   const long most_splits = std::min(tiles, std::max(16L, 8 * slots / pairs));
   auto cta_time = [&](long n) { return static_cast<double>((n + at_once - 1) / at_once) + kCtaOverheadRounds; };
   long chosen = tiles;
@@ -51,8 +57,8 @@ int choose_tiles_per_split(int max_tiles, const DecodeGridShape& grid) {
     const long used = (tiles + per_split - 1) / per_split;
     if (used > most_splits) break;
     const double full = cta_time(per_split), last = cta_time(tiles - (used - 1) * per_split);
-    const double cost = std::max(used > 1 ? grid_time(pairs * (used - 1), pairs, slots, full, tail_time) : 0.0,
-                                 start_of(pairs * used - 1, pairs, slots, full, tail_time) + last);
+    const double cost = std::max(used > 1 ? grid_time(pairs * (used - 1), tail_slots, full) : 0.0,
+                                 start_of(pairs * used - 1, tail_slots, full) + last);
     if (best < 0 || cost < best) best = cost, chosen = per_split;
   }
   return static_cast<int>(chosen);
