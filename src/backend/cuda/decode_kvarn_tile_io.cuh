@@ -167,27 +167,24 @@ __device__ __forceinline__ void stage_value_scales(const uint8_t* tile, float* s
                   [](int c) { return static_cast<float>(1 << (24 - (c % kCodesPerByte) * F::VB)); });
 }
 
-// The key codes of k-block kb through ldmatrix.trans (row address: this lane's key_base in the tile): w[h][s]
-// holds channels 16 kb + 8h + 2m, + 1 (register halves) of tokens 32 s + 4 g .. + 3 (4 bits each).
+// The key codes of k-block kb for the tokens of pass `pass` (64 pass .. 64 pass + 63) through one ldmatrix.trans
+// (key_base: key_row_offset): w[h][s] holds channels 16 kb + 8h + 2m, + 1 (register halves) of tokens
+// 64 pass + 32 s + 4 g .. + 3 (4 bits each). Span 2 pass + s sits in chunk (s ^ swizzle) ^ 2 pass of its row: bits
+// 4-5 of the row offset.
 template <class F>
-__device__ __forceinline__ void load_key_codes(const uint8_t* row, int kb, uint32_t (&w)[2][F::G / 32]) {
-  constexpr int kKeyRow = F::G / 2;
-  if constexpr (F::G == 128) {
-    ldmatrix_x4_trans(w[0], row + 16 * kb * kKeyRow);
-    ldmatrix_x4_trans(w[1], row + (16 * kb + 8) * kKeyRow);
-  } else {
-    uint32_t x[4];
-    ldmatrix_x4_trans(x, row + 16 * kb * kKeyRow);
-    w[0][0] = x[0], w[0][1] = x[1], w[1][0] = x[2], w[1][1] = x[3];
-  }
+__device__ __forceinline__ void load_key_codes(const uint8_t* tile, int key_base, int kb, int pass,
+                                               uint32_t (&w)[2][2]) {
+  uint32_t x[4];
+  ldmatrix_x4_trans(x, tile + (key_base ^ (32 * pass)) + 16 * kb * (F::G / 2));
+  w[0][0] = x[0], w[0][1] = x[1], w[1][0] = x[2], w[1][1] = x[3];
 }
 
-// This lane's ldmatrix row address in a tile's key codes (row lane % 8 of matrix lane / 8 = (channel half h,
-// 32-token span s); G = 128: one ldmatrix per h, s = matrix; G = 64: one ldmatrix, (h, s) = (matrix / 2, % 2)).
+// This lane's ldmatrix row address in a tile's key codes for pass 0: row lane % 8 of matrix lane / 8 = (channel
+// half h, 32-token span s) = (lane / 16, lane / 8 % 2).
 template <class F>
 __device__ __forceinline__ int key_row_offset(int lane) {
   constexpr int kKeyRowChunks = F::G / 32;
-  const int r = lane % 8, h = F::G == 128 ? 0 : lane / 16, s = F::G == 128 ? lane / 8 : (lane / 8) % 2;
+  const int r = lane % 8, h = lane / 16, s = (lane / 8) % 2;
   return (8 * h + r) * (F::G / 2) + 16 * (s ^ ((r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
 }
 

@@ -64,15 +64,19 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
       uint32_t hi[2], lo[2];
       fold_key_scales<F>(query_fragment<F>(shared, kb, g), scales, kb, z_sum, hi, lo);
       const uint32_t a[4] = {hi[0], lo[0], hi[1], lo[1]};  // rows g: hi, g + 8: lo
-      uint32_t w[2][G / 32];  // [channel half][token span]
-      load_key_codes<F>(tile + key_base, kb, w);
 #pragma unroll
-      for (int span = 0; span < G / 32; ++span) {
-        const uint32_t x0 = w[0][span], x1 = w[1][span], y0 = x0 >> 8, y1 = x1 >> 8;
-        mma_m16n8k16_rows16(acc[4 * span], a, x0 & 0x000f000fu, x1 & 0x000f000fu);
-        mma_m16n8k16_rows16(acc[4 * span + 1], a, x0 & 0x00f000f0u, x1 & 0x00f000f0u);
-        mma_m16n8k16_rows16(acc[4 * span + 2], a, y0 & 0x000f000fu, y1 & 0x000f000fu);
-        mma_m16n8k16_rows16(acc[4 * span + 3], a, y0 & 0x00f000f0u, y1 & 0x00f000f0u);
+      for (int pass = 0; pass < G / 64; ++pass) {
+        uint32_t w[2][2];  // [channel half][token span of the pass]
+        load_key_codes<F>(tile, key_base, kb, pass, w);
+#pragma unroll
+        for (int s2 = 0; s2 < 2; ++s2) {
+          const int span = 2 * pass + s2;
+          const uint32_t x0 = w[0][s2], x1 = w[1][s2], y0 = x0 >> 8, y1 = x1 >> 8;
+          mma_m16n8k16_rows16(acc[4 * span], a, x0 & 0x000f000fu, x1 & 0x000f000fu);
+          mma_m16n8k16_rows16(acc[4 * span + 1], a, x0 & 0x00f000f0u, x1 & 0x00f000f0u);
+          mma_m16n8k16_rows16(acc[4 * span + 2], a, y0 & 0x000f000fu, y1 & 0x000f000fu);
+          mma_m16n8k16_rows16(acc[4 * span + 3], a, y0 & 0x00f000f0u, y1 & 0x00f000f0u);
+        }
       }
     }
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
@@ -221,18 +225,19 @@ __device__ __forceinline__ void attend_kvarn_tiles_few_heads(const DecodeParams&
       uint32_t hi[2], lo[2];
       fold_key_scales<F>(query_fragment<F>(shared, kb, g / 2), scales, kb, z_sum, hi, lo);
       const uint32_t b0 = (g & 1) ? lo[0] : hi[0], b1 = (g & 1) ? lo[1] : hi[1];
-      uint32_t w[2][G / 32];  // [channel half][token span]
-      load_key_codes<F>(tile + key_base, kb, w);
 #pragma unroll
-      for (int sp = 0; sp < kSpanPairs; ++sp)
+      for (int sp = 0; sp < kSpanPairs; ++sp) {
+        uint32_t w[2][2];  // [channel half][token span of the pair]
+        load_key_codes<F>(tile, key_base, kb, sp, w);
 #pragma unroll
         for (int q2 = 0; q2 < 4; ++q2) {
           const int shift = q2 < 2 ? 0 : 8;
           const uint32_t mask = (q2 & 1) ? 0x00f000f0u : 0x000f000fu;
-          const uint32_t a[4] = {(w[0][2 * sp] >> shift) & mask, (w[0][2 * sp + 1] >> shift) & mask,
-                                 (w[1][2 * sp] >> shift) & mask, (w[1][2 * sp + 1] >> shift) & mask};
+          const uint32_t a[4] = {(w[0][0] >> shift) & mask, (w[0][1] >> shift) & mask, (w[1][0] >> shift) & mask,
+                                 (w[1][1] >> shift) & mask};
           mma_m16n8k16_rows16(acc[4 * sp + q2], a, b0, b1);
         }
+      }
     }
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
