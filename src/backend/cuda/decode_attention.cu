@@ -1,7 +1,7 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
-// threads (4 warps). The first `pairs` CTAs read the fp16 tails (rows staged in shared memory, fp32 arithmetic;
+// threads (4 warps). The first `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores;
 // short, and first so that they do not trail the launch); then split-major, CTA split s of pair (n, h) reads the
 // tiles [s*tps, (s+1)*tps) of sequence n, kv-head h through cp.async copies of whole tiles into shared memory
 // (16-byte pieces, tiles in flight while others are read). Each CTA leaves one partial softmax state (m, l, o[D])
@@ -28,7 +28,8 @@
 // inside an mma follow the reads (any permutation of the reduced index, used consistently in A and B, gives the
 // same sum).
 // fp16 tiles (decode_fp16_tiles.cuh): the 4 warps share each tile (a quarter of its tokens each) through a ring of
-// several tiles; the raw fp16 q, p and K/V with rows 8-15 zero, the scale applied to the fp32 scores.
+// several tiles; K/V and p as they are, q as an fp16 pair (rows 8-15: the rest of its rounding), the scale applied
+// to the fp32 scores.
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
 // FLOPs (tensor cores, useful): 4 * G_q * D per token; issued: for the scores 16/G_q x their share with the heads as
 // rows, 8/G_q x with the heads as columns (the hi and lo halves fill the rest); for the values 8/G_q x theirs.
@@ -67,16 +68,10 @@ using namespace decode;
 template <class F>
 using SharedLayout = std::conditional_t<F::kCodes, KvarnSharedLayout<F>, Fp16SharedLayout<F>>;
 
-// Shared memory of a tail CTA: attend_tail's rows and scores, then the group's rotated queries.
-template <class F>
-struct TailSharedLayout {
-  static constexpr size_t query = size_t{2} * F::G * F::D + sizeof(float) * kMaxGroup * F::G;
-  static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
-};
-
 template <class F>
 constexpr size_t shared_bytes() {
-  return std::max(TailSharedLayout<F>::bytes, SharedLayout<F>::bytes);
+  static_assert(TailSharedLayout<F>::bytes <= SharedLayout<F>::bytes, "a tail CTA would lower the CTAs per SM");
+  return SharedLayout<F>::bytes;
 }
 
 template <class F>
@@ -91,10 +86,7 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
     const SequenceKvView seq = p.seqs[seq_index];
     if (seq.tail_len == 0) return;
     const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
-    float* qs = reinterpret_cast<float*>(shared + TailSharedLayout<F>::query);
-    load_rotated_queries<F::D>(p, partial_row, qs);
-    __syncthreads();
-    attend_tail<F>(p, seq, qs, shared, head, partial_row, p.num_splits);
+    attend_tail<F>(p, seq, head, partial_row, shared);
     return;
   }
   const CtaWork work = cta_work(p, blockIdx.x - pairs);

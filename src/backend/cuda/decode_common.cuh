@@ -1,5 +1,5 @@
 // Decode attention, the parts every CTA kind uses: launch parameters, the CTA's work, the group's rotated queries,
-// the fp16 tail (attend_tail), the merge of the 4 warps' softmax states, and small numeric helpers.
+// the merge of the 4 warps' softmax states, and small numeric helpers.
 #pragma once
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/kv_layout.h"
@@ -46,82 +46,6 @@ struct DecodeParams {
   float scale_log2;
   bool rotated;
 };
-
-// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), fp32 FMA: at most G-1 tokens. Its key rows,
-// then its value rows, are copied whole into shared memory (`ring`: G rows, then the scores) with cp.async, two
-// round trips to memory instead of one per row and thread; 16-byte chunks swizzled as in fp16 tiles (chunk ^
-// row & 7) so that the threads' row reads hit distinct banks.
-template <class F>
-__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, const float* qs, uint8_t* ring,
-                            int head, size_t partial_row, int partial_index) {
-  constexpr int D = F::D, G = F::G, kRowChunks = D / 8;
-  const int n = seq.tail_len, tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
-  const __half* k = p.tails + ((static_cast<size_t>(seq.tail_slot) * 2) * p.num_kv_heads + head) * G * D;
-  const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
-  float* scores = reinterpret_cast<float*>(ring + G * D * 2);  // [head][token]
-  auto stage_rows = [&](const __half* src) {
-    for (int q = tid; q < n * kRowChunks; q += kThreads) {
-      const int row = q / kRowChunks;
-      cp_async_16(ring + 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7))), src + 8 * q);
-    }
-    cp_async_commit();
-  };
-  auto chunk = [&](int t, int c8) { return ring + 16 * (t * kRowChunks + (c8 ^ (t & 7))); };
-
-  stage_rows(k);
-  cp_async_wait<0>();
-  __syncthreads();
-  if (tid < n) {
-    float acc[kMaxGroup] = {};
-#pragma unroll 4
-    for (int c8 = 0; c8 < kRowChunks; ++c8) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(chunk(tid, c8));
-      const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 f = __half22float2(h2[e]);
-#pragma unroll
-        for (int h = 0; h < kMaxGroup; ++h)
-          if (h < p.group) acc[h] += qs[h * D + c8 * 8 + 2 * e] * f.x + qs[h * D + c8 * 8 + 2 * e + 1] * f.y;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h)
-      if (h < p.group) scores[h * G + tid] = acc[h] * p.scale_log2;
-  }
-  __syncthreads();  // the key rows are read: the value rows replace them while the softmax runs
-  stage_rows(v);
-  for (int h = warp; h < p.group; h += kWarps) {
-    float m = -FLT_MAX;
-    for (int t = lane; t < n; t += 32) m = fmaxf(m, scores[h * G + t]);
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float l = 0;
-    for (int t = lane; t < n; t += 32) {
-      const float e = exp2_approx(scores[h * G + t] - m);
-      scores[h * G + t] = e;
-      l += e;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
-    if (lane == 0) p.partial_ml[(partial_row + h) * (p.num_splits + 1) + partial_index] = make_float2(m, l);
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-  for (int c = tid; c < D; c += kThreads) {
-    float acc[kMaxGroup] = {};
-#pragma unroll 4
-    for (int t = 0; t < n; ++t) {
-      const float x = __half2float(reinterpret_cast<const __half*>(chunk(t, c / 8))[c % 8]);
-#pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h)
-        if (h < p.group) acc[h] += scores[h * G + t] * x;
-    }
-#pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h)
-      if (h < p.group) p.partial_o[((partial_row + h) * (p.num_splits + 1) + partial_index) * D + c] = acc[h];
-  }
-}
 
 // Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
 // (m = 0..3), which read 4-aligned runs 8, 16 or 2 * NV floats apart, hit distinct banks.

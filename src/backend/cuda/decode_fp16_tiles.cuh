@@ -1,9 +1,11 @@
-// Decode attention over fp16 tiles: the 4 warps of a CTA share each tile (a quarter of its tokens each) through a
-// cp.async ring of several tiles; the raw fp16 query and K/V on tensor cores, the scale applied to fp32 scores.
+// Decode attention over fp16 rows on tensor cores: the fp16 cache's tiles, whose 4 warps of a CTA share each tile
+// (a quarter of its tokens each) through a cp.async ring of several tiles, and every cache's fp16 tail, read the
+// same way; the query as an fp16 pair (high part, rest), the scale applied to the fp32 scores.
 #pragma once
 #include "backend/cuda/decode_common.cuh"
 
 #include <algorithm>
+#include <cmath>
 
 namespace kvarn::cuda::decode {
 
@@ -44,26 +46,119 @@ struct Fp16SharedLayout {
   static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
 };
 
-// Per tile, per warp (a quarter of the tile's tokens, 8 consecutive per n-tile), on tensor cores: S = q K^T with
-// the raw fp16 query as A (rows 8-15 zero) and the scale applied to the fp32 scores, then O += P V.
+// The query as A fragments for every k-block (lane (g, m): head g, channels 16 kb + 4m + i <-> k-slots 2m, 2m + 1,
+// 2m + 8, 2m + 9): rows g its fp16 rounding, rows g + 8 the fp16 rounding of the rest (split_half2), so that scores
+// carry ~2^-22 of the query's relative rounding rather than 2^-12 and a large score moves no other weight.
+// qs: fp32 rows [kMaxGroup][D] (load_rotated_queries).
+template <int D>
+__device__ __forceinline__ void query_fragments(const float* qs, uint32_t (&qa)[D / 16][4]) {
+  const int lane = threadIdx.x & 31, col = lane / 4, m4 = lane % 4;
+#pragma unroll
+  for (int kb = 0; kb < D / 16; ++kb) {
+    const float4 q = *reinterpret_cast<const float4*>(qs + col * D + kb * 16 + 4 * m4);
+    split_half2(q.x, q.y, qa[kb][0], qa[kb][1]);
+    split_half2(q.z, q.w, qa[kb][2], qa[kb][3]);
+  }
+}
+
+// One warp's share of fp16 K/V rows in shared memory (rows swizzled as copy_fp16_tile places them), on tensor
+// cores: its NT n-tiles of 8 tokens from n-tile `first` (tokens 8 (first + j) + x), tokens >= `valid` masked out.
+// S = q K^T (qa: query_fragments) scaled to log2 units in fp32, one online-softmax step of the warp's state
+// (o, m_run, l_run), then O += P V with P in fp16.
+template <class F, int NT>
+__device__ __forceinline__ void attend_fp16_rows(const uint8_t* keys, const uint8_t* values, int first, int valid,
+                                                 const uint32_t (&qa)[F::D / 16][4], float scale_log2,
+                                                 float (&o)[F::D / 8][2], float& m_run, float& l_run) {
+  constexpr int D = F::D, KBLK = D / 16, NV = D / 8;
+  const int lane = threadIdx.x & 31, col = lane / 4, m4 = lane % 4;
+
+  // ---- scores (log2 units); n-tile j holds tokens 8 (first + j) .. + 7 ----
+  float s[NT][2];
+  {
+    float acc[NT][4] = {};
+#pragma unroll
+    for (int kb = 0; kb < KBLK; ++kb)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int t = 8 * (first + j) + col;
+        const int chunk = (2 * kb + m4 / 2) ^ (t & 7);
+        const uint2 b = *reinterpret_cast<const uint2*>(keys + t * D * 2 + chunk * 16 + (m4 & 1) * 8);
+        mma_m16n8k16_rows16(acc[j], qa[kb], b.x, b.y);
+      }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool past = 8 * (first + j) + 2 * m4 + e >= valid;
+        s[j][e] = past ? -INFINITY : (acc[j][e] + acc[j][e + 2]) * scale_log2;
+      }
+  }
+
+  // ---- online softmax over this warp's tokens ----
+  float tile_max = -FLT_MAX;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+  const float m_new = fmaxf(m_run, tile_max);
+  const float correction = exp2_approx(m_run - m_new);
+  m_run = m_new;
+  l_run *= correction;
+  if (__any_sync(0xffffffffu, correction != 1.0f)) {  // after the first tiles the maximum rarely moves
+#pragma unroll
+    for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[j][e] = exp2_approx(s[j][e] - m_new);
+      l_run += s[j][e];
+    }
+
+  // ---- values: O[h][c] += sum_t p[h][t] V[t][c]; channel of column x of n-tile i: x NV + i ----
+  constexpr int kColChunks = D / 64;  // 16-byte chunks of a column's D/8 channels
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const uint32_t a0 = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+    const uint32_t a2 = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+#pragma unroll
+    for (int cc = 0; cc < kColChunks; ++cc) {
+      uint4 r[4];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int t = 8 * (first + 2 * kk + jj) + 2 * m4 + e;
+          const int chunk = (col * kColChunks + cc) ^ (t & 7);
+          r[2 * jj + e] = *reinterpret_cast<const uint4*>(values + t * D * 2 + chunk * 16);
+        }
+#pragma unroll
+      for (int i8 = 0; i8 < 8; ++i8) {
+        const uint32_t sel = (i8 & 1) ? 0x7632u : 0x5410u;
+        const uint32_t b0 = __byte_perm((&r[0].x)[i8 / 2], (&r[1].x)[i8 / 2], sel);
+        const uint32_t b1 = __byte_perm((&r[2].x)[i8 / 2], (&r[3].x)[i8 / 2], sel);
+        float c[4] = {o[cc * 8 + i8][0], o[cc * 8 + i8][1], 0, 0};
+        mma_m16n8k16(c, a0, a2, b0, b1);
+        o[cc * 8 + i8][0] = c[0];
+        o[cc * 8 + i8][1] = c[1];
+      }
+    }
+  }
+}
+
+// Per tile, the 4 warps a quarter of its tokens each (attend_fp16_rows), the tiles through a cp.async ring.
 template <class F>
 __device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = fp16_stages<F>();
   constexpr codec::TileLayout L = F::L;
   uint8_t* ring = shared;
   float* qs = reinterpret_cast<float*>(shared + Fp16SharedLayout<F>::query);
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, col = lane / 4, m4 = lane % 4;
+  const int tid = threadIdx.x, warp = tid / 32;
   load_rotated_queries<D>(p, work.partial_row, qs);
   __syncthreads();
-
-  // The raw query is the A operand for every tile (channels kb*16 + 4m + i <-> k-slots).
-  uint32_t q_frag[KBLK][2];
-#pragma unroll
-  for (int kb = 0; kb < KBLK; ++kb) {
-    const float* q = qs + col * D + kb * 16 + 4 * m4;
-    q_frag[kb][0] = pack_half2(q[0], q[1]);
-    q_frag[kb][1] = pack_half2(q[2], q[3]);
-  }
+  uint32_t qa[KBLK][4];
+  query_fragments<D>(qs, qa);
 
   float o[NV][2] = {};
   float m_run = -FLT_MAX, l_run = 0;
@@ -83,83 +178,56 @@ __device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const C
     __syncthreads();
     if (it + S - 1 < num) copy_fp16_tile<F>(ring + ((it + S - 1) % S) * L.bytes, tile_bytes(it + S - 1), swizzle);
     cp_async_commit();
-    const uint8_t* keys = ring + (it % S) * L.bytes + L.key_codes;
-    const uint8_t* values = ring + (it % S) * L.bytes + L.value_codes;
-
-    // ---- scores (log2 units); n-tile j of this warp holds tokens 8 (warp NT + j) .. + 7 ----
-    float s[NT][2];
-    {
-      float acc[NT][4] = {};
-#pragma unroll
-      for (int kb = 0; kb < KBLK; ++kb)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const int t = 8 * (warp * NT + j) + col;
-          const int chunk = (2 * kb + m4 / 2) ^ (t & 7);
-          const uint2 b = *reinterpret_cast<const uint2*>(keys + t * D * 2 + chunk * 16 + (m4 & 1) * 8);
-          mma_m16n8k16(acc[j], q_frag[kb][0], q_frag[kb][1], b.x, b.y);
-        }
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) s[j][e] = acc[j][e] * p.scale_log2;
-    }
-
-    // ---- online softmax over this warp's tokens of the tile ----
-    float tile_max = -FLT_MAX;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][0], s[j][1]));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float m_new = fmaxf(m_run, tile_max);
-    const float correction = exp2_approx(m_run - m_new);
-    m_run = m_new;
-    l_run *= correction;
-    if (__any_sync(0xffffffffu, correction != 1.0f)) {  // after the first tiles the maximum rarely moves
-#pragma unroll
-      for (int i = 0; i < NV; ++i) o[i][0] *= correction, o[i][1] *= correction;
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[j][e] = exp2_approx(s[j][e] - m_new);
-        l_run += s[j][e];
-      }
-
-    // ---- values: O[h][c] += sum_t p[h][t] V[t][c]; channel of column x of n-tile i: x NV + i ----
-    constexpr int kColChunks = D / 64;  // 16-byte chunks of a column's D/8 channels
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-      const uint32_t a0 = pack_half2(s[2 * kk][0], s[2 * kk][1]);
-      const uint32_t a2 = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-#pragma unroll
-      for (int cc = 0; cc < kColChunks; ++cc) {
-        uint4 r[4];
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int t = 8 * (warp * NT + 2 * kk + jj) + 2 * m4 + e;
-            const int chunk = (col * kColChunks + cc) ^ (t & 7);
-            r[2 * jj + e] = *reinterpret_cast<const uint4*>(values + t * D * 2 + chunk * 16);
-          }
-#pragma unroll
-        for (int i8 = 0; i8 < 8; ++i8) {
-          const uint32_t sel = (i8 & 1) ? 0x7632u : 0x5410u;
-          const uint32_t b0 = __byte_perm((&r[0].x)[i8 / 2], (&r[1].x)[i8 / 2], sel);
-          const uint32_t b1 = __byte_perm((&r[2].x)[i8 / 2], (&r[3].x)[i8 / 2], sel);
-          float c[4] = {o[cc * 8 + i8][0], o[cc * 8 + i8][1], 0, 0};
-          mma_m16n8k16(c, a0, a2, b0, b1);
-          o[cc * 8 + i8][0] = c[0];
-          o[cc * 8 + i8][1] = c[1];
-        }
-      }
-    }
+    const uint8_t* tile = ring + (it % S) * L.bytes;
+    attend_fp16_rows<F, NT>(tile + L.key_codes, tile + L.value_codes, warp * NT, G, qa, p.scale_log2, o, m_run,
+                            l_run);
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring becomes the merge buffer
   merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, work.partial_row, work.split);
+}
+
+// Shared memory of a tail CTA: the tail's key rows, its value rows (G each, as an fp16 tile's), the queries.
+template <class F>
+struct TailSharedLayout {
+  static constexpr size_t keys = 0, values = size_t{2} * F::G * F::D, query = 2 * values;
+  static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
+};
+
+// The fp16 tail (rotated like the tiles) of one (sequence, kv-head), 1 to G - 1 tokens, read like an fp16 tile:
+// its key and value rows copied into shared memory at once, the value rows up to the end of the last warp's
+// n-tiles zeroed (their weights are 0, but 0 * NaN is not), then each warp its quarter of the rows
+// (attend_fp16_rows) and the merge of the warps' states into partial number num_splits.
+template <class F>
+__device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, int head, size_t partial_row,
+                            uint8_t* shared) {
+  constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, kRowChunks = D / 8;
+  using Layout = TailSharedLayout<F>;
+  const int n = seq.tail_len, tid = threadIdx.x, warp = tid / 32;
+  const __half* k = p.tails + ((static_cast<size_t>(seq.tail_slot) * 2) * p.num_kv_heads + head) * G * D;
+  const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
+  uint8_t* keys = shared + Layout::keys;
+  uint8_t* values = shared + Layout::values;
+  for (int q = tid; q < n * kRowChunks; q += kThreads) {
+    const int row = q / kRowChunks, at = 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7)));
+    cp_async_16(keys + at, k + 8 * q);
+    cp_async_16(values + at, v + 8 * q);
+  }
+  cp_async_commit();
+  const int rows_read = min(G, (n + 8 * NT - 1) / (8 * NT) * (8 * NT));
+  for (int q = n * kRowChunks + tid; q < rows_read * kRowChunks; q += kThreads)
+    *reinterpret_cast<uint4*>(values + 16 * q) = make_uint4(0, 0, 0, 0);
+  float* qs = reinterpret_cast<float*>(shared + Layout::query);
+  load_rotated_queries<D>(p, partial_row, qs);
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qa[KBLK][4];
+  query_fragments<D>(qs, qa);
+  float o[NV][2] = {};
+  float m_run = -FLT_MAX, l_run = 0;
+  if (8 * NT * warp < n) attend_fp16_rows<F, NT>(keys, values, warp * NT, n, qa, p.scale_log2, o, m_run, l_run);
+  __syncthreads();  // the rows are read: the merge buffer replaces them
+  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, partial_row, p.num_splits);
 }
 
 }  // namespace kvarn::cuda::decode
