@@ -8,11 +8,14 @@ namespace {
 
 // Measured on the H200 (k4v2_g128 unless said, Llama / Qwen shape, µs per call, each pair in one run): batch
 // 8 x 32K, 6 x 43 tiles (pair-major order) 71.1 / 78.1, 6 x 44 split-major (the last split 35) 68.5 / 74.9;
-// 8 x 8K 4 x 16: 27.8 / 33.6, 6 x 12: 25.9 / 31.1. fp16 tiles with a tail counted as 1 round instead of 4: 16 x 4
-// at batch 1 x 8K, 22.1 us against 17.8 for 13 x 5. Earlier: leaving the tail CTAs out chose 6 splits at 8 x 8K
-// (33.0 us; 4 splits 27.0); a throughput bound (tiles of the busiest SM) chose 33 splits at 8 x 128K (240.3 us
-// against 226.1 with 6); on the H100 the older rule, "two waves", ran up to 1.12x slower.
-constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 4.0;
+// 8 x 8K 4 x 16: 27.8 / 33.6, 6 x 12: 25.9 / 31.1. A tail CTA, read on tensor cores like one fp16 tile, counts as
+// one tile: fp16 at batch 8 x 1K 2 x 4 15.2 / 16.2 us, 2 x 6 (a tail counted as 4 tiles) 15.9 / 16.9; 1 x 8K 16 x 4
+// and 13 x 5 equal (16.4 / 17.4); the KVarN choices on the benchmark's grid are the same for weights 1 to 4. (With
+// the former fp32 tail, 4 was right: 16 x 4 took 22.1 us at 1 x 8K against 17.8 for 13 x 5.) Earlier: leaving the
+// tail CTAs out chose 6 splits at 8 x 8K (33.0 us; 4 splits 27.0); a throughput bound (tiles of the busiest SM)
+// chose 33 splits at 8 x 128K (240.3 us against 226.1 with 6); on the H100 the older rule, "two waves", ran up to
+// 1.12x slower.
+constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 1.0;
 
 // The slots the `pairs` tail CTAs take first: the tile CTAs in slots [early, slots) start when the tails are done.
 struct TailSlots {
