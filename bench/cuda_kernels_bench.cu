@@ -1,7 +1,8 @@
 // kvarn_cuda_bench: times the CUDA KV-cache kernels on the GPU it runs on and writes one CSV row per measurement.
 //   copy      device-to-device cudaMemcpy of 2 GiB: the bandwidth ceiling (bytes read + bytes written)
 //   decode    decode_attention per (model shape, cache dtype, batch, context): time per call in a CUDA graph of 32
-//             back-to-back calls (as one decode step calls it once per layer, launch latency hidden), bytes really
+//             back-to-back calls (as one decode step calls it once per layer, launch latency hidden) at the rate
+//             the GPU sustains (median_ms: after 0.5 s of the same work, under its power cap), bytes really
 //             read (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
 //   flush     flush_full_tiles of N full tails of the Llama-3-8B layer shape: tiles per second
 //   linear    the linear layers of one Llama-3-8B decode step at batch 128 with cuBLAS (fp16 weights, fp32
@@ -12,8 +13,11 @@
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
+//                         [--tiles-per-split 16,32]
 //   --decode-only: only the copy and the decode rows; --flush-only: only the flush rows; --batches, --contexts,
-//   --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default kvarn_k4v2_g128,fp16): only these.
+//   --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default kvarn_k4v2_g128,fp16): only these;
+//   --tiles-per-split: each decode row once per split size, 0 being the planner's choice (to time its
+//   alternatives).
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -25,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -55,29 +60,57 @@ void fill_plausible(void* data, size_t bytes, uint32_t seed) {
   KVARN_CUDA_CHECK(cudaGetLastError());
 }
 
+// The H200 holds its 700 W cap by lowering the SM clock, to 1.2-1.9 GHz under our heavier rows (measured), within
+// ~100 ms of heavy work, and recovers when idle: a short timing depends on what ran before it (the same decode row
+// took 255-338 us in 12 runs in a row). So every measurement is of the rate the GPU sustains: fn runs back to back
+// (the next call queued behind the running one, the GPU never idle) for kSustainMs, then each call is timed for
+// another kSustainMs and at least `reps` calls; the median.
+constexpr double kSustainMs = 500;
+
 template <typename Fn>
 double median_ms(int reps, Fn&& fn, cudaStream_t stream = nullptr) {
-  cudaEvent_t start, stop;
-  KVARN_CUDA_CHECK(cudaEventCreate(&start));
-  KVARN_CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) fn(i);
-  std::vector<float> times;
-  for (int i = 0; i < reps; ++i) {
-    KVARN_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn(i);
-    KVARN_CUDA_CHECK(cudaEventRecord(stop, stream));
-    KVARN_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    KVARN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point begin = Clock::now();
+  auto ms_since_begin = [&] { return std::chrono::duration<double, std::milli>(Clock::now() - begin).count(); };
+  cudaEvent_t start[2], stop[2];
+  bool timed[2] = {false, false};
+  for (int k = 0; k < 2; ++k) {
+    KVARN_CUDA_CHECK(cudaEventCreate(&start[k]));
+    KVARN_CUDA_CHECK(cudaEventCreate(&stop[k]));
   }
-  KVARN_CUDA_CHECK(cudaEventDestroy(start));
-  KVARN_CUDA_CHECK(cudaEventDestroy(stop));
+  std::vector<float> times;
+  auto collect = [&](int k) {  // waits for call slot k and keeps its time if it was a timed call
+    KVARN_CUDA_CHECK(cudaEventSynchronize(stop[k]));
+    if (!timed[k]) return;
+    float ms = 0;
+    KVARN_CUDA_CHECK(cudaEventElapsedTime(&ms, start[k], stop[k]));
+    times.push_back(ms);
+  };
+  double timing_since = -1;
+  for (int i = 0;; ++i) {
+    const int k = i % 2;
+    if (i >= 2) collect(k);
+    const double now = ms_since_begin();
+    if (timing_since < 0 && i >= 3 && now >= kSustainMs) timing_since = now;
+    if (timing_since >= 0 && static_cast<int>(times.size()) >= reps && now - timing_since >= kSustainMs) {
+      collect(1 - k);
+      break;
+    }
+    KVARN_CUDA_CHECK(cudaEventRecord(start[k], stream));
+    fn(i);
+    KVARN_CUDA_CHECK(cudaEventRecord(stop[k], stream));
+    timed[k] = timing_since >= 0;
+  }
+  for (int k = 0; k < 2; ++k) {
+    KVARN_CUDA_CHECK(cudaEventDestroy(start[k]));
+    KVARN_CUDA_CHECK(cudaEventDestroy(stop[k]));
+  }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }
 
-// Per call: median over 10 replays of one CUDA graph of `calls` back-to-back fn(i, stream), i = 0..calls-1.
+// Per call: the median over replays (median_ms) of one CUDA graph of `calls` back-to-back fn(i, stream),
+// i = 0..calls-1.
 template <typename Fn>
 double graph_median_ms(int calls, Fn&& fn) {
   cudaStream_t stream;
@@ -125,7 +158,9 @@ struct Shape {
   int q_heads, kv_heads, head_dim;
 };
 
-void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context) {
+// tiles_per_split: 0 for the planner's choice.
+void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
+                  int tiles_per_split = 0) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tiles = context / g - 1, tail = g / 2;
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);
@@ -164,7 +199,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   KVARN_CUDA_CHECK(cudaMemcpy(dviews, views.data(), sizeof(SequenceKvView) * views.size(), cudaMemcpyHostToDevice));
 
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
-  const DecodeAttentionPlan plan = plan_decode_attention(layer, batch, shape.q_heads, tiles);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, batch, shape.q_heads, tiles, tiles_per_split);
   void* workspace;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -328,7 +363,7 @@ std::vector<int> parse_list(const char* text) {
 int run(int argc, char** argv) {
   Csv csv;
   bool decode_only = false, flush_only = false;
-  std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072};
+  std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
@@ -337,6 +372,7 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
+    if (!std::strcmp(argv[i], "--tiles-per-split") && i + 1 < argc) splits = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_commas(argv[++i]);
     if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_commas(argv[++i]);
   }
@@ -344,6 +380,10 @@ int run(int argc, char** argv) {
   for (const std::string& name : shape_names)
     if (std::none_of(std::begin(shapes), std::end(shapes), [&](const Shape& s) { return name == s.name; }))
       throw std::runtime_error("--shapes: unknown shape '" + name + "'; expected llama3-8b or qwen3-32b");
+  for (int tiles_per_split : splits)
+    if (tiles_per_split < 0)
+      throw std::runtime_error("--tiles-per-split: " + std::to_string(tiles_per_split) +
+                               "; expected split sizes in tiles (0: the planner's choice)");
   const std::vector<std::string>& known = codec::cache_dtype_names();
   for (const std::string& name : dtypes)
     if (std::find(known.begin(), known.end(), name) == known.end()) {
@@ -365,7 +405,8 @@ int run(int argc, char** argv) {
     if (std::find(shape_names.begin(), shape_names.end(), shape.name) != shape_names.end())
       for (const std::string& dtype : dtypes)
         for (int batch : batches)
-          for (int context : contexts) bench_decode(csv, shape, dtype, batch, context);
+          for (int context : contexts)
+            for (int tiles_per_split : splits) bench_decode(csv, shape, dtype, batch, context, tiles_per_split);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;

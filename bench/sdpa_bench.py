@@ -3,12 +3,14 @@
 
 decode: q [B, Hq, 1, D] over contiguous fp16 K/V [B, Hkv, context, D] (enable_gqa); prefill: a causal chunk of
 T tokens attending to itself, [1, Hq, T, D]. Decode: per call in a CUDA graph of 32 back-to-back calls (as in a
-captured decode step, one call per layer), median of 10 replays; prefill: median of 20 calls timed with CUDA events.
+captured decode step, one call per layer), median of the replays timed after 0.5 s of the same replays (median_ms);
+prefill: the same with single calls.
 Several K/V copies are rotated when one is small enough to stay in L2. Writes CSV rows like kvarn_cuda_bench's.
 Usage: sdpa_bench.py [--csv FILE] [--quick]
 """
 import argparse
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +19,36 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 SHAPES = [("llama3-8b", 32, 8, 128), ("qwen3-32b", 64, 8, 128)]
 
 
-def median_ms(fn, reps=20):
-    for i in range(3):
-        fn(i)
+def median_ms(fn, reps=20, sustain_ms=500.0):
+    """The rate the GPU sustains, as kvarn_cuda_bench measures it: fn runs back to back (the next call queued
+    behind the running one) for sustain_ms, then each call is timed for another sustain_ms and at least reps
+    calls; the median. The H200 lowers its SM clock to hold its power cap within ~100 ms of heavy work."""
+    events = [[torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), False] for _ in range(2)]
     times = []
-    for i in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def collect(slot):
+        slot[1].synchronize()
+        if slot[2]:
+            times.append(slot[0].elapsed_time(slot[1]))
+
+    begin = time.perf_counter()
+    timing_since = None
+    i = 0
+    while True:
+        slot = events[i % 2]
+        if i >= 2:
+            collect(slot)
+        now = (time.perf_counter() - begin) * 1e3
+        if timing_since is None and i >= 3 and now >= sustain_ms:
+            timing_since = now
+        if timing_since is not None and len(times) >= reps and now - timing_since >= sustain_ms:
+            collect(events[(i + 1) % 2])
+            break
+        slot[0].record()
         fn(i)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+        slot[1].record()
+        slot[2] = timing_since is not None
+        i += 1
     times.sort()
     return times[len(times) // 2]
 

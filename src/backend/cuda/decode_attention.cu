@@ -176,7 +176,8 @@ int blocks_per_sm() {
 
 }  // namespace
 
-DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles) {
+DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles,
+                                          int tiles_per_split) {
   DecodeAttentionPlan plan;
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
@@ -184,7 +185,8 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seq
   grid.pairs = static_cast<long>(num_seqs) * cache.num_kv_heads;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
-  plan.tiles_per_split = choose_tiles_per_split(max_tiles, grid);
+  plan.tiles_per_split =
+      tiles_per_split > 0 ? std::min(tiles_per_split, std::max(max_tiles, 1)) : choose_tiles_per_split(max_tiles, grid);
   plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   const size_t rows = static_cast<size_t>(num_seqs) * num_q_heads * (plan.num_splits + 1);
   plan.workspace_bytes = rows * (sizeof(float) * cache.head_dim() + sizeof(float2));

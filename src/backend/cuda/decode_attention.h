@@ -30,7 +30,10 @@ struct DecodeAttentionPlan {
   size_t workspace_bytes = 0;
 };
 
-DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles);
+// tiles_per_split: 0 for the split planner's choice (decode_split_plan.h); a positive value fixes it (the
+// benchmark's --tiles-per-split, which times the planner's alternatives).
+DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles,
+                                          int tiles_per_split = 0);
 
 // workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets
 // zeros. Throws kvarn::Error for unsupported shapes.

@@ -196,6 +196,23 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
     });
 
+// The benchmark times the planner's alternatives through a fixed split size: taken as given, at most the longest
+// sequence's tiles, with the splits and the workspace to match.
+TEST(DecodePlan, TakesAFixedSplitSize) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
+  const DecodeAttentionPlan chosen = plan_decode_attention(layer, 8, 64, 255);
+  const DecodeAttentionPlan fixed = plan_decode_attention(layer, 8, 64, 255, 43);
+  EXPECT_EQ(fixed.tiles_per_split, 43);
+  EXPECT_EQ(fixed.num_splits, 6);
+  EXPECT_EQ(fixed.workspace_bytes, size_t{8} * 64 * 7 * (128 * sizeof(float) + sizeof(float2)));
+  const DecodeAttentionPlan whole = plan_decode_attention(layer, 8, 64, 255, 1000);
+  EXPECT_EQ(whole.tiles_per_split, 255);
+  EXPECT_EQ(whole.num_splits, 1);
+  EXPECT_EQ(plan_decode_attention(layer, 8, 64, 255, 0).tiles_per_split, chosen.tiles_per_split);
+}
+
 TEST(DecodeCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto captured =
