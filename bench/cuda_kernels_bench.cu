@@ -11,10 +11,11 @@
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
-// Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only] [--batches 8,32]
+// Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
 //                         [--tiles-per-split 16,32]
-//   --decode-only: only the copy and the decode rows; --flush-only: only the flush rows; --batches, --contexts,
+//   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
+//   rows; --batches, --contexts,
 //   --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default kvarn_k4v2_g128,fp16): only these;
 //   --tiles-per-split: each decode row once per split size, 0 being the planner's choice (to time its
 //   alternatives).
@@ -157,6 +158,7 @@ struct Shape {
   const char* name;
   int q_heads, kv_heads, head_dim;
 };
+constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
 
 // tiles_per_split: 0 for the planner's choice.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
@@ -360,9 +362,17 @@ std::vector<int> parse_list(const char* text) {
   return out;
 }
 
+void bench_prefills(Csv& csv) {
+  for (const Shape& shape : kShapes)
+    for (const char* dtype : {"kvarn_k4v2_g128", "fp16"}) {
+      for (int tokens : {2048, 8192}) bench_prefill(csv, shape, dtype, tokens, 0);
+      bench_prefill(csv, shape, dtype, 2048, 30720);
+    }
+}
+
 int run(int argc, char** argv) {
   Csv csv;
-  bool decode_only = false, flush_only = false;
+  bool decode_only = false, flush_only = false, prefill_only = false;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
   for (int i = 1; i < argc; ++i) {
@@ -370,15 +380,15 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
     if (!std::strcmp(argv[i], "--decode-only")) decode_only = true;
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
+    if (!std::strcmp(argv[i], "--prefill-only")) prefill_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--tiles-per-split") && i + 1 < argc) splits = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_commas(argv[++i]);
     if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_commas(argv[++i]);
   }
-  const Shape shapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
   for (const std::string& name : shape_names)
-    if (std::none_of(std::begin(shapes), std::end(shapes), [&](const Shape& s) { return name == s.name; }))
+    if (std::none_of(std::begin(kShapes), std::end(kShapes), [&](const Shape& s) { return name == s.name; }))
       throw std::runtime_error("--shapes: unknown shape '" + name + "'; expected llama3-8b or qwen3-32b");
   for (int tiles_per_split : splits)
     if (tiles_per_split < 0)
@@ -400,8 +410,13 @@ int run(int argc, char** argv) {
     if (csv.file) std::fclose(csv.file);
     return 0;
   }
+  if (prefill_only) {
+    bench_prefills(csv);
+    if (csv.file) std::fclose(csv.file);
+    return 0;
+  }
   copy_bandwidth(csv);
-  for (const Shape& shape : shapes)
+  for (const Shape& shape : kShapes)
     if (std::find(shape_names.begin(), shape_names.end(), shape.name) != shape_names.end())
       for (const std::string& dtype : dtypes)
         for (int batch : batches)
@@ -412,13 +427,9 @@ int run(int argc, char** argv) {
     return 0;
   }
   for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
-    bench_decode(csv, shapes[0], dtype, 32, 32768);
+    bench_decode(csv, kShapes[0], dtype, 32, 32768);
   bench_flushes(csv);
-  for (const Shape& shape : shapes)
-    for (const char* dtype : {"kvarn_k4v2_g128", "fp16"}) {
-      for (int tokens : {2048, 8192}) bench_prefill(csv, shape, dtype, tokens, 0);
-      bench_prefill(csv, shape, dtype, 2048, 30720);
-    }
+  bench_prefills(csv);
   if (csv.file) std::fclose(csv.file);
   return 0;
 }
