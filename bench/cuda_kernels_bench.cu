@@ -9,6 +9,8 @@
 //             accumulation): the rest of a step that the flush's share is taken against
 //   prefill   prefill_attention of one chunk of N tokens after a prefix of P cached tokens (whole tiles): useful
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
+// Every row ends with the wall-clock bounds of its timed window (window_begin, window_end: seconds since the epoch),
+// which bench/report.py matches with a log of the SM clock.
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
 // shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
@@ -65,11 +67,21 @@ void fill_plausible(void* data, size_t bytes, uint32_t seed) {
 // ~100 ms of heavy work, and recovers when idle: a short timing depends on what ran before it (the same decode row
 // took 255-338 us in 12 runs in a row). So every measurement is of the rate the GPU sustains: fn runs back to back
 // (the next call queued behind the running one, the GPU never idle) for kSustainMs, then each call is timed for
-// another kSustainMs and at least `reps` calls; the median.
+// another kSustainMs and at least `reps` calls; the median. The timed window's wall-clock bounds go into the CSV,
+// so that a log of the SM clock (scripts/gpu-check.sh runs nvidia-smi beside the benchmark) can be matched to it.
 constexpr double kSustainMs = 500;
 
+struct Timing {
+  double ms;                        // per call
+  double window_begin, window_end;  // the timed calls, seconds since the epoch
+};
+
+double epoch_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 template <typename Fn>
-double median_ms(int reps, Fn&& fn, cudaStream_t stream = nullptr) {
+Timing median_ms(int reps, Fn&& fn, cudaStream_t stream = nullptr) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point begin = Clock::now();
   auto ms_since_begin = [&] { return std::chrono::duration<double, std::milli>(Clock::now() - begin).count(); };
@@ -87,12 +99,12 @@ double median_ms(int reps, Fn&& fn, cudaStream_t stream = nullptr) {
     KVARN_CUDA_CHECK(cudaEventElapsedTime(&ms, start[k], stop[k]));
     times.push_back(ms);
   };
-  double timing_since = -1;
+  double timing_since = -1, window_begin = 0;
   for (int i = 0;; ++i) {
     const int k = i % 2;
     if (i >= 2) collect(k);
     const double now = ms_since_begin();
-    if (timing_since < 0 && i >= 3 && now >= kSustainMs) timing_since = now;
+    if (timing_since < 0 && i >= 3 && now >= kSustainMs) timing_since = now, window_begin = epoch_seconds();
     if (timing_since >= 0 && static_cast<int>(times.size()) >= reps && now - timing_since >= kSustainMs) {
       collect(1 - k);
       break;
@@ -107,13 +119,13 @@ double median_ms(int reps, Fn&& fn, cudaStream_t stream = nullptr) {
     KVARN_CUDA_CHECK(cudaEventDestroy(stop[k]));
   }
   std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return {times[times.size() / 2], window_begin, epoch_seconds()};
 }
 
 // Per call: the median over replays (median_ms) of one CUDA graph of `calls` back-to-back fn(i, stream),
 // i = 0..calls-1.
 template <typename Fn>
-double graph_median_ms(int calls, Fn&& fn) {
+Timing graph_median_ms(int calls, Fn&& fn) {
   cudaStream_t stream;
   KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   fn(0, stream);
@@ -124,16 +136,29 @@ double graph_median_ms(int calls, Fn&& fn) {
   for (int i = 0; i < calls; ++i) fn(i, stream);
   KVARN_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
   KVARN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  const double ms = median_ms(10, [&](int) { KVARN_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, stream);
+  Timing t = median_ms(10, [&](int) { KVARN_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, stream);
   KVARN_CUDA_CHECK(cudaGraphExecDestroy(exec));
   KVARN_CUDA_CHECK(cudaGraphDestroy(graph));
   KVARN_CUDA_CHECK(cudaStreamDestroy(stream));
-  return ms / calls;
+  t.ms /= calls;
+  return t;
 }
 
+// Rows of kColumns fields: the first ones given, the rest empty, then the timed window of `timing` (if any).
 struct Csv {
+  static constexpr const char* kHeader =
+      "kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits,window_begin,window_end";
+  static constexpr int kColumns = 10;
   FILE* file = nullptr;
-  void row(const std::string& line) {
+  void row(std::string line, const Timing* timing = nullptr) {
+    for (auto fields = std::count(line.begin(), line.end(), ',') + 1; fields < kColumns; ++fields) line += ",";
+    line += timing ? "," + std::to_string(timing->window_begin) + "," + std::to_string(timing->window_end) : ",,";
+    print(line);
+  }
+  void header() { print(kHeader); }
+
+ private:
+  void print(const std::string& line) {
     std::printf("%s\n", line.c_str());
     std::fflush(stdout);
     if (file) std::fprintf(file, "%s\n", line.c_str()), std::fflush(file);
@@ -146,11 +171,12 @@ double copy_bandwidth(Csv& csv) {
   KVARN_CUDA_CHECK(cudaMalloc(&a, bytes));
   KVARN_CUDA_CHECK(cudaMalloc(&b, bytes));
   fill_plausible(a, bytes, 1);
-  const double ms = median_ms(10, [&](int) { KVARN_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
+  const Timing t =
+      median_ms(10, [&](int) { KVARN_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
   KVARN_CUDA_CHECK(cudaFree(a));
   KVARN_CUDA_CHECK(cudaFree(b));
-  const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
-  csv.row("copy,,,,," + std::to_string(ms * 1e3) + "," + std::to_string(2 * bytes) + "," + std::to_string(gbs));
+  const double gbs = 2.0 * bytes / (t.ms * 1e-3) / 1e9;
+  csv.row("copy,,,,," + std::to_string(t.ms * 1e3) + "," + std::to_string(2 * bytes) + "," + std::to_string(gbs), &t);
   return gbs;
 }
 
@@ -170,7 +196,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const std::string key = std::string(shape.name) + "," + dtype_name + "," + std::to_string(batch) + "," +
                           std::to_string(context);
   if (cache_bytes > (size_t{60} << 30)) {
-    csv.row("decode," + key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit,,");
+    csv.row("decode," + key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit");
     return;
   }
   const int replicas = static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / cache_bytes + 1, 1, 16));
@@ -205,7 +231,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   void* workspace;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const double ms = graph_median_ms(32, [&](int i, cudaStream_t stream) {
+  const Timing t = graph_median_ms(32, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
     decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, tiles, scale}, plan,
                      workspace, stream);
@@ -214,9 +240,10 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
                        2.0 * batch * shape.q_heads * d * 2 + 4.0 * batch * tiles + sizeof(SequenceKvView) * batch +
                        2.0 * plan.workspace_bytes;
   const double flops = 4.0 * batch * shape.q_heads * d * (tiles * g + tail);
-  csv.row("decode," + key + "," + std::to_string(ms * 1e3) + "," + std::to_string(bytes) + "," +
-          std::to_string(bytes / (ms * 1e-3) / 1e9) + "," + std::to_string(flops / (ms * 1e-3) / 1e12) + "," +
-          std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split));
+  csv.row("decode," + key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
+              std::to_string(bytes / (t.ms * 1e-3) / 1e9) + "," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
+              std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split),
+          &t);
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
                   static_cast<void*>(tables), static_cast<void*>(dviews), workspace})
     KVARN_CUDA_CHECK(cudaFree(p));
@@ -237,9 +264,10 @@ void bench_flush(Csv& csv, const std::string& dtype_name, int jobs) {
   KVARN_CUDA_CHECK(cudaMalloc(&dev, sizeof(TileFlushJob) * jobs));
   KVARN_CUDA_CHECK(cudaMemcpy(dev, host.data(), sizeof(TileFlushJob) * jobs, cudaMemcpyHostToDevice));
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, heads, blocks, tails);
-  const double ms = median_ms(10, [&](int) { flush_full_tiles(layer, dev, jobs, nullptr); });
-  csv.row("flush,llama3-8b," + dtype_name + "," + std::to_string(jobs) + ",," + std::to_string(ms * 1e3) + ",,," +
-          std::to_string(jobs * heads / (ms * 1e-3)));
+  const Timing t = median_ms(10, [&](int) { flush_full_tiles(layer, dev, jobs, nullptr); });
+  csv.row("flush,llama3-8b," + dtype_name + "," + std::to_string(jobs) + ",," + std::to_string(t.ms * 1e3) + ",,," +
+              std::to_string(jobs * heads / (t.ms * 1e-3)),
+          &t);
   KVARN_CUDA_CHECK(cudaFree(blocks));
   KVARN_CUDA_CHECK(cudaFree(tails));
   KVARN_CUDA_CHECK(cudaFree(dev));
@@ -282,14 +310,15 @@ void bench_step_linear_layers(Csv& csv, int batch) {
                      CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
       throw std::runtime_error("cublasGemmEx failed");
   };
-  const double ms = median_ms(5, [&](int) {
+  const Timing t = median_ms(5, [&](int) {
     for (int i = 0; i < layers; ++i)
       for (const Linear& l : layer) linear(l);
     linear(head);
   });
-  csv.row("linear,llama3-8b,fp16," + std::to_string(batch) + ",," + std::to_string(ms * 1e3) + "," +
-          std::to_string(bytes) + "," + std::to_string(bytes / (ms * 1e6)) + "," + std::to_string(flops / (ms * 1e9)) +
-          ",");
+  csv.row("linear,llama3-8b,fp16," + std::to_string(batch) + ",," + std::to_string(t.ms * 1e3) + "," +
+              std::to_string(bytes) + "," + std::to_string(bytes / (t.ms * 1e6)) + "," +
+              std::to_string(flops / (t.ms * 1e9)),
+          &t);
   cublasDestroy(handle);
   for (void* p : {weights, x, y}) KVARN_CUDA_CHECK(cudaFree(p));
 }
@@ -332,11 +361,12 @@ void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, 
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, std::max<size_t>(1, prefill_attention_workspace_bytes(layer, tokens))));
   const PrefillAttentionArgs args{q, kv, kv + kv_elems, out, seq, table, 1, tokens, shape.q_heads, tokens,
                                   1.0f / std::sqrt(static_cast<float>(d))};
-  const double ms = median_ms(10, [&](int) { prefill_attention(layer, args, workspace, nullptr); });
+  const Timing t = median_ms(10, [&](int) { prefill_attention(layer, args, workspace, nullptr); });
   const double flops = 4.0 * shape.q_heads * d * (0.5 * tokens * tokens + static_cast<double>(tokens) * tiles * g);
   csv.row("prefill," + std::string(shape.name) + "," + dtype_name + ",1," + std::to_string(tokens) + "," +
-          std::to_string(ms * 1e3) + ",,," + std::to_string(flops / (ms * 1e-3) / 1e12) + "," +
-          std::to_string(tiles * g));
+              std::to_string(t.ms * 1e3) + ",,," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
+              std::to_string(tiles * g),
+          &t);
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(kv),
                   static_cast<void*>(out), static_cast<void*>(table), static_cast<void*>(seq), workspace})
     KVARN_CUDA_CHECK(cudaFree(p));
@@ -404,7 +434,7 @@ int run(int argc, char** argv) {
   cudaDeviceProp prop;
   KVARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs, %.0f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
-  csv.row("kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits");
+  csv.header();
   if (flush_only) {
     bench_flushes(csv);
     if (csv.file) std::fclose(csv.file);

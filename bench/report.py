@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Merges kvarn_cuda_bench.csv and sdpa_bench.csv into the markdown tables of docs/benchmarks.md.
-Usage: report.py KVARN_CSV SDPA_CSV
+Usage: report.py KVARN_CSV SDPA_CSV [CLOCKS_CSV]
+CLOCKS_CSV: `nvidia-smi --query-gpu=timestamp,clocks.sm --format=csv,noheader -lms 100` logged beside the
+benchmarks; the decode table then gives the median SM clock over each row's timed window (the H200 lowers it to
+hold its power cap).
 """
 import csv
+import statistics
 import sys
+from datetime import datetime
 
 
 def load(path):
@@ -21,14 +26,40 @@ def num(x):
         return None
 
 
+def load_clocks(path):
+    """[(seconds since the epoch, SM MHz)] from an nvidia-smi log; lines it cannot read are skipped."""
+    samples = []
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = [x.strip() for x in line.split(",")]
+                try:
+                    stamp = datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                    samples.append((stamp, int(fields[1].split()[0])))
+                except (ValueError, IndexError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return samples
+
+
 def main():
     rows = load(sys.argv[1]) + (load(sys.argv[2]) if len(sys.argv) > 2 else [])
+    clocks = load_clocks(sys.argv[3]) if len(sys.argv) > 3 else []
+
+    def sm_clock(r):
+        begin, end = num(r.get("window_begin")), num(r.get("window_end"))
+        inside = [mhz for stamp, mhz in clocks if begin is not None and end is not None and begin <= stamp <= end]
+        return f"{statistics.median(inside):.0f}" if inside else "-"
+
     copy = next((num(r["GB_per_s"]) for r in rows if r["kind"] == "copy"), None)
     decode = {(r["shape"], r["dtype"], int(r["batch"]), int(r["context"])): r for r in rows if r["kind"] == "decode"}
     print(f"Device-to-device copy bandwidth (read + write): {copy:.0f} GB/s\n" if copy else "copy: not measured\n")
     print("| shape | batch | context | k4v2_g128 us | k4v2 GB/s | % of copy | k4v2 TFLOP/s | fp16 us | fp16 GB/s "
-          "| SDPA flash us | SDPA GB/s | k4v2 vs fp16 | k4v2 vs SDPA | fp16 vs SDPA |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| SDPA flash us | SDPA GB/s | k4v2 vs fp16 | k4v2 vs SDPA | fp16 vs SDPA"
+          + (" | SM MHz k4v2 / fp16 / SDPA |" if clocks else " |"))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+          + (" ---: |" if clocks else ""))
     keys = sorted({(s, b, c) for (s, _, b, c) in decode}, key=lambda k: (k[0], k[1], k[2]))
     for shape, batch, context in keys:
         k = decode.get((shape, "kvarn_k4v2_g128", batch, context), {})
@@ -46,7 +77,8 @@ def main():
         ratio = lambda a, b: f"{b / a:.2f}x" if a and b else "-"
         print(f"| {shape} | {batch} | {context // 1024}K | {cell(k, 'time_us', '{:.1f}')} | {cell(k, 'GB_per_s')} | {pct} "
               f"| {cell(k, 'TFLOP_per_s', '{:.1f}')} | {cell(f, 'time_us', '{:.1f}')} | {cell(f, 'GB_per_s')} "
-              f"| {cell(t, 'time_us', '{:.1f}')} | {cell(t, 'GB_per_s')} | {ratio(kt, ft)} | {ratio(kt, tt)} | {ratio(ft, tt)} |")
+              f"| {cell(t, 'time_us', '{:.1f}')} | {cell(t, 'GB_per_s')} | {ratio(kt, ft)} | {ratio(kt, tt)} | {ratio(ft, tt)} |"
+              + (f" {sm_clock(k)} / {sm_clock(f)} / {sm_clock(t)} |" if clocks else ""))
     others = [r for r in rows if r["kind"] == "decode" and r["dtype"] not in ("kvarn_k4v2_g128", "fp16", "sdpa_flash")]
     if others:
         print("\nOther presets:\n\n| shape | dtype | batch | context | us | GB/s | % of copy |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")

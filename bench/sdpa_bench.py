@@ -22,7 +22,8 @@ SHAPES = [("llama3-8b", 32, 8, 128), ("qwen3-32b", 64, 8, 128)]
 def median_ms(fn, reps=20, sustain_ms=500.0):
     """The rate the GPU sustains, as kvarn_cuda_bench measures it: fn runs back to back (the next call queued
     behind the running one) for sustain_ms, then each call is timed for another sustain_ms and at least reps
-    calls; the median. The H200 lowers its SM clock to hold its power cap within ~100 ms of heavy work."""
+    calls; the median, and the timed window's wall-clock bounds (seconds since the epoch), to be matched with a
+    log of the SM clock. The H200 lowers its SM clock to hold its power cap within ~100 ms of heavy work."""
     events = [[torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), False] for _ in range(2)]
     times = []
 
@@ -32,7 +33,7 @@ def median_ms(fn, reps=20, sustain_ms=500.0):
             times.append(slot[0].elapsed_time(slot[1]))
 
     begin = time.perf_counter()
-    timing_since = None
+    timing_since = window_begin = None
     i = 0
     while True:
         slot = events[i % 2]
@@ -41,6 +42,7 @@ def median_ms(fn, reps=20, sustain_ms=500.0):
         now = (time.perf_counter() - begin) * 1e3
         if timing_since is None and i >= 3 and now >= sustain_ms:
             timing_since = now
+            window_begin = time.time()
         if timing_since is not None and len(times) >= reps and now - timing_since >= sustain_ms:
             collect(events[(i + 1) % 2])
             break
@@ -50,7 +52,7 @@ def median_ms(fn, reps=20, sustain_ms=500.0):
         slot[2] = timing_since is not None
         i += 1
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], window_begin, time.time()
 
 
 def graph_ms(fn, calls=32):
@@ -64,14 +66,15 @@ def graph_ms(fn, calls=32):
     with torch.cuda.graph(graph):
         for i in range(calls):
             fn(i)
-    return median_ms(lambda i: graph.replay(), reps=10) / calls
+    ms, begin, end = median_ms(lambda i: graph.replay(), reps=10)
+    return ms / calls, begin, end
 
 
 def decode(rows, name, hq, hkv, d, batch, context):
     kv_bytes = 2 * batch * hkv * context * d * 2
     key = f"{name},sdpa_flash,{batch},{context}"
     if kv_bytes > 40 * 2**30:
-        rows.append(f"decode,{key},skipped: {kv_bytes >> 30} GiB of K/V does not fit,,")
+        rows.append(f"decode,{key},skipped: {kv_bytes >> 30} GiB of K/V does not fit,,,,,,")
         return
     copies = max(1, min(16, (512 << 20) // kv_bytes + 1))
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
@@ -86,10 +89,11 @@ def decode(rows, name, hq, hkv, d, batch, context):
         backend = "default"
         ctx = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     with ctx():
-        ms = graph_ms(lambda i: F.scaled_dot_product_attention(q, *kvs[i % copies], enable_gqa=True))
+        ms, begin, end = graph_ms(lambda i: F.scaled_dot_product_attention(q, *kvs[i % copies], enable_gqa=True))
     bytes_read = kv_bytes + 2 * 2 * batch * hq * d
     flops = 4.0 * batch * hq * d * context
-    rows.append(f"decode,{key},{ms * 1e3:.3f},{bytes_read},{bytes_read / ms / 1e6:.1f},{flops / ms / 1e9:.3f},{backend}")
+    rows.append(f"decode,{key},{ms * 1e3:.3f},{bytes_read},{bytes_read / ms / 1e6:.1f},{flops / ms / 1e9:.3f},{backend},"
+                f"{begin:.3f},{end:.3f}")
     del kvs
 
 
@@ -98,9 +102,9 @@ def prefill(rows, name, hq, hkv, d, tokens):
     k = torch.randn(1, hkv, tokens, d, device="cuda", dtype=torch.float16)
     v = torch.randn(1, hkv, tokens, d, device="cuda", dtype=torch.float16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        ms = median_ms(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        ms, begin, end = median_ms(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     flops = 4.0 * hq * d * tokens * tokens / 2  # causal: half of the score matrix
-    rows.append(f"prefill,{name},sdpa_flash,1,{tokens},{ms * 1e3:.3f},,,{flops / ms / 1e9:.1f},")
+    rows.append(f"prefill,{name},sdpa_flash,1,{tokens},{ms * 1e3:.3f},,,{flops / ms / 1e9:.1f},,{begin:.3f},{end:.3f}")
 
 
 def main():
@@ -109,7 +113,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}")
-    rows = ["kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits"]
+    rows = ["kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits,window_begin,window_end"]
     batches = [8] if args.quick else [1, 8, 32, 128]
     contexts = [8192] if args.quick else [1024, 8192, 32768, 131072]
     for name, hq, hkv, d in SHAPES:

@@ -28,7 +28,14 @@ status=0
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   "$TESTS" --gtest_brief=1 2>&1 | tee "$OUT_DIR/tests.log" || status=1
 fi
+# The SM clock beside the benchmarks (the H200 lowers it to hold its power cap): the report gives each decode
+# row's median over its timed window.
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active --format=csv,noheader -lms 100 \
+  > "$OUT_DIR/clocks.csv" 2>/dev/null &
+clock_log=$!
+trap 'kill $clock_log 2>/dev/null || true' EXIT
 "$BENCH" --csv "$OUT_DIR/kvarn.csv" "${quick[@]}" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 python3 bench/sdpa_bench.py --csv "$OUT_DIR/sdpa.csv" "${quick[@]}" 2>&1 | tee "$OUT_DIR/sdpa.log" || status=1
-python3 bench/report.py "$OUT_DIR/kvarn.csv" "$OUT_DIR/sdpa.csv" | tee "$OUT_DIR/report.md"
+kill $clock_log 2>/dev/null || true
+python3 bench/report.py "$OUT_DIR/kvarn.csv" "$OUT_DIR/sdpa.csv" "$OUT_DIR/clocks.csv" | tee "$OUT_DIR/report.md"
 exit $status
