@@ -134,35 +134,54 @@ __device__ void stage_tile_block(const uint8_t* __restrict__ tile, int first, ui
   }
 }
 
-// Dequantizes a staged block into the K/V blocks (fp16, storage space).
+// Dequantizes a staged block into the K/V blocks (fp16, storage space): K[t][c] = s_tok[t] (a_K[c] code + z_K[c]),
+// V[t][c] = s_ch[c] (a_V[t] code + z_V[t]), in fp32, each rounded once to fp16. The work is laid out so that the
+// scales, shift amounts and store addresses are per thread or compile-time, not per element.
 template <class F>
 __device__ void dequantize_staged(const uint8_t* stage, uint8_t* ks, uint8_t* vs) {
   using S = TileStage<F>;
-  constexpr int D = F::D, VB = F::VB;
-  const int tid = threadIdx.x;
-  const __half* s_tok = reinterpret_cast<const __half*>(stage + S::token_scale);
-  // Keys: a thread takes a channel pair and 8 tokens (one 32-bit word of each channel's codes). Its stores walk
-  // the 8 tokens starting at its group's index, so that the 8 groups of a warp hit 8 swizzled chunks at once.
-  for (int w = tid; w < (D / 2) * (kBlock / 8); w += kThreads) {
-    const int group = w % 8, c = 2 * (w / 8);
-    const uint32_t w0 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + c * S::kKeyRow + 4 * group);
-    const uint32_t w1 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + (c + 1) * S::kKeyRow + 4 * group);
+  constexpr int D = F::D, VB = F::VB, kWarpsPerOctet = D / 64;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // Keys: a warp takes 32 channel pairs (a lane each) of one 8-token octet. The octet's token scales are one
+  // broadcast load; a lane's codes are one word of each of its two channel rows; the 8 tokens are unrolled, so
+  // each nibble's shift and each store's swizzled address are constants; the lanes' stores for a token fill one
+  // row, on distinct banks.
+  for (int slot = tid / 32; slot < 8 * kWarpsPerOctet; slot += kThreads / 32) {
+    const int octet = slot / kWarpsPerOctet, c = 2 * ((slot % kWarpsPerOctet) * 32 + lane), chunk = c / 8;
+    const uint32_t w0 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + c * S::kKeyRow + 4 * octet);
+    const uint32_t w1 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + (c + 1) * S::kKeyRow + 4 * octet);
     const float2 a = __half22float2(*reinterpret_cast<const __half2*>(stage + S::key_scale + 2 * c));
     const float2 z = __half22float2(*reinterpret_cast<const __half2*>(stage + S::key_zero + 2 * c));
+    const uint4 scales = *reinterpret_cast<const uint4*>(stage + S::token_scale + 16 * octet);
+    const uint32_t scale_pairs[4] = {scales.x, scales.y, scales.z, scales.w};
+    uint8_t* rows = ks + 8 * octet * D * 2 + (c % 8) * 2;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int j = (i + group) & 7, t = 8 * group + j;
-      const float s = __half2float(s_tok[t]);
+    for (int j = 0; j < 8; ++j) {
+      const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&scale_pairs[j / 2]));
+      const float s = j % 2 ? pair.y : pair.x;
       const float k0 = s * fmaf(a.x, static_cast<float>((w0 >> (4 * j)) & 15u), z.x);
       const float k1 = s * fmaf(a.y, static_cast<float>((w1 >> (4 * j)) & 15u), z.y);
-      *reinterpret_cast<uint32_t*>(ks + swizzled<D>(t, c / 8) + (c % 8) * 2) = pack_half2(k0, k1);
+      *reinterpret_cast<uint32_t*>(rows + j * D * 2 + ((chunk ^ j) << 4)) = pack_half2(k0, k1);  // swizzled()
     }
   }
-  // Values: a thread takes a token and 8 channels (one 16-byte chunk of the block).
+  // Values: a thread takes a token and 8 channels (one 16-byte chunk of the block), always the same 8 channels, so
+  // that their scales are converted once.
+  constexpr int kChunks = D / 8;
+  static_assert(kThreads % kChunks == 0, "a thread keeps its chunk");
+  const int c8 = tid % kChunks;
+  float s_ch[8];
+  {
+    const uint4 raw = *reinterpret_cast<const uint4*>(stage + S::channel_scale + 16 * c8);
+    const uint32_t pairs[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&pairs[i]));
+      s_ch[2 * i] = f.x, s_ch[2 * i + 1] = f.y;
+    }
+  }
   const __half* a_v = reinterpret_cast<const __half*>(stage + S::value_scale);
   const __half* z_v = reinterpret_cast<const __half*>(stage + S::value_zero);
-  for (int w = tid; w < kBlock * (D / 8); w += kThreads) {
-    const int t = w / (D / 8), c8 = w % (D / 8);
+  for (int t = tid / kChunks; t < kBlock; t += kThreads / kChunks) {
     const uint8_t* row = stage + S::value_codes + t * S::kValueRow;
     const uint32_t bits = VB == 2 ? *reinterpret_cast<const uint16_t*>(row + 2 * c8)
                                   : *reinterpret_cast<const uint32_t*>(row + 4 * c8);
@@ -170,11 +189,9 @@ __device__ void dequantize_staged(const uint8_t* stage, uint8_t* ks, uint8_t* vs
     uint32_t packed[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const auto* scales = reinterpret_cast<const __half2*>(stage + S::channel_scale) + 4 * c8 + i;
-      const float2 s = __half22float2(*scales);
       const float c0 = static_cast<float>((bits >> (VB * 2 * i)) & ((1u << VB) - 1));
       const float c1 = static_cast<float>((bits >> (VB * (2 * i + 1))) & ((1u << VB) - 1));
-      packed[i] = pack_half2(s.x * fmaf(a, c0, z), s.y * fmaf(a, c1, z));
+      packed[i] = pack_half2(s_ch[2 * i] * fmaf(a, c0, z), s_ch[2 * i + 1] * fmaf(a, c1, z));
     }
     *reinterpret_cast<uint4*>(vs + swizzled<D>(t, c8)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
