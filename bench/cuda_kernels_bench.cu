@@ -17,10 +17,9 @@
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
 //                         [--tiles-per-split 16,32]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
-//   rows; --batches, --contexts,
-//   --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default kvarn_k4v2_g128,fp16): only these;
-//   --tiles-per-split: each decode row once per split size, 0 being the planner's choice (to time its
-//   alternatives).
+//   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default
+//   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
+//   planner's choice (to time its alternatives).
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
