@@ -3,7 +3,7 @@
 Usage: report.py KVARN_CSV SDPA_CSV [CLOCKS_CSV]
 CLOCKS_CSV: `nvidia-smi --query-gpu=timestamp,clocks.sm --format=csv,noheader -lms 100` logged beside the
 benchmarks; the decode table then gives the median SM clock over each row's timed window (the H200 lowers it to
-hold its power cap).
+hold its power cap). nvidia-smi writes local time: run the report in the time zone of the machine that logged it.
 """
 import csv
 import statistics
