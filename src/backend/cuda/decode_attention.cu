@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
   if (work.first_tile >= work.end_tile) return;
   if constexpr (F::kCodes) {
     if (p.group <= 4)
-      attend_kvarn_tiles_few_heads<F>(p, work, shared);
+      attend_kvarn_tiles<F, 1>(p, work, shared);
     else
-      attend_kvarn_tiles<F>(p, work, shared);
+      attend_kvarn_tiles<F, 2>(p, work, shared);
   } else {
     attend_fp16_tiles<F>(p, work, shared);
   }

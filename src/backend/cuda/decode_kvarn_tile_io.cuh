@@ -8,12 +8,13 @@
 
 namespace kvarn::cuda::decode {
 
-// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K and z_K in fragment order
-// (stage_key_scales), then in padded() order s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its
-// byte, see the scores), a_V[t], z_V[t], and s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
+// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K, z_K and kappa_K (each
+// channel's code of the value 0, see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
+// padded() order s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t],
+// z_V[t], and s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
 template <class F>
 struct TileScales {
-  static constexpr int a_k = 0, z_k = F::D, s_tok = 2 * F::D, a_v = s_tok + padded_size(F::G),
+  static constexpr int a_k = 0, z_k = F::D, kappa_k = 2 * F::D, s_tok = 3 * F::D, a_v = s_tok + padded_size(F::G),
                        z_v = a_v + padded_size(F::G), s_ch = z_v + padded_size(F::G), floats = s_ch + padded_size(F::D);
   static_assert(s_tok % 4 == 0 && a_v % 4 == 0 && z_v % 4 == 0 && s_ch % 4 == 0, "float4 rows");
 };
@@ -138,9 +139,10 @@ __device__ __forceinline__ void stage_scale_run(const uint8_t* from, float* to, 
   }
 }
 
-// The key half's scales as TileScales: a_K, z_K in fragment order (lane l: k-block l / 4, m = l % 4, its channels
-// 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and s_tok_K.
-template <class F>
+// The key half's scales as TileScales: a_K, z_K (and with kZeroCodes kappa_K) in fragment order (lane l: k-block
+// l / 4, m = l % 4, its channels 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and
+// s_tok_K.
+template <class F, bool kZeroCodes>
 __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* scales, int lane) {
   using S = TileScales<F>;
   if (lane < F::D / 4) {
@@ -151,6 +153,13 @@ __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* sca
     const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
     reinterpret_cast<float4*>(scales + S::a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
     reinterpret_cast<float4*>(scales + S::z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
+    if constexpr (kZeroCodes) {
+      // -z / a within the code range; any value is exact there (see fold_key_scales_rounded), this one the best.
+      constexpr float kMaxCode = (1 << F::L.key_bits) - 1;
+      auto zero_code = [](float a, float z) { return fminf(fmaxf(-__fdividef(z, a), 0.0f), kMaxCode); };
+      reinterpret_cast<float4*>(scales + S::kappa_k)[lane] =
+          make_float4(zero_code(a0.x, z0.x), zero_code(a0.y, z0.y), zero_code(a1.x, z1.x), zero_code(a1.y, z1.y));
+    }
   }
   stage_scale_run(tile + F::L.key_token_scale, scales + S::s_tok, F::G, lane,
                   [](int t) { return (t & 1) ? kSubnormalScale / 16 : kSubnormalScale; });
@@ -236,12 +245,33 @@ __device__ __forceinline__ void fold_key_scales(const float4 q, const float* sca
   split_half2(q.z * av.z, q.w * av.w, hi[1], lo[1]);
 }
 
+// One lane's q' a_K of k-block kb at its channels (as fold_key_scales) as one fp16 pair each, b; adds their q' z_K
+// to z_sum, and r kappa_K, r = q' a_K - b the rounding's rest: the mma's sum_c b_c code_c misses sum_c r_c code_c,
+// of which this adds the part sum_c r_c kappa_c exactly, whatever kappa is. With kappa_c the code of the value 0,
+// the score misses only sum_c r_c (code_c - kappa_c) = sum_c (r_c / a_c) k_c (k: the decoded key): an fp16 query's
+// error (2^-12 relative per channel) against the exact key. Without it the score would miss r times the key's
+// distance from the bottom of its channel's range: beside a sink, where every other key sits mid-range, ~1e-2.
+template <class F>
+__device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const float* scales, int kb, float& z_sum,
+                                                        uint32_t (&b)[2]) {
+  const int m4 = threadIdx.x % 4;
+  const float4 av = reinterpret_cast<const float4*>(scales + TileScales<F>::a_k)[4 * kb + m4];
+  const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
+  const float4 kv = reinterpret_cast<const float4*>(scales + TileScales<F>::kappa_k)[4 * kb + m4];
+  const float x0 = q.x * av.x, x1 = q.y * av.y, x2 = q.z * av.z, x3 = q.w * av.w;
+  const __half2 h01 = __floats2half2_rn(x0, x1), h23 = __floats2half2_rn(x2, x3);
+  const float2 r01 = __half22float2(h01), r23 = __half22float2(h23);
+  z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
+  z_sum += (x0 - r01.x) * kv.x + (x1 - r01.y) * kv.y + (x2 - r23.x) * kv.z + (x3 - r23.y) * kv.w;
+  b[0] = *reinterpret_cast<const uint32_t*>(&h01), b[1] = *reinterpret_cast<const uint32_t*>(&h23);
+}
+
 // Stages the queries (stage_query_fragments) while the first tile streams in, then runs scores(tile, it, scales)
 // and values(tile, scales) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w) in the warp's
 // one slot: the next tile's key half streams in while this tile's values are read, its value half while the next
 // keys are; each half's scales are staged as TileScales before its phase. Then waits for every warp (the slots
 // become the merge buffer).
-template <class F, class Scores, class Values>
+template <class F, bool kZeroCodes, class Scores, class Values>
 __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
                                                    Scores&& scores, Values&& values) {
   using Layout = KvarnSharedLayout<F>;
@@ -264,7 +294,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   for (int it = 0; it < mine; ++it) {
     cp_async_wait<1>();  // this tile's keys (its values may still stream)
     __syncwarp();
-    stage_key_scales<F>(slot, scales, lane);
+    stage_key_scales<F, kZeroCodes>(slot, scales, lane);
     __syncwarp();
     scores(slot, it, scales);
     __syncwarp();  // the key half is read: the next tile's streams in
