@@ -8,13 +8,13 @@
 
 namespace kvarn::cuda::decode {
 
-// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K, z_K and kappa_K (each
-// channel's code of the value 0, see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
+// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K, z_K and centre_K (the codes
+// of the tile's largest-scale token, see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
 // padded() order s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t],
 // z_V[t], and s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
 template <class F>
 struct TileScales {
-  static constexpr int a_k = 0, z_k = F::D, kappa_k = 2 * F::D, s_tok = 3 * F::D, a_v = s_tok + padded_size(F::G),
+  static constexpr int a_k = 0, z_k = F::D, centre_k = 2 * F::D, s_tok = 3 * F::D, a_v = s_tok + padded_size(F::G),
                        z_v = a_v + padded_size(F::G), s_ch = z_v + padded_size(F::G), floats = s_ch + padded_size(F::D);
   static_assert(s_tok % 4 == 0 && a_v % 4 == 0 && z_v % 4 == 0 && s_ch % 4 == 0, "float4 rows");
 };
@@ -139,12 +139,40 @@ __device__ __forceinline__ void stage_scale_run(const uint8_t* from, float* to, 
   }
 }
 
-// The key half's scales as TileScales: a_K, z_K (and with kZeroCodes kappa_K) in fragment order (lane l: k-block
-// l / 4, m = l % 4, its channels 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and
-// s_tok_K.
-template <class F, bool kZeroCodes>
+// The token of a tile with the largest key token scale (the first of equals), the same answer in every lane.
+template <class F>
+__device__ __forceinline__ int largest_scale_token(const uint8_t* tile, int lane) {
+  float largest = 0;  // of this lane's 4 token scales (they are positive: their bits order as unsigned)
+  int mine = 0;
+  if (4 * lane < F::G) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(tile + F::L.key_token_scale + 8 * lane);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+    const float x[4] = {fabsf(a.x), fabsf(a.y), fabsf(b.x), fabsf(b.y)};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (x[j] > largest) largest = x[j], mine = j;
+  }
+  const uint32_t bits = __float_as_uint(largest), tile_largest = __reduce_max_sync(0xffffffffu, bits);
+  const int holder = __ffs(__ballot_sync(0xffffffffu, bits == tile_largest)) - 1;
+  return 4 * holder + __shfl_sync(0xffffffffu, mine, holder);
+}
+
+// The code of token t in key channel c of a tile in a slot (swizzled as WarpTileCopy places the rows' chunks).
+template <class F>
+__device__ __forceinline__ float key_code(const uint8_t* tile, int c, int t) {
+  constexpr int kRowChunks = F::G / 32;
+  const int chunk = (t / 32) ^ ((c * kRowChunks / 8) & (kRowChunks - 1));
+  return static_cast<float>((tile[c * (F::G / 2) + 16 * chunk + (t / 2) % 16] >> (4 * (t & 1))) & 15);
+}
+
+// The key half's scales as TileScales: a_K, z_K (and with kCentreCodes the codes of the tile's largest-scale token,
+// for fold_key_scales_rounded) in fragment order (lane l: k-block l / 4, m = l % 4, its channels 16 kb + 2m, 2m + 1,
+// 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and s_tok_K.
+template <class F, bool kCentreCodes>
 __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* scales, int lane) {
   using S = TileScales<F>;
+  const int centre = kCentreCodes ? largest_scale_token<F>(tile, lane) : 0;
   if (lane < F::D / 4) {
     const __half2* ak = reinterpret_cast<const __half2*>(tile + F::L.key_scale);
     const __half2* zk = reinterpret_cast<const __half2*>(tile + F::L.key_zero);
@@ -153,12 +181,11 @@ __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* sca
     const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
     reinterpret_cast<float4*>(scales + S::a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
     reinterpret_cast<float4*>(scales + S::z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
-    if constexpr (kZeroCodes) {
-      // -z / a within the code range; any value is exact there (see fold_key_scales_rounded), this one the best.
-      constexpr float kMaxCode = (1 << F::L.key_bits) - 1;
-      auto zero_code = [](float a, float z) { return fminf(fmaxf(-__fdividef(z, a), 0.0f), kMaxCode); };
-      reinterpret_cast<float4*>(scales + S::kappa_k)[lane] =
-          make_float4(zero_code(a0.x, z0.x), zero_code(a0.y, z0.y), zero_code(a1.x, z1.x), zero_code(a1.y, z1.y));
+    if constexpr (kCentreCodes) {
+      const int c = 2 * c2;
+      reinterpret_cast<float4*>(scales + S::centre_k)[lane] =
+          make_float4(key_code<F>(tile, c, centre), key_code<F>(tile, c + 1, centre), key_code<F>(tile, c + 8, centre),
+                      key_code<F>(tile, c + 9, centre));
     }
   }
   stage_scale_run(tile + F::L.key_token_scale, scales + S::s_tok, F::G, lane,
@@ -246,23 +273,24 @@ __device__ __forceinline__ void fold_key_scales(const float4 q, const float* sca
 }
 
 // One lane's q' a_K of k-block kb at its channels (as fold_key_scales) as one fp16 pair each, b; adds their q' z_K
-// to z_sum, and r kappa_K, r = q' a_K - b the rounding's rest: the mma's sum_c b_c code_c misses sum_c r_c code_c,
-// of which this adds the part sum_c r_c kappa_c exactly, whatever kappa is. With kappa_c the code of the value 0,
-// the score misses only sum_c r_c (code_c - kappa_c) = sum_c (r_c / a_c) k_c (k: the decoded key): an fp16 query's
-// error (2^-12 relative per channel) against the exact key. Without it the score would miss r times the key's
-// distance from the bottom of its channel's range: beside a sink, where every other key sits mid-range, ~1e-2.
+// to z_sum, and r x, r = q' a_K - b the rounding's rest and x the codes of the tile's largest-scale token (centre_K):
+// the mma's sum_c b_c code_c misses sum_c r_c code_c, of which this adds the part sum_c r_c x_c exactly, so that a
+// score misses only sum_c r_c (code_c - x_c): nothing for that token, whose score is the largest in magnitude (a
+// sink's, 100x the others', would move its weight by up to 2.3e-2 with the error of an fp16 query, 2^-12 of its
+// terms, 5.5e-2 with r code uncentred), and for the others 2^-12 of their distance from it, times their smaller
+// token scales.
 template <class F>
 __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const float* scales, int kb, float& z_sum,
                                                         uint32_t (&b)[2]) {
   const int m4 = threadIdx.x % 4;
   const float4 av = reinterpret_cast<const float4*>(scales + TileScales<F>::a_k)[4 * kb + m4];
   const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
-  const float4 kv = reinterpret_cast<const float4*>(scales + TileScales<F>::kappa_k)[4 * kb + m4];
+  const float4 xc = reinterpret_cast<const float4*>(scales + TileScales<F>::centre_k)[4 * kb + m4];
   const float x0 = q.x * av.x, x1 = q.y * av.y, x2 = q.z * av.z, x3 = q.w * av.w;
   const __half2 h01 = __floats2half2_rn(x0, x1), h23 = __floats2half2_rn(x2, x3);
   const float2 r01 = __half22float2(h01), r23 = __half22float2(h23);
   z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
-  z_sum += (x0 - r01.x) * kv.x + (x1 - r01.y) * kv.y + (x2 - r23.x) * kv.z + (x3 - r23.y) * kv.w;
+  z_sum += (x0 - r01.x) * xc.x + (x1 - r01.y) * xc.y + (x2 - r23.x) * xc.z + (x3 - r23.y) * xc.w;
   b[0] = *reinterpret_cast<const uint32_t*>(&h01), b[1] = *reinterpret_cast<const uint32_t*>(&h23);
 }
 
@@ -271,7 +299,7 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
 // one slot: the next tile's key half streams in while this tile's values are read, its value half while the next
 // keys are; each half's scales are staged as TileScales before its phase. Then waits for every warp (the slots
 // become the merge buffer).
-template <class F, bool kZeroCodes, class Scores, class Values>
+template <class F, bool kCentreCodes, class Scores, class Values>
 __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
                                                    Scores&& scores, Values&& values) {
   using Layout = KvarnSharedLayout<F>;
@@ -294,7 +322,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   for (int it = 0; it < mine; ++it) {
     cp_async_wait<1>();  // this tile's keys (its values may still stream)
     __syncwarp();
-    stage_key_scales<F, kZeroCodes>(slot, scales, lane);
+    stage_key_scales<F, kCentreCodes>(slot, scales, lane);
     __syncwarp();
     scores(slot, it, scales);
     __syncwarp();  // the key half is read: the next tile's streams in
