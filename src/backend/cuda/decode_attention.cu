@@ -15,12 +15,13 @@
 // KVarN (decode_kvarn_tiles.cuh, decode_kvarn_tile_io.cuh): one warp reads a whole tile (warps take every 4th tile
 // of the split, each through its own slot, refilled by halves: the next keys while the values are read), so that
 // the fold of a_K into the query, the scales and the per-channel end of the values are paid per tile rather than
-// per quarter tile, and nothing but warp barriers separates tiles; ~71 KB of shared memory and <= 168 registers
-// leave 3 CTAs (12 warps) per SM. Values: channels as the mma's rows and the heads as its columns (all 16 rows
-// work); scores: up to 8 heads as the rows, up to 4 as the columns (tokens as the rows), so that no row and no lane
-// works for an absent head. The folded query q' a_K is split into an fp16 high part and the fp16 rounding of the
-// rest, in the mma's otherwise idle rows or columns, so the two halves of the result add up to it with ~2^-22
-// instead of 2^-12 relative rounding: a sink's large score does not move the other weights. The weights p a_V
+// per quarter tile, and nothing but warp barriers separates tiles; ~73 KB of shared memory and <= 168 registers
+// leave 3 CTAs (12 warps) per SM. Values: channels as the mma's rows and the heads as its columns; scores: tokens
+// as the rows and the heads as the columns (all 16 rows work, and no lane works for an absent head). For groups of
+// up to 4 heads the folded query q' a_K is split into an fp16 high part and the fp16 rounding of the rest, in the
+// otherwise idle columns, so the two halves of the result add up to it with ~2^-22 instead of 2^-12 relative
+// rounding; for 5-8 heads it is one fp16 operand, its rounding centred on the tile's largest-scale token
+// (fold_key_scales_rounded): an fp16 query's error, none in an attention sink's score. The weights p a_V
 // are plain fp16 (2^-12, as FlashAttention's P). Codes enter as the raw bits of fp16 subnormals, code * 2^k * 2^-24
 // for a code at bit k of a 16-bit half (exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off
 // in fp32; no dequantized copy is ever written. Key codes are read with ldmatrix.trans (a register: two channels'
@@ -31,8 +32,8 @@
 // several tiles; K/V and p as they are, q as an fp16 pair (rows 8-15: the rest of its rounding), the scale applied
 // to the fp32 scores.
 // Bytes per (sequence, kv-head): num_tiles * layout.bytes + tail_len * 2*D*2 + q/out/partials (small).
-// FLOPs (tensor cores, useful): 4 * G_q * D per token; issued: for the scores 16/G_q x their share with the heads as
-// rows, 8/G_q x with the heads as columns (the hi and lo halves fill the rest); for the values 8/G_q x theirs.
+// FLOPs (tensor cores, useful): 4 * G_q * D per token; issued: 8/G_q x that (the hi and lo halves fill the
+// columns of groups up to 4).
 // Measurements: docs/benchmarks.md.
 //
 // decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)

@@ -21,7 +21,7 @@ struct TileScales {
 
 // Shared memory of a KVarN CTA: the group's queries in fragment order (for the whole CTA), then per warp one tile
 // slot and its TileScales. One slot per warp, refilled in two halves (keys while the values are read, values while
-// the next keys are), keeps a CTA at ~71 KB, so that 3 CTAs (12 warps) fit on an SM. The final merge reuses it all.
+// the next keys are), keeps a CTA at ~73 KB, so that 3 CTAs (12 warps) fit on an SM. The final merge reuses it all.
 template <class F>
 struct KvarnSharedLayout {
   static constexpr size_t query = 0;
@@ -275,10 +275,10 @@ __device__ __forceinline__ void fold_key_scales(const float4 q, const float* sca
 // One lane's q' a_K of k-block kb at its channels (as fold_key_scales) as one fp16 pair each, b; adds their q' z_K
 // to z_sum, and r x, r = q' a_K - b the rounding's rest and x the codes of the tile's largest-scale token (centre_K):
 // the mma's sum_c b_c code_c misses sum_c r_c code_c, of which this adds the part sum_c r_c x_c exactly, so that a
-// score misses only sum_c r_c (code_c - x_c): nothing for that token, whose score is the largest in magnitude (a
-// sink's, 100x the others', would move its weight by up to 2.3e-2 with the error of an fp16 query, 2^-12 of its
-// terms, 5.5e-2 with r code uncentred), and for the others 2^-12 of their distance from it, times their smaller
-// token scales.
+// score misses only sum_c r_c (code_c - x_c): nothing for that token, and for the others 2^-12 of their distance
+// from it, times their smaller token scales. An attention sink is that token: its score, ~100x the others', would
+// take ~100x their error (beside a 100x sink, outputs moved by up to 2.3e-2 with the rounding centred on each
+// channel's zero code instead, 5.5e-2 with r code left out; 1.5e-3 now).
 template <class F>
 __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const float* scales, int kb, float& z_sum,
                                                         uint32_t (&b)[2]) {
