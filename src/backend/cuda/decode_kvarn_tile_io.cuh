@@ -142,7 +142,7 @@ __device__ __forceinline__ void stage_scale_run(const uint8_t* from, float* to, 
 // The token of a tile with the largest key token scale (the first of equals), the same answer in every lane.
 template <class F>
 __device__ __forceinline__ int largest_scale_token(const uint8_t* tile, int lane) {
-  float largest = 0;  // of this lane's 4 token scales (they are positive: their bits order as unsigned)
+  float largest = 0;  // of this lane's 4 token scales' magnitudes (their bits order as unsigned integers)
   int mine = 0;
   if (4 * lane < F::G) {
     const uint2 raw = *reinterpret_cast<const uint2*>(tile + F::L.key_token_scale + 8 * lane);
