@@ -353,13 +353,13 @@ void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, 
   std::iota(host_table.begin(), host_table.end(), 0);
   std::shuffle(host_table.begin(), host_table.end(), std::mt19937(5));
   KVARN_CUDA_CHECK(cudaMemcpy(table, host_table.data(), sizeof(int32_t) * host_table.size(), cudaMemcpyHostToDevice));
-  const PrefillSequence host_seq{{0, tiles, 0, 0}, 0, tokens};
+  const PrefillSequence host_seq{{0, tiles, 0, 0}, 0, tokens, 0};
   KVARN_CUDA_CHECK(cudaMemcpy(seq, &host_seq, sizeof host_seq, cudaMemcpyHostToDevice));
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
   void* workspace;
-  KVARN_CUDA_CHECK(cudaMalloc(&workspace, std::max<size_t>(1, prefill_attention_workspace_bytes(layer, tokens))));
+  KVARN_CUDA_CHECK(cudaMalloc(&workspace, std::max<size_t>(1, prefill_attention_workspace_bytes(layer, tokens, tiles))));
   const PrefillAttentionArgs args{q, kv, kv + kv_elems, out, seq, table, 1, tokens, shape.q_heads, tokens,
-                                  1.0f / std::sqrt(static_cast<float>(d))};
+                                  1.0f / std::sqrt(static_cast<float>(d)), tiles};
   const Timing t = median_ms(10, [&](int) { prefill_attention(layer, args, workspace, nullptr); });
   const double flops = 4.0 * shape.q_heads * d * (0.5 * tokens * tokens + static_cast<double>(tokens) * tiles * g);
   csv.row("prefill," + std::string(shape.name) + "," + dtype_name + ",1," + std::to_string(tokens) + "," +

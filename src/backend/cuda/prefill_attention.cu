@@ -2,29 +2,27 @@
 //
 // rotate_chunk_kernel (rotated dtypes): one warp per (row, kv-head, K|V), H_D in registers, fp16 into the
 // workspace [K|V][num_rows][H_kv][D]: the chunk's K/V in the space the tiles and tails are stored in.
+// dequantize_prefix_tiles (code-tile caches, dequantize_prefix.cu): the prefix's tiles decoded once into fp16
+// tiles in the workspace, after the rotated chunk; the attention then reads them as an fp16 cache's tiles.
 //
 // prefill_attention_kernel: grid (q blocks, q heads, sequences), 256 threads = 8 warps x 16 query rows. The CTA
 // serves 128 chunk rows of one q head; q blocks run last-first, so the longest causal rows start earliest. A
 // sequence's keys/values form one stream
 //     [prefix tiles: num_tiles * G tokens][prefix tail: tail_len tokens][chunk: chunk_len tokens]
-// read in blocks of 64 tokens up to the CTA's last row. Each block lands in one of two shared-memory buffers as
-// fp16 K[64][D] and V[64][D] in the storage space: a tile block dequantized on chip from its packed codes and
-// folded scales (K[t][c] = s_tok[t] (a_K[c] code + z_K[c]), V[t][c] = s_ch[c] (a_V[t] code + z_V[t])), never
-// written back to memory, its packed bytes staged by cp.async one block ahead; fp16 tiles, tail and chunk rows
-// copied by cp.async one block ahead. 128 rows per CTA halve the dequantization per query row against 64
-// (measured 2x faster over a KVarN prefix at equal occupancy: 224 registers per thread allow one CTA per SM).
-// Every row's 16-byte chunks are XOR-swizzled by the row's low 3 bits so that the ldmatrix reads of a fragment
-// hit distinct banks.
+// read in blocks of 64 tokens up to the CTA's last row, each copied by cp.async one block ahead into one of two
+// shared-memory buffers as fp16 K[64][D] and V[64][D] in the storage space. Every row's 16-byte chunks are
+// XOR-swizzled by the row's low 3 bits so that the ldmatrix reads of a fragment hit distinct banks.
 // Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments held in registers for the whole CTA; the
 // scale applied to S in fp32, as an fp16 product would shift a 100x sink's weight by ~1%), causal mask on the
 // chunk's diagonal, online softmax in fp32 (exp2), O += P V with P rounded to fp16. At the end O / l is rotated
 // back by H_D (rotated dtypes) and written as fp16.
-// FLOPs: 4 D per (query, key) pair the causal mask keeps, plus 2 per dequantized element of each prefix tile
-// block, repeated per q head and per 128-row q block (the repeats of a block's bytes are served by L2).
-// Bytes: q and out 2 D per row and q head; per CTA, each visible block once (packed bytes for tiles).
+// FLOPs: 4 D per (query, key) pair the causal mask keeps.
+// Bytes: q and out 2 D per row and q head; per CTA, each visible block once (4 D bytes per token; the repeats
+// over q heads and q blocks are served by L2).
 #include "backend/cuda/prefill_attention.h"
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dequantize_prefix.h"
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/mma_fragments.cuh"
 #include "backend/cuda/tile_formats.cuh"
@@ -46,7 +44,7 @@ struct PrefillParams {
   const __half* k;  // the chunk's K/V in the storage space
   const __half* v;
   __half* out;
-  const uint8_t* blocks;
+  const uint8_t* tiles;  // fp16 tiles: the cache's blocks, or the workspace's decoded prefix (kDecodedPrefix)
   const __half* tails;
   const PrefillSequence* seqs;
   const int32_t* block_tables;
@@ -81,141 +79,32 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D * 2 + ((chunk ^ (row & 7)) << 4);
 }
 
-// The packed bytes of 64 tokens of a code tile, staged in shared memory (byte offsets; every part 16-byte
-// aligned): key codes [D][32 bytes], a_K [D], z_K [D], s_tok [64], value codes [64][D VB / 8], s_ch [D], a_V [64],
-// z_V [64].
-template <class F>
-struct TileStage {
-  static constexpr int D = F::D, kKeyRow = kBlock / 2, kValueRow = D * F::VB / 8;
-  static constexpr int key_codes = 0, key_scale = key_codes + D * kKeyRow, key_zero = key_scale + 2 * D;
-  static constexpr int token_scale = key_zero + 2 * D, value_codes = token_scale + 2 * kBlock;
-  static constexpr int channel_scale = value_codes + kBlock * kValueRow, value_scale = channel_scale + 2 * D;
-  static constexpr int value_zero = value_scale + 2 * kBlock, bytes = value_zero + 2 * kBlock;
-};
-
-template <class F>
-constexpr int stage_bytes() {
-  if constexpr (F::kCodes) return TileStage<F>::bytes;
-  return 0;
-}
-
-// Starts copying tokens [first, first + 64) of a code tile into a stage (cp.async, 16-byte pieces).
-template <class F>
-__device__ void stage_tile_block(const uint8_t* __restrict__ tile, int first, uint8_t* stage) {
-  using S = TileStage<F>;
-  constexpr codec::TileLayout L = F::L;
-  constexpr int D = F::D, kKeyCodes = D * S::kKeyRow / 16, kVector = 2 * D / 16, kTokens = 2 * kBlock / 16;
-  constexpr int kValueCodes = kBlock * S::kValueRow / 16;
-  constexpr int kTotal = kKeyCodes + 3 * kVector + 3 * kTokens + kValueCodes;
-  for (int q = threadIdx.x; q < kTotal; q += kThreads) {
-    int i = q, dst;
-    const uint8_t* src;
-    if (i < kKeyCodes) {
-      constexpr int kPieces = S::kKeyRow / 16;
-      src = tile + L.key_codes + (i / kPieces) * (F::G / 2) + first / 2 + 16 * (i % kPieces);
-      dst = S::key_codes + 16 * i;
-    } else if ((i -= kKeyCodes) < kVector) {
-      src = tile + L.key_scale + 16 * i, dst = S::key_scale + 16 * i;
-    } else if ((i -= kVector) < kVector) {
-      src = tile + L.key_zero + 16 * i, dst = S::key_zero + 16 * i;
-    } else if ((i -= kVector) < kTokens) {
-      src = tile + L.key_token_scale + 2 * first + 16 * i, dst = S::token_scale + 16 * i;
-    } else if ((i -= kTokens) < kValueCodes) {
-      src = tile + L.value_codes + first * S::kValueRow + 16 * i, dst = S::value_codes + 16 * i;
-    } else if ((i -= kValueCodes) < kVector) {
-      src = tile + L.value_channel_scale + 16 * i, dst = S::channel_scale + 16 * i;
-    } else if ((i -= kVector) < kTokens) {
-      src = tile + L.value_scale + 2 * first + 16 * i, dst = S::value_scale + 16 * i;
-    } else {
-      i -= kTokens;
-      src = tile + L.value_zero + 2 * first + 16 * i, dst = S::value_zero + 16 * i;
-    }
-    cp_async_16(stage + dst, src);
+// Starts loading stream tokens [64 b, 64 b + 64) of one (sequence, kv-head), a block of its prefix tiles (G is a
+// multiple of 64), into the K/V blocks. kDecodedPrefix: tile i of a sequence is slot prefix_tile_begin + i of
+// p.tiles (code tiles decoded into the workspace), not its block (fp16 caches).
+template <class F, bool kDecodedPrefix>
+__device__ void load_tile_block(const PrefillParams& p, const PrefillSequence& seq, int kv_head, int b,
+                                uint8_t* ks, uint8_t* vs) {
+  constexpr int D = F::D, G = F::G, kChunks = D / 8;
+  const int first = b * kBlock, tile = first / G;
+  const int32_t slot =
+      kDecodedPrefix ? seq.prefix_tile_begin + tile : p.block_tables[seq.prefix.block_table_offset + tile];
+  const uint8_t* tile_bytes = p.tiles + (static_cast<size_t>(slot) * p.num_kv_heads + kv_head) * F::L.bytes;
+  for (int w = threadIdx.x; w < kBlock * kChunks; w += kThreads) {
+    const int t = w / kChunks, c = w % kChunks;
+    const size_t src = static_cast<size_t>(first % G + t) * D * 2 + c * 16;
+    cp_async_16(ks + swizzled<D>(t, c), tile_bytes + F::L.key_codes + src);
+    cp_async_16(vs + swizzled<D>(t, c), tile_bytes + F::L.value_codes + src);
   }
 }
 
-// Dequantizes a staged block into the K/V blocks (fp16, storage space): K[t][c] = s_tok[t] (a_K[c] code + z_K[c]),
-// V[t][c] = s_ch[c] (a_V[t] code + z_V[t]), in fp32, each rounded once to fp16. The work is laid out so that the
-// scales, shift amounts and store addresses are per thread or compile-time, not per element.
+// The same for a block past the prefix tiles: tail and chunk tokens; positions past the stream are zeros (a
+// masked score times a NaN value would still poison the mma).
 template <class F>
-__device__ void dequantize_staged(const uint8_t* stage, uint8_t* ks, uint8_t* vs) {
-  using S = TileStage<F>;
-  constexpr int D = F::D, VB = F::VB, kWarpsPerOctet = D / 64;
-  const int tid = threadIdx.x, lane = tid & 31;
-  // Keys: a warp takes 32 channel pairs (a lane each) of one 8-token octet. The octet's token scales are one
-  // broadcast load; a lane's codes are one word of each of its two channel rows; the 8 tokens are unrolled, so
-  // each nibble's shift and each store's swizzled address are constants; the lanes' stores for a token fill one
-  // row, on distinct banks.
-  for (int slot = tid / 32; slot < 8 * kWarpsPerOctet; slot += kThreads / 32) {
-    const int octet = slot / kWarpsPerOctet, c = 2 * ((slot % kWarpsPerOctet) * 32 + lane), chunk = c / 8;
-    const uint32_t w0 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + c * S::kKeyRow + 4 * octet);
-    const uint32_t w1 = *reinterpret_cast<const uint32_t*>(stage + S::key_codes + (c + 1) * S::kKeyRow + 4 * octet);
-    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(stage + S::key_scale + 2 * c));
-    const float2 z = __half22float2(*reinterpret_cast<const __half2*>(stage + S::key_zero + 2 * c));
-    const uint4 scales = *reinterpret_cast<const uint4*>(stage + S::token_scale + 16 * octet);
-    const uint32_t scale_pairs[4] = {scales.x, scales.y, scales.z, scales.w};
-    uint8_t* rows = ks + 8 * octet * D * 2 + (c % 8) * 2;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&scale_pairs[j / 2]));
-      const float s = j % 2 ? pair.y : pair.x;
-      const float k0 = s * fmaf(a.x, static_cast<float>((w0 >> (4 * j)) & 15u), z.x);
-      const float k1 = s * fmaf(a.y, static_cast<float>((w1 >> (4 * j)) & 15u), z.y);
-      *reinterpret_cast<uint32_t*>(rows + j * D * 2 + ((chunk ^ j) << 4)) = pack_half2(k0, k1);  // swizzled()
-    }
-  }
-  // Values: a thread takes a token and 8 channels (one 16-byte chunk of the block), always the same 8 channels, so
-  // that their scales are converted once.
-  constexpr int kChunks = D / 8;
-  static_assert(kThreads % kChunks == 0, "a thread keeps its chunk");
-  const int c8 = tid % kChunks;
-  float s_ch[8];
-  {
-    const uint4 raw = *reinterpret_cast<const uint4*>(stage + S::channel_scale + 16 * c8);
-    const uint32_t pairs[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&pairs[i]));
-      s_ch[2 * i] = f.x, s_ch[2 * i + 1] = f.y;
-    }
-  }
-  const __half* a_v = reinterpret_cast<const __half*>(stage + S::value_scale);
-  const __half* z_v = reinterpret_cast<const __half*>(stage + S::value_zero);
-  for (int t = tid / kChunks; t < kBlock; t += kThreads / kChunks) {
-    const uint8_t* row = stage + S::value_codes + t * S::kValueRow;
-    const uint32_t bits = VB == 2 ? *reinterpret_cast<const uint16_t*>(row + 2 * c8)
-                                  : *reinterpret_cast<const uint32_t*>(row + 4 * c8);
-    const float a = __half2float(a_v[t]), z = __half2float(z_v[t]);
-    uint32_t packed[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float c0 = static_cast<float>((bits >> (VB * 2 * i)) & ((1u << VB) - 1));
-      const float c1 = static_cast<float>((bits >> (VB * (2 * i + 1))) & ((1u << VB) - 1));
-      packed[i] = pack_half2(s_ch[2 * i] * fmaf(a, c0, z), s_ch[2 * i + 1] * fmaf(a, c1, z));
-    }
-    *reinterpret_cast<uint4*>(vs + swizzled<D>(t, c8)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-  }
-}
-
-// Starts loading stream tokens [64 b, 64 b + 64) of one (sequence, kv-head) into the K/V blocks, for every
-// block but those of code tiles (staged and dequantized instead); positions past the stream are zeros (a masked
-// score times a NaN value would still poison the mma).
-template <class F>
-__device__ void load_kv_block(const PrefillParams& p, const PrefillSequence& seq, int kv_head, int b, uint8_t* ks,
-                              uint8_t* vs) {
+__device__ void load_stream_block(const PrefillParams& p, const PrefillSequence& seq, int kv_head, int b,
+                                  uint8_t* ks, uint8_t* vs) {
   constexpr int D = F::D, G = F::G, kChunks = D / 8;
   const int first = b * kBlock, tile_tokens = seq.prefix.num_tiles * G;
-  if (first < tile_tokens) {  // tiles hold whole blocks: G is a multiple of 64
-    const int32_t block = p.block_tables[seq.prefix.block_table_offset + first / G];
-    const uint8_t* tile = p.blocks + (static_cast<size_t>(block) * p.num_kv_heads + kv_head) * F::L.bytes;
-    for (int w = threadIdx.x; w < kBlock * kChunks; w += kThreads) {
-      const int t = w / kChunks, c = w % kChunks;
-      const size_t src = static_cast<size_t>(first % G + t) * D * 2 + c * 16;
-      cp_async_16(ks + swizzled<D>(t, c), tile + F::L.key_codes + src);
-      cp_async_16(vs + swizzled<D>(t, c), tile + F::L.value_codes + src);
-    }
-    return;
-  }
   const int tail_end = tile_tokens + seq.prefix.tail_len, end = tail_end + seq.chunk_len;
   const __half* tail_k =
       p.tails + (static_cast<size_t>(seq.prefix.tail_slot) * 2 * p.num_kv_heads + kv_head) * G * D;
@@ -241,21 +130,19 @@ __device__ void load_kv_block(const PrefillParams& p, const PrefillSequence& seq
   }
 }
 
-// Q, two buffers of K and V blocks, two stages of packed tile bytes; at the end the fp32 output rows (padded by
-// 8 floats against bank conflicts) reuse them.
-template <class F>
+// Q and two buffers of K and V blocks; at the end the fp32 output rows (padded by 8 floats against bank
+// conflicts) reuse them.
+template <int D>
 constexpr size_t shared_bytes() {
-  return std::max(sizeof(__half) * (kRows + 4 * kBlock) * F::D + 2 * stage_bytes<F>(),
-                  sizeof(float) * kRows * (F::D + 8));
+  return std::max(sizeof(__half) * (kRows + 4 * kBlock) * D, sizeof(float) * kRows * (D + 8));
 }
 
-template <class F>
+template <class F, bool kDecodedPrefix>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const PrefillParams p) {
   constexpr int D = F::D, E = D / 32, KB = D / 16, NT = kBlock / 8, NO = D / 8;
   extern __shared__ __align__(16) uint8_t shared[];
   uint8_t* qs = shared;
   uint8_t* kv_buffers = qs + kRows * D * 2;  // [2][K, V][kBlock][D]
-  uint8_t* stages = kv_buffers + 4 * kBlock * D * 2;
   auto keys = [&](int b) { return kv_buffers + (b & 1) * 2 * kBlock * D * 2; };
   auto values = [&](int b) { return keys(b) + kBlock * D * 2; };
 
@@ -366,41 +253,31 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
     }
   };
 
+  // Block b + 1 streams in while block b is attended: the prefix tiles' blocks, then the tail's and the chunk's,
+  // in two loops whose loads are compiled without each other's branches (2-4% faster than one loop over fp16 tiles,
+  // H200); the first stream block starts after the last tile block's barrier, without overlap.
+  const int tile_blocks = seq.prefix.num_tiles * (F::G / kBlock);
+  auto load_tiles = [&](int block) {
+    load_tile_block<F, kDecodedPrefix>(p, seq, kv_head, block, keys(block), values(block));
+    cp_async_commit();
+  };
   int b = 0;
-  if constexpr (F::kCodes) {
-    // Code tiles: the packed bytes of block b + 1 stream in (cp.async) while block b is dequantized and attended.
-    const int tile_blocks = seq.prefix.num_tiles * (F::G / kBlock);
-    const int32_t* table = p.block_tables + seq.prefix.block_table_offset;
-    auto stage_block = [&](int block) {
-      const uint8_t* tile = p.blocks + (static_cast<size_t>(table[block * kBlock / F::G]) * p.num_kv_heads + kv_head) *
-                                           F::L.bytes;
-      stage_tile_block<F>(tile, (block * kBlock) % F::G, stages + (block & 1) * stage_bytes<F>());
-      cp_async_commit();
-    };
-    if (tile_blocks > 0) stage_block(0);
-    for (; b < tile_blocks; ++b) {
-      if (b + 1 < tile_blocks) {
-        stage_block(b + 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();  // block b staged; every warp is done with block b - 2, the buffer b's dequantization fills
-      dequantize_staged<F>(stages + (b & 1) * stage_bytes<F>(), keys(b), values(b));
-      __syncthreads();
-      attend_block(b);
-    }
+  if (tile_blocks > 0) load_tiles(0);
+  for (; b < tile_blocks; ++b) {
+    cp_async_wait<0>();
+    __syncthreads();  // block b landed; every warp is done with block b - 1, whose buffer block b + 1 fills
+    if (b + 1 < tile_blocks) load_tiles(b + 1);
+    attend_block(b);
   }
-  // fp16 blocks (fp16 tiles, tail, chunk): block b + 1 streams in while block b is attended.
-  if (b < num_blocks) {
-    load_kv_block<F>(p, seq, kv_head, b, keys(b), values(b));
+  if (b < num_blocks) {  // into the buffer of block b - 2, done at the last barrier
+    load_stream_block<F>(p, seq, kv_head, b, keys(b), values(b));
     cp_async_commit();
   }
   for (; b < num_blocks; ++b) {
     cp_async_wait<0>();
-    __syncthreads();  // block b landed; every warp is done with block b - 1, whose buffer block b + 1 fills
+    __syncthreads();
     if (b + 1 < num_blocks) {
-      load_kv_block<F>(p, seq, kv_head, b + 1, keys(b + 1), values(b + 1));
+      load_stream_block<F>(p, seq, kv_head, b + 1, keys(b + 1), values(b + 1));
       cp_async_commit();
     }
     attend_block(b);
@@ -435,11 +312,17 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
   }
 }
 
-}  // namespace
-
-size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows) {
+// The workspace: the rotated chunk's K/V, then the decoded prefix (16-byte aligned: D >= 64).
+size_t rotated_chunk_bytes(const KvCacheLayer& cache, int num_rows) {
   if (!cache.rotated()) return 0;
   return size_t{2} * num_rows * cache.num_kv_heads * cache.head_dim() * sizeof(__half);
+}
+
+}  // namespace
+
+size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows, int num_prefix_tiles) {
+  return rotated_chunk_bytes(cache, num_rows) +
+         (cache.layout.code_tile ? dequantized_prefix_bytes(cache, num_prefix_tiles) : 0);
 }
 
 void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& args, void* workspace,
@@ -451,13 +334,16 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   if (args.num_seqs > 65535 || args.num_q_heads > 65535)
     throw_error("prefill_attention: " + std::to_string(args.num_seqs) + " sequences x " +
                 std::to_string(args.num_q_heads) + " q heads exceed the grid limit (65535 each)");
+  if (args.num_prefix_tiles < 0)
+    throw_error("prefill_attention: num_prefix_tiles " + std::to_string(args.num_prefix_tiles) +
+                "; expected the sum of the sequences' prefix tiles (>= 0)");
   const int d = cache.head_dim();
   PrefillParams p;
   p.q = reinterpret_cast<const __half*>(args.q);
   p.k = reinterpret_cast<const __half*>(args.k);
   p.v = reinterpret_cast<const __half*>(args.v);
   p.out = reinterpret_cast<__half*>(args.out);
-  p.blocks = cache.blocks;
+  p.tiles = cache.blocks;
   p.tails = reinterpret_cast<const __half*>(cache.tails);
   p.seqs = args.seqs;
   p.block_tables = args.block_tables;
@@ -479,17 +365,24 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
     p.k = rotated;
     p.v = rotated + static_cast<size_t>(args.num_rows) * cache.num_kv_heads * d;
   }
+  if (cache.layout.code_tile) {
+    uint8_t* decoded = static_cast<uint8_t*>(workspace) + rotated_chunk_bytes(cache, args.num_rows);
+    dequantize_prefix_tiles(cache, args.seqs, args.num_seqs, args.block_tables, args.num_prefix_tiles, decoded,
+                            stream);
+    p.tiles = decoded;
+  }
   with_tile_format(cache, "prefill_attention", [&](auto f) {
-    using F = decltype(f);
-    constexpr size_t bytes = shared_bytes<F>();
+    using F = Fp16Tile<decltype(f)::D, decltype(f)::G>;  // code tiles are read decoded
+    constexpr bool kDecoded = decltype(f)::kCodes;
+    constexpr size_t bytes = shared_bytes<F::D>();
     static const bool configured = [] {
-      KVARN_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_kernel<F>,
+      KVARN_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_kernel<F, kDecoded>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       return true;
     }();
     (void)configured;
     const dim3 grid(p.q_blocks, args.num_q_heads, args.num_seqs);
-    prefill_attention_kernel<F><<<grid, kThreads, bytes, stream>>>(p);
+    prefill_attention_kernel<F, kDecoded><<<grid, kThreads, bytes, stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Prefill attention: a chunk of new query tokens per sequence, causal within the chunk, over the sequence's cached
-// history (full tiles, read packed and dequantized on chip, plus the fp16 tail) and the chunk's own fp16 K/V.
+// history (full tiles, code tiles decoded once into fp16 tiles in the workspace, plus the fp16 tail) and the
+// chunk's own fp16 K/V.
 // On tensor cores (mma m16n8k16, fp32 accumulate), FlashAttention-style online softmax; the output is rotated
 // back to the model's space. The chunk's K/V are not written to the cache here: appending them to the tails and
 // flushing full tails is append_to_tails / flush_full_tiles' job, after this call.
@@ -19,6 +20,7 @@ struct PrefillSequence {
   SequenceKvView prefix;
   int32_t chunk_begin = 0;  // first row of the chunk in q/k/v/out
   int32_t chunk_len = 0;
+  int32_t prefix_tile_begin = 0;  // the sum of prefix.num_tiles over the sequences before this one
 };
 
 struct PrefillAttentionArgs {
@@ -33,13 +35,16 @@ struct PrefillAttentionArgs {
   int num_q_heads = 0;                   // a multiple of num_kv_heads
   int max_chunk_len = 0;                 // >= every sequence's chunk_len
   float scale = 0;                       // softmax scale, 1/sqrt(D) for the Llama family
+  int num_prefix_tiles = 0;              // the sum of prefix.num_tiles over the sequences
 };
 
 // Device memory prefill_attention needs beside its arguments: the chunk's K/V rotated into the storage space
-// (rotated cache dtypes; 0 bytes otherwise).
-size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows);
+// (rotated cache dtypes) and the prefix's code tiles decoded to fp16 (code-tile caches: 4 G D bytes per tile and
+// kv head, 128 KB per 128 tokens of Llama-3-8B's 8 kv heads, 126 MB for a 30K-token prefix).
+size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows, int num_prefix_tiles);
 
-// Two launches on `stream` (rotate the chunk's K/V, attend). Throws kvarn::Error for unsupported shapes.
+// Up to three launches on `stream` (rotate the chunk's K/V, decode the prefix's code tiles, attend). Throws
+// kvarn::Error for unsupported shapes.
 void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& args, void* workspace,
                        cudaStream_t stream);
 

@@ -120,10 +120,11 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
   // The chunks, back to back: rows [chunk_begin, chunk_begin + chunk) of k/v/q/out.
   std::vector<PrefillSequence> seqs;
   std::vector<float> chunk_k, chunk_v;
-  int num_rows = 0, max_chunk = 0;
+  int num_rows = 0, max_chunk = 0, prefix_tiles = 0;
   for (int s = 0; s < num_seqs; ++s) {
     const size_t prefix = static_cast<size_t>(specs[s].prefix.tiles * g + specs[s].prefix.tail) * kv_heads * d;
-    seqs.push_back({cache.views[s], num_rows, specs[s].chunk});
+    seqs.push_back({cache.views[s], num_rows, specs[s].chunk, prefix_tiles});
+    prefix_tiles += specs[s].prefix.tiles;
     chunk_k.insert(chunk_k.end(), full[s].first.begin() + prefix, full[s].first.end());
     chunk_v.insert(chunk_v.end(), full[s].second.begin() + prefix, full[s].second.end());
     num_rows += specs[s].chunk;
@@ -137,13 +138,13 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
   DeviceBuffer<int32_t> dtables(cache.tables);
   DeviceBuffer<PrefillSequence> dseqs(seqs);
   const KvCacheLayer layer = make_kv_cache_layer(cache.dtype, d, g, kv_heads, dblocks.get(), dtails.get());
-  DeviceBuffer<uint8_t> workspace(std::max<size_t>(1, prefill_attention_workspace_bytes(layer, num_rows)));
+  DeviceBuffer<uint8_t> workspace(std::max<size_t>(1, prefill_attention_workspace_bytes(layer, num_rows, prefix_tiles)));
   workspace.poison();
   dout.poison();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   prefill_attention(layer,
                     {dq.get(), dk.get(), dv.get(), dout.get(), dseqs.get(), dtables.get(), num_seqs, num_rows,
-                     q_heads, max_chunk, scale},
+                     q_heads, max_chunk, scale, prefix_tiles},
                     workspace.get(), nullptr);
   KVARN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto out = test::to_float(dout.download());

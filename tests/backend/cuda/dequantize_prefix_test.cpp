@@ -1,0 +1,90 @@
+// dequantize_prefix_tiles against the CPU codec: every element of every decoded prefix tile is the fp16 rounding
+// of codec::TileCodec::decode's fp32 value, bit for bit (both compute s (a code + z) in fp32 with one fma), for
+// every code-tile dtype, head_dim 64 and 128, 2 and 3 kv heads, over a batch whose sequences hold 0 to 5 tiles
+// (empty ones first, between and last, which the slot search must skip) in shuffled blocks. The output is
+// poisoned (NaN) before the run, so a slot or a kv head left unwritten fails too.
+#include "backend/cuda/dequantize_prefix.h"
+#include "cuda_test_support.h"
+#include "test_kv_cache.h"
+#include "util/error.h"
+
+#include <gtest/gtest.h>
+
+namespace kvarn::cuda {
+namespace {
+
+using test::DeviceBuffer;
+
+struct DequantizeCase {
+  std::string dtype;
+  int head_dim, kv_heads;
+};
+
+class DequantizePrefixTest : public ::testing::TestWithParam<DequantizeCase> {};
+
+TEST_P(DequantizePrefixTest, EqualsTheCpuCodecBitForBit) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = test::test_seed();
+  const std::vector<test::SeqSpec> specs = {{0, 3}, {2, 0}, {0, 0}, {5, 17}, {1, 1}, {0, 9}};
+  std::mt19937 rng(seed);
+  const test::TestCache cache = test::build_test_cache(
+      c.dtype, c.head_dim, c.kv_heads, specs, test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed}), rng);
+  const int d = c.head_dim, g = cache.tile_tokens, num_seqs = static_cast<int>(specs.size());
+
+  std::vector<PrefillSequence> seqs;
+  int slots = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    seqs.push_back({cache.views[s], 0, 0, slots});
+    slots += specs[s].tiles;
+  }
+  DeviceBuffer<uint8_t> dblocks(cache.blocks);
+  DeviceBuffer<int32_t> dtables(cache.tables);
+  DeviceBuffer<PrefillSequence> dseqs(seqs);
+  const KvCacheLayer layer = make_kv_cache_layer(cache.dtype, d, g, c.kv_heads, dblocks.get(), nullptr);
+  ASSERT_EQ(dequantized_prefix_bytes(layer, slots), size_t{4} * slots * c.kv_heads * g * d);
+  DeviceBuffer<uint16_t> out(dequantized_prefix_bytes(layer, slots) / 2);
+  out.poison();
+  dequantize_prefix_tiles(layer, dseqs.get(), num_seqs, dtables.get(), slots, reinterpret_cast<uint8_t*>(out.get()),
+                          nullptr);
+  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<uint16_t> got = out.download();
+
+  // Slot j, kv head h: K [G][D] then V [G][D]; stored_k/v[s][h] hold the decoded tiles' tokens first.
+  long mismatches = 0;
+  for (int s = 0; s < num_seqs; ++s)
+    for (int i = 0; i < specs[s].tiles; ++i)
+      for (int h = 0; h < c.kv_heads; ++h)
+        for (int which = 0; which < 2; ++which) {
+          const auto& expected = (which == 0 ? cache.stored_k : cache.stored_v)[s][h];
+          const uint16_t* tile = got.data() + ((static_cast<size_t>(seqs[s].prefix_tile_begin + i) * c.kv_heads + h) *
+                                                   2 + which) * g * d;
+          for (int t = 0; t < g; ++t)
+            for (int ch = 0; ch < d; ++ch) {
+              const uint16_t want = float_to_half(static_cast<float>(expected[(static_cast<size_t>(i) * g + t) * d + ch]));
+              if (tile[t * d + ch] != want && ++mismatches <= 5)
+                ADD_FAILURE() << c.dtype << " seq " << s << " tile " << i << " kv head " << h << (which ? " V" : " K")
+                              << "[" << t << "][" << ch << "]: got fp16 0x" << std::hex << tile[t * d + ch]
+                              << ", expected 0x" << want << std::dec << " (seed " << seed << ")";
+            }
+        }
+  EXPECT_EQ(mismatches, 0) << "elements that differ from the CPU codec (seed " << seed << ")";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, DequantizePrefixTest,
+    ::testing::Values(DequantizeCase{"kvarn_k4v2_g128", 128, 2}, DequantizeCase{"kvarn_k4v4_g128", 128, 3},
+                      DequantizeCase{"kvarn_k4v2_g64", 128, 2}, DequantizeCase{"kvarn_k4v4_g64", 64, 3},
+                      DequantizeCase{"kvarn_k4v2_g128", 64, 2}, DequantizeCase{"rtn_k4v2_g128", 128, 2}),
+    [](const auto& info) {
+      return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_kv" +
+             std::to_string(info.param.kv_heads);
+    });
+
+TEST(DequantizePrefix, RefusesAnFp16Cache) {
+  const KvCacheLayer layer = make_kv_cache_layer(codec::parse_cache_dtype("fp16"), 128, 128, 2, nullptr, nullptr);
+  EXPECT_THROW(dequantize_prefix_tiles(layer, nullptr, 1, nullptr, 1, nullptr, nullptr), kvarn::Error);
+}
+
+}  // namespace
+}  // namespace kvarn::cuda
