@@ -3,7 +3,8 @@
 // like an fp16 cache's. Every q head and every 128-row query block of a chunk reads the whole prefix: decoded
 // inside the attention kernel, each tile was decoded group x chunk/128 times (2048 rows of Llama-3-8B: 64 times)
 // and the attention over a 30K-token KVarN prefix ran at 0.69x of its speed over fp16 tiles. Decoded once, a tile
-// costs a read of its packed bytes and a write of 4 G D bytes, ~1% of the attention that reads it.
+// costs a read of its packed bytes and a write of 4 G D bytes: over a 30K-token prefix the call is ~2% slower than
+// the same attention over fp16 tiles, besides the chunk's rotation (H200, docs/benchmarks.md).
 #include "backend/cuda/kv_layout.h"
 #include "backend/cuda/prefill_attention.h"
 
