@@ -305,5 +305,36 @@ TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeads) {
   EXPECT_THROW(prefill_attention(layer, args, nullptr, nullptr), kvarn::Error);
 }
 
+// The workspace holds the chunk's K/V rotated into the storage space (rotated dtypes: 2 x rows x kv heads x D
+// fp16) and the prefix's code tiles decoded to fp16 (code-tile dtypes: 4 G D bytes per tile and kv head).
+TEST(PrefillAttention, WorkspaceHoldsTheRotatedChunkAndTheDecodedPrefix) {
+  auto bytes = [](const char* dtype, int rows, int prefix_tiles) {
+    const KvCacheLayer layer = make_kv_cache_layer(codec::parse_cache_dtype(dtype), 128, 128, 8, nullptr, nullptr);
+    return prefill_attention_workspace_bytes(layer, rows, prefix_tiles);
+  };
+  const size_t rotated_chunk = size_t{2} * 100 * 8 * 128 * 2, decoded_tiles = size_t{4} * 3 * 8 * 128 * 128;
+  EXPECT_EQ(bytes("fp16", 100, 3), 0u);
+  EXPECT_EQ(bytes("kvarn_k4v2_g128", 100, 3), rotated_chunk + decoded_tiles);
+  EXPECT_EQ(bytes("kvarn_k4v2_g128", 100, 0), rotated_chunk);
+  EXPECT_EQ(bytes("rot_k4v2_g128", 100, 3), rotated_chunk + decoded_tiles);
+  EXPECT_EQ(bytes("rtn_k4v2_g128", 100, 3), decoded_tiles);
+}
+
+TEST(PrefillAttention, RefusesANegativePrefixTileCount) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
+  PrefillAttentionArgs args;
+  args.num_seqs = 1;
+  args.num_q_heads = 4;
+  args.max_chunk_len = 1;
+  args.num_prefix_tiles = -1;
+  try {
+    prefill_attention(layer, args, nullptr, nullptr);
+    ADD_FAILURE() << "a negative prefix tile count was accepted";
+  } catch (const kvarn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("num_prefix_tiles -1"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace kvarn::cuda
