@@ -295,14 +295,22 @@ TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
   }
 }
 
-TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeads) {
-  const KvCacheLayer layer =
-      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 3, nullptr, nullptr);
+// A kvarn_k4v2_g128 layer (D 128) and the arguments of one one-row chunk, for the argument checks that throw
+// before anything is launched.
+KvCacheLayer kvarn_layer(int kv_heads) {
+  return make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, kv_heads, nullptr, nullptr);
+}
+
+PrefillAttentionArgs one_row_args(int q_heads) {
   PrefillAttentionArgs args;
   args.num_seqs = 1;
-  args.num_q_heads = 8;
+  args.num_q_heads = q_heads;
   args.max_chunk_len = 1;
-  EXPECT_THROW(prefill_attention(layer, args, nullptr, nullptr), kvarn::Error);
+  return args;
+}
+
+TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeads) {
+  EXPECT_THROW(prefill_attention(kvarn_layer(3), one_row_args(8), nullptr, nullptr), kvarn::Error);
 }
 
 // The workspace holds the chunk's K/V rotated into the storage space (rotated dtypes: 2 x rows x kv heads x D
@@ -321,15 +329,10 @@ TEST(PrefillAttention, WorkspaceHoldsTheRotatedChunkAndTheDecodedPrefix) {
 }
 
 TEST(PrefillAttention, RefusesANegativePrefixTileCount) {
-  const KvCacheLayer layer =
-      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
-  PrefillAttentionArgs args;
-  args.num_seqs = 1;
-  args.num_q_heads = 4;
-  args.max_chunk_len = 1;
+  PrefillAttentionArgs args = one_row_args(4);
   args.num_prefix_tiles = -1;
   try {
-    prefill_attention(layer, args, nullptr, nullptr);
+    prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
     ADD_FAILURE() << "a negative prefix tile count was accepted";
   } catch (const kvarn::Error& e) {
     EXPECT_NE(std::string(e.what()).find("num_prefix_tiles -1"), std::string::npos) << e.what();
