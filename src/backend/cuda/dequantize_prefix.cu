@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     else last = mid - 1;
   }
   const PrefillSequence& seq = seqs[first];
+  if (slot - seq.prefix_tile_begin >= seq.prefix.num_tiles) return;  // a count past the tiles: not a block to read
   const int32_t block = block_tables[seq.prefix.block_table_offset + slot - seq.prefix_tile_begin];
   const uint8_t* src = blocks + (static_cast<size_t>(block) * num_kv_heads + head) * L.bytes;
   for (int i = threadIdx.x; i < static_cast<int>(L.bytes / 16); i += kThreads) cp_async_16(tile + 16 * i, src + 16 * i);

@@ -2,13 +2,16 @@
 // of codec::TileCodec::decode's fp32 value, bit for bit (both compute s (a code + z) in fp32 with one fma), for
 // every code-tile dtype, head_dim 64 and 128, 2 and 3 kv heads, over a batch whose sequences hold 0 to 5 tiles
 // (empty ones first, between and last, which the slot search must skip) in shuffled blocks. The output is
-// poisoned (NaN) before the run, so a slot or a kv head left unwritten fails too.
+// poisoned (NaN) before the run, so a slot or a kv head left unwritten fails too. The call is given two slots more
+// than the sequences' tiles: those must stay poisoned (their owner, the last sequence, has no tile there to read).
 #include "backend/cuda/dequantize_prefix.h"
 #include "cuda_test_support.h"
 #include "test_kv_cache.h"
 #include "util/error.h"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
 
 namespace kvarn::cuda {
 namespace {
@@ -43,10 +46,11 @@ TEST_P(DequantizePrefixTest, EqualsTheCpuCodecBitForBit) {
   DeviceBuffer<PrefillSequence> dseqs(seqs);
   const KvCacheLayer layer = make_kv_cache_layer(cache.dtype, d, g, c.kv_heads, dblocks.get(), nullptr);
   ASSERT_EQ(dequantized_prefix_bytes(layer, slots), size_t{4} * slots * c.kv_heads * g * d);
-  DeviceBuffer<uint16_t> out(dequantized_prefix_bytes(layer, slots) / 2);
+  constexpr int kSlotsPastTheTiles = 2;
+  DeviceBuffer<uint16_t> out(dequantized_prefix_bytes(layer, slots + kSlotsPastTheTiles) / 2);
   out.poison();
-  dequantize_prefix_tiles(layer, dseqs.get(), num_seqs, dtables.get(), slots, reinterpret_cast<uint8_t*>(out.get()),
-                          nullptr);
+  dequantize_prefix_tiles(layer, dseqs.get(), num_seqs, dtables.get(), slots + kSlotsPastTheTiles,
+                          reinterpret_cast<uint8_t*>(out.get()), nullptr);
   KVARN_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<uint16_t> got = out.download();
 
@@ -69,6 +73,9 @@ TEST_P(DequantizePrefixTest, EqualsTheCpuCodecBitForBit) {
             }
         }
   EXPECT_EQ(mismatches, 0) << "elements that differ from the CPU codec (seed " << seed << ")";
+  const size_t tiles_end = dequantized_prefix_bytes(layer, slots) / 2;
+  EXPECT_EQ(std::count(got.begin() + tiles_end, got.end(), uint16_t{0xffff}), static_cast<long>(got.size() - tiles_end))
+      << "elements written in the slots past the sequences' tiles";
 }
 
 INSTANTIATE_TEST_SUITE_P(
