@@ -9,6 +9,8 @@
 //             accumulation): the rest of a step that the flush's share is taken against
 //   prefill   prefill_attention of one chunk of N tokens after a prefix of P cached tokens (whole tiles): useful
 //             TFLOP/s, 4 * q_heads * D * (N^2 / 2 + N * P) as sdpa_bench.py counts the causal chunk (splits = P)
+//   dequantize  dequantize_prefix_tiles of that prefix (code-tile dtypes), the part of such a prefill call that
+//             decodes it: bytes = packed tiles read + fp16 tiles written (context = P)
 // Every row ends with the wall-clock bounds of its timed window (window_begin, window_end: seconds since the epoch),
 // which bench/report.py matches with a log of the SM clock.
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
@@ -23,6 +25,7 @@
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
+#include "backend/cuda/dequantize_prefix.h"
 #include "backend/cuda/flush_full_tiles.h"
 #include "backend/cuda/kv_layout.h"
 #include "backend/cuda/prefill_attention.h"
@@ -366,6 +369,16 @@ void bench_prefill(Csv& csv, const Shape& shape, const std::string& dtype_name, 
               std::to_string(t.ms * 1e3) + ",,," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
               std::to_string(tiles * g),
           &t);
+  if (tiles > 0 && layer.layout.code_tile) {
+    const Timing td = median_ms(10, [&](int) {
+      dequantize_prefix_tiles(layer, seq, 1, table, tiles, static_cast<uint8_t*>(workspace), nullptr);
+    });
+    const double bytes = static_cast<double>(layer.block_bytes()) * tiles + dequantized_prefix_bytes(layer, tiles);
+    csv.row("dequantize," + std::string(shape.name) + "," + dtype_name + ",1," + std::to_string(tiles * g) + "," +
+                std::to_string(td.ms * 1e3) + "," + std::to_string(bytes) + "," +
+                std::to_string(bytes / (td.ms * 1e-3) / 1e9) + ",," + std::to_string(tiles),
+            &td);
+  }
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(kv),
                   static_cast<void*>(out), static_cast<void*>(table), static_cast<void*>(seq), workspace})
     KVARN_CUDA_CHECK(cudaFree(p));

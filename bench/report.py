@@ -125,5 +125,16 @@ def main():
                   f"| {cell(f, 'time_us', '{:.0f}')} | {cell(f, 'TFLOP_per_s', '{:.0f}')} | {cell(t, 'time_us', '{:.0f}')} "
                   f"| {cell(t, 'TFLOP_per_s', '{:.0f}')} | {ratio(ft, tt)} | {ratio(kt, ft)} |")
 
+    dequantize = [r for r in rows if r["kind"] == "dequantize"]
+    if dequantize:
+        print("\nDecoding a prefill's KVarN prefix into fp16 tiles (dequantize_prefix_tiles; bytes = packed tiles "
+              "read + fp16 tiles written):\n")
+        print("| shape | dtype | prefix | us | GB/s | % of copy |\n| --- | --- | ---: | ---: | ---: | ---: |")
+        for r in dequantize:
+            g = num(r["GB_per_s"])
+            pct = f"{100 * g / copy:.0f}%" if copy else "-"
+            print(f"| {r['shape']} | {r['dtype']} | {r['context']} | {num(r['time_us']):.1f} | {g:.0f} | {pct} |")
+
+
 if __name__ == "__main__":
     main()
