@@ -37,14 +37,12 @@
 // Measurements: docs/benchmarks.md.
 //
 // decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
-// for rotated dtypes, writes fp16. Every lane reads the (m, l) and its channels of 8 partials at once and merges
-// them online, so that up to 8 splits cost one round trip to L2 (a split-K of 32 at batch 1 was once 64 dependent
-// round trips). On Hopper it is launched as a
-// programmatic dependent of the attention kernel, whose CTAs release it when they start: it is resident and
-// waiting (griddepcontrol.wait) when the last attention CTA finishes. The step still costs ~6 us per call at
-// batch 1 (H200: 14.9 us with it, 8.8 us for the attention kernel alone at 8K). Combining in the last CTA of
-// each pair instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape of the benchmark
-// (docs/benchmarks.md), so the two kernels stay.
+// for rotated dtypes, writes fp16. On Hopper it is launched as a programmatic dependent of the attention kernel,
+// whose CTAs release it when they start, so its cost is the latency after the last attention CTA: every lane reads
+// the (m, l) and its channels of 8 partials at once and merges them online, one round trip to L2 for up to 8
+// splits (three to four dependent ones before: H200, 1.11x at batch 1 x 1K, 1.04-1.05x at 8 x 1K-8K). Combining
+// in the last CTA of each pair instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape
+// of the benchmark (docs/benchmarks.md), so the two kernels stay.
 #include "backend/cuda/decode_attention.h"
 
 #include "backend/cuda/cuda_check.h"
