@@ -232,7 +232,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.rotated = cache.rotated();
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
-    blocks_per_sm<F>();  // sets the kernel's shared-memory limit once
+    p.first_wave_ctas = device_traits().multiprocessors * blocks_per_sm<F>();  // also sets the shared-memory limit
     decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, shared_bytes<F>(), stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());

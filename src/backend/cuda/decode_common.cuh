@@ -43,6 +43,7 @@ struct DecodeParams {
   float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
   float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
   int num_seqs, num_kv_heads, group, tiles_per_split, num_splits;
+  int first_wave_ctas;  // CTAs resident at the launch (SMs x CTAs per SM): they ask for their first tiles at once
   float scale_log2;
   bool rotated;
 };

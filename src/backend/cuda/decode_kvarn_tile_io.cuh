@@ -294,11 +294,15 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
   b[0] = *reinterpret_cast<const uint32_t*>(&h01), b[1] = *reinterpret_cast<const uint32_t*>(&h23);
 }
 
-// Stages the queries (stage_query_fragments) while the first tile streams in, then runs scores(tile, it, scales)
-// and values(tile, scales) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w) in the warp's
-// one slot: the next tile's key half streams in while this tile's values are read, its value half while the next
-// keys are; each half's scales are staged as TileScales before its phase. Then waits for every warp (the slots
-// become the merge buffer).
+// Stages the queries (stage_query_fragments) while the first tile's keys stream in, then runs scores(tile, it,
+// scales) and values(tile, scales) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w) in the
+// warp's one slot: the next tile's key half streams in while this tile's values are read, its value half while the
+// next keys are; each half's scales are staged as TileScales before its phase. In the CTAs of the launch's first
+// wave the first tile's values are asked for only once its keys are in: those CTAs all ask for their first tiles at
+// once, and with both halves in that queue a warp's keys came as late as the whole first round (~20 MB on 132 SMs).
+// Side by side (docs/benchmarks.md): 1.02-1.05x at batch 8 x 8K and 1 x 8K-32K, on H100 and H200. Later CTAs start
+// one by one as slots free up and ask for both halves at once (values behind the keys would wait in the open).
+// Then waits for every warp (the slots become the merge buffer).
 template <class F, bool kCentreCodes, class Scores, class Values>
 __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
                                                    Scores&& scores, Values&& values) {
@@ -314,13 +318,20 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
            (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * F::L.bytes;
   };
   const WarpTileCopy<F> copy(lane);
+  const bool keys_first = static_cast<int>(blockIdx.x) < p.first_wave_ctas;
   if (mine > 0) copy.keys(slot, tile_bytes(0));
   cp_async_commit();
-  if (mine > 0) copy.values(slot, tile_bytes(0));
+  if (!keys_first && mine > 0) copy.values(slot, tile_bytes(0));
   cp_async_commit();
-  stage_query_fragments<F>(p, work, shared);  // while the first tile streams in
+  stage_query_fragments<F>(p, work, shared);  // while the first keys stream in
   for (int it = 0; it < mine; ++it) {
-    cp_async_wait<1>();  // this tile's keys (its values may still stream)
+    if (it == 0 && keys_first) {
+      cp_async_wait<0>();  // the first tile's keys; now its values
+      copy.values(slot, tile_bytes(0));
+      cp_async_commit();
+    } else {
+      cp_async_wait<1>();  // this tile's keys (its values may still stream)
+    }
     __syncwarp();
     stage_key_scales<F, kCentreCodes>(slot, scales, lane);
     __syncwarp();
