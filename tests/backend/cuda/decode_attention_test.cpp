@@ -147,6 +147,21 @@ TEST_P(DecodeTest, MatchesFloat64ReferenceOnRaggedBatch) {
                test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
 }
 
+// The KVarN CTAs of the launch's first wave ask for their first tile's values behind its keys, the later ones for
+// both halves at once: 250 sequences x 2 kv heads make at least 1000 CTAs, more than one wave on any Hopper GPU.
+TEST_P(DecodeTest, MatchesFloat64ReferenceOnAGridOfSeveralWaves) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = test::test_seed();
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
+  std::vector<SeqSpec> specs;
+  for (int s = 0; s < 250; ++s) specs.push_back({1 + s % 3, (5 * s) % g});
+  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
+  std::mt19937 rng(seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
+}
+
 // The case that an fp16 folded query fails: one-tile sequences whose first token is a 100x sink (key and value),
 // so that its score is ~100x the others' and so is its rounding error; also with a tail behind the tile. And a 3x
 // sink: the largest-scale token centres the fp16 query's rounding however small its lead.
