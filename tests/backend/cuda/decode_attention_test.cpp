@@ -16,12 +16,14 @@
 #include "cuda_test_support.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
+#include "util/error.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 
 namespace kvarn::cuda {
 namespace {
@@ -230,6 +232,26 @@ TEST(DecodePlan, TakesAFixedSplitSize) {
   EXPECT_EQ(whole.tiles_per_split, 255);
   EXPECT_EQ(whole.num_splits, 1);
   EXPECT_EQ(plan_decode_attention(layer, 8, 64, 255, 0).tiles_per_split, chosen.tiles_per_split);
+}
+
+// Argument checks that throw before anything is launched (so they run without a GPU): the q heads must be a
+// multiple of the kv heads, at most 8 per kv head (the kernels' mma columns).
+TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeadsOrMoreThan8PerKvHead) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
+  for (const int q_heads : {3, 18}) {
+    DecodeAttentionArgs args;
+    args.num_seqs = 1;
+    args.num_q_heads = q_heads;
+    args.max_tiles = 1;
+    try {
+      decode_attention(layer, args, DecodeAttentionPlan{}, nullptr, nullptr);
+      ADD_FAILURE() << q_heads << " q heads over 2 kv heads were accepted";
+    } catch (const kvarn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::to_string(q_heads) + " q heads over 2 kv heads"), std::string::npos)
+          << e.what();
+    }
+  }
 }
 
 TEST(DecodeCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
