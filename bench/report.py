@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Merges kvarn_cuda_bench.csv and sdpa_bench.csv into the markdown tables of docs/benchmarks.md.
+"""Merges kvarn_cuda_bench.csv and sdpa_bench.csv into the markdown tables of docs/benchmarks.md, then judges the
+decode and flush targets of the CUDA kernels' issue on the run (the rows that miss them).
 Usage: report.py KVARN_CSV SDPA_CSV [CLOCKS_CSV]
 CLOCKS_CSV: `nvidia-smi --query-gpu=timestamp,clocks.sm --format=csv,noheader -lms 100` logged beside the
 benchmarks; the decode table then gives the median SM clock over each row's timed window (the H200 lowers it to
@@ -87,6 +88,7 @@ def main():
             print(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {int(r['context']) // 1024}K | {num(r['time_us']):.1f} "
                   f"| {g:.0f} | {100 * g / copy:.0f}% |")
     flush = [r for r in rows if r["kind"] == "flush"]
+    shares = []
     if flush:
         print("\nFlush (kvarn_k4v2_g128, 8 kv heads, D 128; one job = one sequence's tail in every kv head):\n")
         print("| jobs | us per launch | tiles/s (per kv head) |\n| ---: | ---: | ---: |")
@@ -94,6 +96,7 @@ def main():
             print(f"| {r['batch']} | {num(r['time_us']):.1f} | {num(r['TFLOP_per_s']):.3g} |")
         f32 = next((num(r["time_us"]) for r in flush if r["batch"] == "32"), None)
         linear = next((num(r["time_us"]) for r in rows if r["kind"] == "linear"), None)
+        shares = []  # (context, share of a step in %)
         if f32:
             print("\nShare of a decode step at batch 128 (one flush per step on average, 32 layers = 32 jobs in one "
                   "launch), against 32 layers of k4v2_g128 decode attention (Llama-3-8B shape) alone, and against "
@@ -105,6 +108,7 @@ def main():
                 if shape == "llama3-8b" and dtype == "kvarn_k4v2_g128" and batch == 128 and num(r["time_us"]):
                     att = 32 * num(r["time_us"])
                     step = f"{linear:.0f} | {100 * f32 / (f32 + att + linear):.1f}%" if linear else "- | -"
+                    shares.append((context, 100 * f32 / (f32 + att + (linear or 0))))
                     print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% | {step} |")
     prefill = {(r["shape"], r["dtype"], int(r["context"]), int(r["splits"] or 0)): r
                for r in rows if r["kind"] == "prefill"}
@@ -134,6 +138,44 @@ def main():
             g = num(r["GB_per_s"])
             pct = f"{100 * g / copy:.0f}%" if copy else "-"
             print(f"| {r['shape']} | {r['dtype']} | {r['context']} | {num(r['time_us']):.1f} | {g:.0f} | {pct} |")
+
+    print_targets(decode, copy, shares)
+
+
+def print_targets(decode, copy, shares):
+    """The decode and flush targets of the CUDA kernels' issue, judged on this run: which rows miss them."""
+    def time(shape, dtype, batch, context):
+        return num(decode.get((shape, dtype, batch, context), {}).get("time_us"))
+
+    def row(shape, batch, context):
+        return f"{shape} {batch} x {context // 1024}K"
+
+    def judge(target, results, meets, fmt, worst=min):
+        """results: [(value, row)]; meets(value) says whether a row meets the target."""
+        if results:
+            missed = [f"{label} {fmt.format(value)}" for value, label in results if not meets(value)]
+            value, label = worst(results, key=lambda r: r[0])
+            verdict = ("**met on every row**" if not missed else
+                       f"**missed on {len(missed)} of {len(results)} rows**: " + ", ".join(missed))
+            verdict += f" (worst {label} {fmt.format(value)})"
+        else:
+            verdict = "not measured"
+        print(f"| {target} | {verdict} |")
+
+    k4v2 = sorted((s, b, c) for (s, d, b, c) in decode if d == "kvarn_k4v2_g128" and time(s, d, b, c))
+    fp16 = sorted((s, b, c) for (s, d, b, c) in decode if d == "fp16" and time(s, d, b, c))
+    print("\nTargets, judged on this run:\n\n| target | result |\n| --- | --- |")
+    judge("k4v2_g128 decode >= 80% of copy bandwidth at >= 8K context, batch >= 8",
+          [(100 * num(decode[(s, "kvarn_k4v2_g128", b, c)]["GB_per_s"]) / copy, row(s, b, c))
+           for s, b, c in k4v2 if b >= 8 and c >= 8192] if copy else [], lambda x: x >= 80, "{:.0f}%")
+    judge("k4v2_g128 >= 3.5x faster than our fp16 kernel at 32K",
+          [(time(s, "fp16", b, c) / time(s, "kvarn_k4v2_g128", b, c), row(s, b, c))
+           for s, b, c in k4v2 if c == 32768 and time(s, "fp16", b, c)], lambda x: x >= 3.5, "{:.2f}x")
+    judge("our fp16 kernel within 10% of PyTorch SDPA flash",
+          [(time(s, "sdpa_flash", b, c) / time(s, "fp16", b, c), row(s, b, c))
+           for s, b, c in fp16 if time(s, "sdpa_flash", b, c)], lambda x: x >= 1 / 1.1, "{:.2f}x")
+    judge("flush share of a decode step at batch 128 <= 5%", [(x, f"{c // 1024}K") for c, x in shares],
+          lambda x: x <= 5, "{:.1f}%", worst=max)
 
 
 if __name__ == "__main__":
