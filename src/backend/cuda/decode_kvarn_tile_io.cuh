@@ -300,7 +300,7 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
 // next keys are; each half's scales are staged as TileScales before its phase. In the CTAs of the launch's first
 // wave the first tile's values are asked for only once its keys are in: those CTAs all ask for their first tiles at
 // once, and with both halves in that queue a warp's keys came as late as the whole first round (~20 MB on 132 SMs).
-// Side by side (docs/benchmarks.md): 1.02-1.05x at batch 8 x 8K and 1 x 8K-32K, on H100 and H200. Later CTAs start
+// Side by side (docs/benchmarks.md): 1.01-1.06x at batch 8 x 8K and 1 x 8K-32K, on H100 and H200. Later CTAs start
 // one by one as slots free up and ask for both halves at once (values behind the keys would wait in the open).
 // Then waits for every warp (the slots become the merge buffer).
 template <class F, bool kCentreCodes, class Scores, class Values>
