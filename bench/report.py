@@ -88,7 +88,7 @@ def main():
             print(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {int(r['context']) // 1024}K | {num(r['time_us']):.1f} "
                   f"| {g:.0f} | {100 * g / copy:.0f}% |")
     flush = [r for r in rows if r["kind"] == "flush"]
-    shares = []
+    shares = []  # (context, the flush's share of a step in %: of attention + linear layers where timed)
     if flush:
         print("\nFlush (kvarn_k4v2_g128, 8 kv heads, D 128; one job = one sequence's tail in every kv head):\n")
         print("| jobs | us per launch | tiles/s (per kv head) |\n| ---: | ---: | ---: |")
@@ -96,7 +96,6 @@ def main():
             print(f"| {r['batch']} | {num(r['time_us']):.1f} | {num(r['TFLOP_per_s']):.3g} |")
         f32 = next((num(r["time_us"]) for r in flush if r["batch"] == "32"), None)
         linear = next((num(r["time_us"]) for r in rows if r["kind"] == "linear"), None)
-        shares = []  # (context, share of a step in %)
         if f32:
             print("\nShare of a decode step at batch 128 (one flush per step on average, 32 layers = 32 jobs in one "
                   "launch), against 32 layers of k4v2_g128 decode attention (Llama-3-8B shape) alone, and against "
@@ -107,8 +106,8 @@ def main():
             for (shape, dtype, batch, context), r in sorted(decode.items()):
                 if shape == "llama3-8b" and dtype == "kvarn_k4v2_g128" and batch == 128 and num(r["time_us"]):
                     att = 32 * num(r["time_us"])
-                    step = f"{linear:.0f} | {100 * f32 / (f32 + att + linear):.1f}%" if linear else "- | -"
                     shares.append((context, 100 * f32 / (f32 + att + (linear or 0))))
+                    step = f"{linear:.0f} | {shares[-1][1]:.1f}%" if linear else "- | -"
                     print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% | {step} |")
     prefill = {(r["shape"], r["dtype"], int(r["context"]), int(r["splits"] or 0)): r
                for r in rows if r["kind"] == "prefill"}

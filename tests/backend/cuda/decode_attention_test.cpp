@@ -136,17 +136,22 @@ struct DecodeCase {
 
 class DecodeTest : public ::testing::TestWithParam<DecodeCase> {};
 
+// check_decode over keys and values from the synthetic generator (sinks, outlier channels), per kv-head, and
+// queries of N(0, 1.5^2).
+void check_decode_on_synthetic_kv(const DecodeCase& c, const std::vector<SeqSpec>& specs, uint32_t seed) {
+  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
+  std::mt19937 rng(seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
+}
+
 TEST_P(DecodeTest, MatchesFloat64ReferenceOnRaggedBatch) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = test::test_seed();
   const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
-  const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {5, 1}, {2, 127 % g}, {40, 33}};
-  // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
-  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
-  std::mt19937 rng(seed);
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
+  check_decode_on_synthetic_kv(c, {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {5, 1}, {2, 127 % g}, {40, 33}},
+                               seed);
 }
 
 // The KVarN CTAs of the launch's first wave ask for their first tile's values behind its keys, the later ones for
@@ -158,10 +163,7 @@ TEST_P(DecodeTest, MatchesFloat64ReferenceOnAGridOfSeveralWaves) {
   const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
   std::vector<SeqSpec> specs;
   for (int s = 0; s < 250; ++s) specs.push_back({1 + s % 3, (5 * s) % g});
-  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
-  std::mt19937 rng(seed);
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
+  check_decode_on_synthetic_kv(c, specs, seed);
 }
 
 // The case that an fp16 folded query fails: one-tile sequences whose first token is a 100x sink (key and value),
