@@ -36,13 +36,15 @@
 // columns of groups up to 4).
 // Measurements: docs/benchmarks.md.
 //
-// decode_combine_kernel: one warp per (sequence, q head): merges the partials, divides by l, rotates back (H_D)
-// for rotated dtypes, writes fp16. On Hopper it is launched as a programmatic dependent of the attention kernel,
-// whose CTAs release it when they start, so its cost is the latency after the last attention CTA: every lane reads
-// the (m, l) and its channels of 8 partials at once and merges them online, one round trip to L2 for up to 8
-// splits (three to four dependent ones before: H200, 1.11x at batch 1 x 1K, 1.04-1.05x at 8 x 1K-8K). Combining
-// in the last CTA of each pair instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape
-// of the benchmark (docs/benchmarks.md), so the two kernels stay.
+// decode_combine_kernel: per (sequence, q head) row, merges the partials, divides by l, rotates back (H_D) for
+// rotated dtypes, writes fp16. On Hopper it is launched as a programmatic dependent of the attention kernel, whose
+// CTAs release it when they start, so its cost is the latency after the last attention CTA: every lane reads the
+// (m, l) and its channels of 8 partials at once and merges them online, one round trip to L2 for up to 8 partials
+// (three to four dependent ones before: H200, 1.11x at batch 1 x 1K, 1.04-1.05x at 8 x 1K-8K), and a row with
+// more partials than 8 gets up to 8 warps, each reading its own 8 at once, merged in shared memory (up to 64
+// partials, batch 1 x 32K has 33, in one round trip instead of one per 8). Combining in the last CTA of each pair
+// instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape of the benchmark
+// (docs/benchmarks.md), so the two kernels stay.
 #include "backend/cuda/decode_attention.h"
 
 #include "backend/cuda/cuda_check.h"
@@ -101,27 +103,35 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
   }
 }
 
+// Warps of 32 lanes per combine CTA; a row's partials are shared by warps_per_row of them (1, 2, 4 or 8).
+constexpr int kCombineWarps = 8, kPartsPerTrip = 8;
+
 template <int D>
-__global__ void decode_combine_kernel(const float* __restrict__ partial_o, const float2* __restrict__ partial_ml,
-                                      const SequenceKvView* __restrict__ seqs, int num_q_heads, int tiles_per_split,
-                                      int num_splits, int num_rows, bool rotated, __half* __restrict__ out) {
-  constexpr int E = D / 32, kPartsAtOnce = 8;
-  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x & 31;
-  if (row >= num_rows) return;
-  const SequenceKvView seq = seqs[row / num_q_heads];
-  const int used = (seq.num_tiles + tiles_per_split - 1) / tiles_per_split;
-  const int parts = used + (seq.tail_len > 0);  // part `used` is the tail's, stored at index num_splits
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    decode_combine_kernel(const float* __restrict__ partial_o, const float2* __restrict__ partial_ml,
+                          const SequenceKvView* __restrict__ seqs, int num_q_heads, int tiles_per_split,
+                          int num_splits, int num_rows, int warps_per_row, bool rotated, __half* __restrict__ out) {
+  constexpr int E = D / 32;
+  __shared__ float states[kCombineWarps][D + 2];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, k = warp % warps_per_row;
+  const int row = blockIdx.x * (kCombineWarps / warps_per_row) + warp / warps_per_row;
+  int used = 0, parts = 0;  // rows past the end take no part, but reach the barrier
+  if (row < num_rows) {
+    const SequenceKvView seq = seqs[row / num_q_heads];
+    used = (seq.num_tiles + tiles_per_split - 1) / tiles_per_split;
+    parts = used + (seq.tail_len > 0);  // part `used` is the tail's, stored at index num_splits
+  }
   const size_t base = static_cast<size_t>(row) * (num_splits + 1);
   auto slot = [&](int part) { return base + (part < used ? part : num_splits); };
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the attention grid has finished and its writes are visible
 #endif
   float m = -FLT_MAX, l = 0, acc[E] = {};
-  for (int first = 0; first < parts; first += kPartsAtOnce) {
-    float2 ml[kPartsAtOnce];
-    float x[kPartsAtOnce][E];
+  for (int first = k * kPartsPerTrip; first < parts; first += kPartsPerTrip * warps_per_row) {
+    float2 ml[kPartsPerTrip];
+    float x[kPartsPerTrip][E];
 #pragma unroll
-    for (int j = 0; j < kPartsAtOnce; ++j) {
+    for (int j = 0; j < kPartsPerTrip; ++j) {
       if (first + j < parts) {
         ml[j] = partial_ml[slot(first + j)];
         load_floats(partial_o + slot(first + j) * D + lane * E, x[j]);
@@ -133,13 +143,13 @@ __global__ void decode_combine_kernel(const float* __restrict__ partial_o, const
     }
     float mx = m;
 #pragma unroll
-    for (int j = 0; j < kPartsAtOnce; ++j) mx = fmaxf(mx, ml[j].x);
+    for (int j = 0; j < kPartsPerTrip; ++j) mx = fmaxf(mx, ml[j].x);
     const float correction = exp2f(m - mx);
     l *= correction;
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[e] *= correction;
 #pragma unroll
-    for (int j = 0; j < kPartsAtOnce; ++j) {
+    for (int j = 0; j < kPartsPerTrip; ++j) {
       const float f = exp2f(ml[j].x - mx);
       l += ml[j].y * f;
 #pragma unroll
@@ -147,6 +157,25 @@ __global__ void decode_combine_kernel(const float* __restrict__ partial_o, const
     }
     m = mx;
   }
+  if (warps_per_row > 1) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) states[warp][lane * E + e] = acc[e];
+    if (lane == 0) states[warp][D] = m, states[warp][D + 1] = l;
+    __syncthreads();
+    if (k != 0) return;
+    float mx = -FLT_MAX;
+    for (int w = warp; w < warp + warps_per_row; ++w) mx = fmaxf(mx, states[w][D]);
+    l = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0;
+    for (int w = warp; w < warp + warps_per_row; ++w) {
+      const float f = exp2f(states[w][D] - mx);
+      l += states[w][D + 1] * f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += states[w][lane * E + e] * f;
+    }
+  }
+  if (row >= num_rows) return;
   const float inv = l > 0 ? 1.0f / l : 0.0f;
 #pragma unroll
   for (int i = 0; i < E; ++i) acc[i] *= inv;
@@ -237,9 +266,12 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   });
   KVARN_CUDA_CHECK(cudaGetLastError());
   const int num_rows = args.num_seqs * args.num_q_heads;
+  int warps_per_row = 1;  // enough warps that each row's partials (the splits and the tail) take one round trip
+  while (warps_per_row < kCombineWarps && warps_per_row * kPartsPerTrip < plan.num_splits + 1) warps_per_row *= 2;
+  const int rows_per_cta = kCombineWarps / warps_per_row;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((num_rows * 32 + 255) / 256);
-  config.blockDim = dim3(256);
+  config.gridDim = dim3((num_rows + rows_per_cta - 1) / rows_per_cta);
+  config.blockDim = dim3(kCombineWarps * 32);
   config.stream = stream;
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -249,7 +281,8 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, d == 128 ? decode_combine_kernel<128> : decode_combine_kernel<64>,
                                       static_cast<const float*>(p.partial_o),
                                       static_cast<const float2*>(p.partial_ml), args.seqs, args.num_q_heads,
-                                      plan.tiles_per_split, plan.num_splits, num_rows, cache.rotated(), out));
+                                      plan.tiles_per_split, plan.num_splits, num_rows, warps_per_row, cache.rotated(),
+                                      out));
 }
 
 }  // namespace kvarn::cuda

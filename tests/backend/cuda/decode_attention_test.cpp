@@ -46,9 +46,10 @@ constexpr double kScaleError = 1.005;
 
 // kv(s): keys and values of sequence s, [tokens][kv_heads][D], model space. q: [seqs][q_heads][D]. scale_shift:
 // the largest relative distance between the float64 reference and the same with the scale times kScaleError.
+// tiles_per_split: 0 for the planner's choice.
 void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
                   const KvSource& kv, const std::vector<float>& q_model, uint32_t seed,
-                  double* scale_shift = nullptr) {
+                  double* scale_shift = nullptr, int tiles_per_split = 0) {
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
   std::mt19937 rng(seed);
   const test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
@@ -63,7 +64,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   DeviceBuffer<int32_t> dtables(cache.tables);
   DeviceBuffer<SequenceKvView> dviews(cache.views);
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, kv_heads, dblocks.get(), dtails.get());
-  const DecodeAttentionPlan plan = plan_decode_attention(layer, num_seqs, q_heads, max_tiles);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, num_seqs, q_heads, max_tiles, tiles_per_split);
   DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
   workspace.poison();
   dout.poison();
@@ -201,6 +202,23 @@ TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
   const bool codes = codec::parse_cache_dtype(c.dtype).code_tile();
   EXPECT_GT(scale_shift, codes ? kRelErrorBudgetCodes : kRelErrorBudgetFp16)
       << "a softmax scale off by " << kScaleError << " would pass this test";
+}
+
+// The combine merges each q head's partials (one per split, one for the tail) in rounds of 8 per warp, with up to 8
+// warps per head: 2, 10, 18, 34 and 131 partials take 1, 2, 4 and 8 warps, the last of them in 3 rounds.
+TEST_P(DecodeTest, CombinesAnyNumberOfSplits) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = test::test_seed();
+  std::mt19937 rng(seed);
+  const KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
+  const std::vector<SeqSpec> specs = {{130, 7}, {9, 0}};
+  for (const int tiles_per_split : {130, 16, 8, 4, 1}) {
+    SCOPED_TRACE("tiles per split " + std::to_string(tiles_per_split));
+    check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+                 test::normal_values(specs.size() * c.q_heads * c.head_dim, 2.0f, rng), seed, nullptr,
+                 tiles_per_split);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
