@@ -13,15 +13,17 @@
 //             decodes it: bytes = packed tiles read + fp16 tiles written (context = P)
 // Every row ends with the wall-clock bounds of its timed window (window_begin, window_end: seconds since the epoch),
 // which bench/report.py matches with a log of the SM clock.
-// Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), their blocks in a
-// shuffled order; when one batch's cache is small, several copies are rotated so that L2 cannot serve it.
+// Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), or in the ragged rows
+// a share of that, their blocks in a shuffled order; when one batch's cache is small, several copies are rotated
+// so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
-//                         [--tiles-per-split 16,32]
+//                         [--tiles-per-split 16,32] [--ragged]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
 //   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
-//   planner's choice (to time its alternatives).
+//   planner's choice (to time its alternatives); --ragged: the decode rows' batches ragged (decode_ragged rows:
+//   sequence s of a batch of b holds (s + 1) / b of the context), as the full run's last decode rows are.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -188,24 +190,31 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
 
-// tiles_per_split: 0 for the planner's choice.
+// tiles_per_split: 0 for the planner's choice. ragged: sequence s of the batch holds (s + 1) / batch of the
+// context (as continuous batching leaves requests at every length up to the longest; the row's context is the
+// longest), else every sequence the whole context.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
-                  int tiles_per_split = 0) {
+                  int tiles_per_split = 0, bool ragged = false) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
-  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tiles = context / g - 1, tail = g / 2;
+  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tail = g / 2;
+  std::vector<int> seq_tiles(batch);
+  for (int s = 0; s < batch; ++s)
+    seq_tiles[s] = std::max(0, (ragged ? static_cast<int>(static_cast<long>(context) * (s + 1) / batch) : context) / g - 1);
+  const int max_tiles = *std::max_element(seq_tiles.begin(), seq_tiles.end());
+  const long total_tiles = std::accumulate(seq_tiles.begin(), seq_tiles.end(), 0L);
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);
-  const size_t cache_bytes = probe.block_bytes() * tiles * batch;
-  const std::string key = std::string(shape.name) + "," + dtype_name + "," + std::to_string(batch) + "," +
-                          std::to_string(context);
+  const size_t cache_bytes = probe.block_bytes() * total_tiles;
+  const std::string key = std::string(ragged ? "decode_ragged," : "decode,") + shape.name + "," + dtype_name + "," +
+                          std::to_string(batch) + "," + std::to_string(context);
   if (cache_bytes > (size_t{60} << 30)) {
-    csv.row("decode," + key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit");
+    csv.row(key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit");
     return;
   }
   const int replicas = static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / cache_bytes + 1, 1, 16));
-  const int num_blocks = tiles * batch * replicas;
+  const long num_blocks = total_tiles * replicas;
   uint8_t* blocks;
   uint16_t *tails, *q, *out;
-  KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * num_blocks));
+  KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * std::max(num_blocks, 1L)));
   KVARN_CUDA_CHECK(cudaMalloc(&tails, probe.tail_slot_elements() * 2 * batch * replicas));
   KVARN_CUDA_CHECK(cudaMalloc(&q, sizeof(uint16_t) * batch * shape.q_heads * d));
   KVARN_CUDA_CHECK(cudaMalloc(&out, sizeof(uint16_t) * batch * shape.q_heads * d));
@@ -214,13 +223,16 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   fill_plausible(q, sizeof(uint16_t) * batch * shape.q_heads * d, 4);
 
   std::mt19937 rng(5);
-  std::vector<int32_t> order(num_blocks);
+  std::vector<int32_t> order(std::max(num_blocks, 1L));
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), rng);
   std::vector<SequenceKvView> views;
+  int32_t table_offset = 0;
   for (int r = 0; r < replicas; ++r)
-    for (int s = 0; s < batch; ++s)
-      views.push_back({(r * batch + s) * tiles, tiles, tail, r * batch + s});
+    for (int s = 0; s < batch; ++s) {
+      views.push_back({table_offset, seq_tiles[s], tail, r * batch + s});
+      table_offset += seq_tiles[s];
+    }
   int32_t* tables;
   SequenceKvView* dviews;
   KVARN_CUDA_CHECK(cudaMalloc(&tables, sizeof(int32_t) * order.size()));
@@ -229,20 +241,21 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   KVARN_CUDA_CHECK(cudaMemcpy(dviews, views.data(), sizeof(SequenceKvView) * views.size(), cudaMemcpyHostToDevice));
 
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
-  const DecodeAttentionPlan plan = plan_decode_attention(layer, batch, shape.q_heads, tiles, tiles_per_split);
+  const DecodeAttentionPlan plan =
+      plan_decode_attention(layer, seq_tiles, shape.q_heads, tiles_per_split);
   void* workspace;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const Timing t = graph_median_ms(32, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
-    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, tiles, scale}, plan,
+    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, scale}, plan,
                      workspace, stream);
   });
   const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
-                       2.0 * batch * shape.q_heads * d * 2 + 4.0 * batch * tiles + sizeof(SequenceKvView) * batch +
+                       2.0 * batch * shape.q_heads * d * 2 + 4.0 * total_tiles + sizeof(SequenceKvView) * batch +
                        2.0 * plan.workspace_bytes;
-  const double flops = 4.0 * batch * shape.q_heads * d * (tiles * g + tail);
-  csv.row("decode," + key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
+  const double flops = 4.0 * shape.q_heads * d * (static_cast<double>(total_tiles) * g + batch * tail);
+  csv.row(key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
               std::to_string(bytes / (t.ms * 1e-3) / 1e9) + "," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
               std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split),
           &t);
@@ -414,13 +427,14 @@ void bench_prefills(Csv& csv) {
 
 int run(int argc, char** argv) {
   Csv csv;
-  bool decode_only = false, flush_only = false, prefill_only = false;
+  bool decode_only = false, flush_only = false, prefill_only = false, ragged = false;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
     if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
     if (!std::strcmp(argv[i], "--decode-only")) decode_only = true;
+    if (!std::strcmp(argv[i], "--ragged")) ragged = true;
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--prefill-only")) prefill_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
@@ -463,13 +477,18 @@ int run(int argc, char** argv) {
       for (const std::string& dtype : dtypes)
         for (int batch : batches)
           for (int context : contexts)
-            for (int tiles_per_split : splits) bench_decode(csv, shape, dtype, batch, context, tiles_per_split);
+            for (int tiles_per_split : splits)
+              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, ragged);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;
   }
   for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
     bench_decode(csv, kShapes[0], dtype, 32, 32768);
+  for (const Shape& shape : kShapes)
+    for (const char* dtype : {"kvarn_k4v2_g128", "fp16"})
+      for (int batch : {8, 32})
+        for (int context : {8192, 32768}) bench_decode(csv, shape, dtype, batch, context, 0, true);
   bench_flushes(csv);
   bench_prefills(csv);
   if (csv.file) std::fclose(csv.file);

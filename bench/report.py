@@ -87,6 +87,20 @@ def main():
             g = num(r["GB_per_s"])
             print(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {int(r['context']) // 1024}K | {num(r['time_us']):.1f} "
                   f"| {g:.0f} | {100 * g / copy:.0f}% |")
+    ragged = {(r["shape"], r["dtype"], int(r["batch"]), int(r["context"])): r for r in rows
+              if r["kind"] == "decode_ragged" and num(r.get("time_us"))}
+    if ragged:
+        print("\nRagged batches (sequence s of a batch of b holds (s + 1) / b of the context; splits x tiles per split "
+              "as planned):\n\n| shape | batch | longest | k4v2_g128 us | splits | k4v2 GB/s | % of copy | fp16 us | splits "
+              "| k4v2 vs fp16 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for shape, batch, context in sorted({(s, b, c) for (s, _, b, c) in ragged}):
+            k = ragged.get((shape, "kvarn_k4v2_g128", batch, context), {})
+            f = ragged.get((shape, "fp16", batch, context), {})
+            kt, ft = num(k.get("time_us")), num(f.get("time_us"))
+            pct = f"{100 * num(k['GB_per_s']) / copy:.0f}%" if kt and copy else "-"
+            print(f"| {shape} | {batch} | {context // 1024}K | {kt or 0:.1f} | {k.get('splits', '-')} "
+                  f"| {num(k.get('GB_per_s')) or 0:.0f} | {pct} | {ft or 0:.1f} | {f.get('splits', '-')} "
+                  f"| {f'{ft / kt:.2f}x' if kt and ft else '-'} |")
     flush = [r for r in rows if r["kind"] == "flush"]
     shares = []  # (context, the flush's share of a step in %: of attention + linear layers where timed)
     if flush:

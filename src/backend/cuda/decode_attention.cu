@@ -220,19 +220,22 @@ int blocks_per_sm() {
 
 }  // namespace
 
-DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles,
+DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
                                           int tiles_per_split) {
   DecodeAttentionPlan plan;
+  plan.num_seqs = static_cast<int>(seq_tiles.size());
+  plan.num_q_heads = num_q_heads;
   int per_sm = 1;
   with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
   DecodeGridShape grid;
-  grid.pairs = static_cast<long>(num_seqs) * cache.num_kv_heads;
+  grid.kv_heads = cache.num_kv_heads;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
-  plan.tiles_per_split =
-      tiles_per_split > 0 ? std::min(tiles_per_split, std::max(max_tiles, 1)) : choose_tiles_per_split(max_tiles, grid);
+  const int max_tiles = seq_tiles.empty() ? 0 : *std::max_element(seq_tiles.begin(), seq_tiles.end());
+  plan.tiles_per_split = tiles_per_split > 0 ? std::min(tiles_per_split, std::max(max_tiles, 1))
+                                             : choose_tiles_per_split(seq_tiles, grid);
   plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
-  const size_t rows = static_cast<size_t>(num_seqs) * num_q_heads * (plan.num_splits + 1);
+  const size_t rows = static_cast<size_t>(plan.num_seqs) * num_q_heads * (plan.num_splits + 1);
   plan.workspace_bytes = rows * (sizeof(float) * cache.head_dim() + sizeof(float2));
   return plan;
 }
@@ -243,6 +246,10 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   if (args.num_q_heads % cache.num_kv_heads != 0 || args.num_q_heads / cache.num_kv_heads > kMaxGroup)
     throw_error("decode_attention: " + std::to_string(args.num_q_heads) + " q heads over " +
                 std::to_string(cache.num_kv_heads) + " kv heads; expected a multiple with at most 8 per kv head");
+  if (args.num_seqs != plan.num_seqs || args.num_q_heads != plan.num_q_heads)
+    throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
+                std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
+                std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
   const long ctas = static_cast<long>(args.num_seqs) * cache.num_kv_heads * (plan.num_splits + 1);
   if (ctas > 0x7fffffffL)
     throw_error("decode_attention: " + std::to_string(ctas) + " CTAs exceed the grid limit (2^31 - 1)");

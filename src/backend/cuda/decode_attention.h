@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 namespace kvarn::cuda {
 
@@ -19,22 +20,25 @@ struct DecodeAttentionArgs {
   const int32_t* block_tables = nullptr;   // device; indexed through SequenceKvView::block_table_offset
   int num_seqs = 0;
   int num_q_heads = 0;                     // a multiple of num_kv_heads, at most 8 per kv-head
-  int max_tiles = 0;                       // >= every sequence's num_tiles
   float scale = 0;                         // softmax scale, 1/sqrt(D) for the Llama family
 };
 
-// How the work is split; the workspace holds the partial softmax states.
+// How the work is split, for the sequences and q heads it was made for; the workspace holds the partial softmax
+// states.
 struct DecodeAttentionPlan {
+  int num_seqs = 0, num_q_heads = 0;
   int tiles_per_split = 1;
   int num_splits = 0;  // over tiles; one more partial per sequence holds its tail
   size_t workspace_bytes = 0;
 };
 
-// tiles_per_split: 0 for the split planner's choice (decode_split_plan.h); a positive value fixes it (the
+// seq_tiles: every sequence's full tiles, as the scheduler knows them on the host (one plan per step serves every
+// layer). tiles_per_split: 0 for the split planner's choice (decode_split_plan.h); a positive value fixes it (the
 // benchmark's --tiles-per-split, which times the planner's alternatives).
-DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, int num_seqs, int num_q_heads, int max_tiles,
+DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
                                           int tiles_per_split = 0);
 
+// plan: made for these sequences (a sequence longer than the plan's longest would lose its last tiles).
 // workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets
 // zeros. Throws kvarn::Error for unsupported shapes.
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,

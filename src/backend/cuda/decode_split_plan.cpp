@@ -1,6 +1,7 @@
 #include "backend/cuda/decode_split_plan.h"
 
 #include <algorithm>
+#include <map>
 
 namespace kvarn::cuda {
 
@@ -16,6 +17,15 @@ namespace {
 // chose 33 splits at 8 x 128K (240.3 us against 226.1 with 6); on the H100 the older rule, "two waves", ran up to
 // 1.12x slower.
 constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 1.0;
+
+// A ragged batch is planned from its own sequences' CTAs where the uniform batch of its longest sequence would take
+// at most this many waves; beyond, as that uniform batch. Measured on the H200 (sequences at every length up to the
+// row's context, section "Decode: ragged batches" of docs/benchmarks.md): from their own CTAs, k4v2 batch 8 x 8K /
+// 32K / 128K took 8 / 28 / 104 tiles per split, 1.19-1.42x faster than the uniform plan's 12 / 44 / 172, and fp16
+// 8 x 8K / 32K 1.12x / 1.26x; but beyond two waves the rounds model, whose CTAs' times are their tiles and whose
+// waves do not share the bandwidth, mispredicted: k4v2 32 x 8K 32 instead of 24 (0.89-0.92x), Llama 128 x 128K 80
+// instead of 208 (0.95x), fp16 128 x 8K 11 instead of 63 (0.97-0.99x).
+constexpr long kRaggedWaves = 2;
 
 // The slots the `pairs` tail CTAs take first: the tile CTAs in slots [early, slots) start when the tails are done.
 struct TailSlots {
@@ -46,11 +56,11 @@ double start_of(long index, const TailSlots& t, double cta_time) {
   return static_cast<double>(index / t.slots) * cta_time + (index % t.slots >= t.early ? t.tails_done : 0.0);
 }
 
-}  // namespace
-
-int choose_tiles_per_split(int max_tiles, const DecodeGridShape& grid) {
-  const long tiles = std::max(1, max_tiles), pairs = std::max(1L, grid.pairs), slots = std::max(1L, grid.slots);
-  const int at_once = std::max(1, grid.tiles_at_once);
+// The split size whose grid finishes first, for kv_heads pairs per sequence of each length (tiles -> sequences).
+// Every CTA of a split counts as a full one (a short sequence's one CTA too); the last split's CTAs, the longest
+// sequences', are timed apart.
+int fastest_split(const std::map<int, long>& sequences_of_length, long kv_heads, long pairs, long slots, int at_once) {
+  const long tiles = std::max(1, sequences_of_length.empty() ? 0 : sequences_of_length.rbegin()->first);
   const TailSlots tail_slots(pairs, slots, kTailTiles / at_once);
   const long most_splits = std::min(tiles, std::max(16L, 8 * slots / pairs));
   auto cta_time = [&](long n) { return static_cast<double>((n + at_once - 1) / at_once) + kCtaOverheadRounds; };
@@ -59,12 +69,33 @@ int choose_tiles_per_split(int max_tiles, const DecodeGridShape& grid) {
   for (long per_split = tiles; per_split >= 1; --per_split) {
     const long used = (tiles + per_split - 1) / per_split;
     if (used > most_splits) break;
+    long ctas = 0, last_split_ctas = 0;
+    for (const auto& [length, count] : sequences_of_length) {
+      const long splits = (length + per_split - 1) / per_split;
+      ctas += splits * count * kv_heads;
+      if (splits == used) last_split_ctas += count * kv_heads;
+    }
     const double full = cta_time(per_split), last = cta_time(tiles - (used - 1) * per_split);
-    const double cost = std::max(used > 1 ? grid_time(pairs * (used - 1), tail_slots, full) : 0.0,
-                                 start_of(pairs * used - 1, tail_slots, full) + last);
+    const double cost = std::max(ctas > last_split_ctas ? grid_time(ctas - last_split_ctas, tail_slots, full) : 0.0,
+                                 start_of(std::max(ctas, 1L) - 1, tail_slots, full) + last);
     if (best < 0 || cost < best) best = cost, chosen = per_split;
   }
   return static_cast<int>(chosen);
+}
+
+}  // namespace
+
+int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape& grid) {
+  std::map<int, long> sequences_of_length;
+  for (int t : seq_tiles) ++sequences_of_length[std::max(t, 0)];
+  const long kv_heads = std::max(1, grid.kv_heads), slots = std::max(1L, grid.slots);
+  const long seqs = std::max(1L, static_cast<long>(seq_tiles.size())), pairs = seqs * kv_heads;
+  const int at_once = std::max(1, grid.tiles_at_once);
+  const int longest = sequences_of_length.empty() ? 0 : sequences_of_length.rbegin()->first;
+  const int uniform = fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once);
+  const long uniform_ctas = pairs * ((std::max(longest, 1) + uniform - 1) / uniform + 1);
+  if (sequences_of_length.size() <= 1 || uniform_ctas > kRaggedWaves * slots) return uniform;
+  return fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once);
 }
 
 }  // namespace kvarn::cuda

@@ -54,7 +54,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   std::mt19937 rng(seed);
   const test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
   const codec::CacheDtype& dtype = cache.dtype;
-  const int g = cache.tile_tokens, max_tiles = cache.max_tiles;
+  const int g = cache.tile_tokens;
   const auto& stored_k = cache.stored_k;
   const auto& stored_v = cache.stored_v;
 
@@ -64,12 +64,14 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   DeviceBuffer<int32_t> dtables(cache.tables);
   DeviceBuffer<SequenceKvView> dviews(cache.views);
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, kv_heads, dblocks.get(), dtails.get());
-  const DecodeAttentionPlan plan = plan_decode_attention(layer, num_seqs, q_heads, max_tiles, tiles_per_split);
+  std::vector<int> seq_tiles;
+  for (const SeqSpec& spec : specs) seq_tiles.push_back(spec.tiles);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, q_heads, tiles_per_split);
   DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
   workspace.poison();
   dout.poison();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, max_tiles, scale},
+  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, scale},
                    plan, workspace.get(), nullptr);
   KVARN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto out = test::to_float(dout.download());
@@ -244,15 +246,16 @@ TEST(DecodePlan, TakesAFixedSplitSize) {
   KVARN_SKIP_WITHOUT_GPU();
   const KvCacheLayer layer =
       make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
-  const DecodeAttentionPlan chosen = plan_decode_attention(layer, 8, 64, 255);
-  const DecodeAttentionPlan fixed = plan_decode_attention(layer, 8, 64, 255, 43);
+  const std::vector<int> seq_tiles(8, 255);
+  const DecodeAttentionPlan chosen = plan_decode_attention(layer, seq_tiles, 64);
+  const DecodeAttentionPlan fixed = plan_decode_attention(layer, seq_tiles, 64, 43);
   EXPECT_EQ(fixed.tiles_per_split, 43);
   EXPECT_EQ(fixed.num_splits, 6);
   EXPECT_EQ(fixed.workspace_bytes, size_t{8} * 64 * 7 * (128 * sizeof(float) + sizeof(float2)));
-  const DecodeAttentionPlan whole = plan_decode_attention(layer, 8, 64, 255, 1000);
+  const DecodeAttentionPlan whole = plan_decode_attention(layer, seq_tiles, 64, 1000);
   EXPECT_EQ(whole.tiles_per_split, 255);
   EXPECT_EQ(whole.num_splits, 1);
-  EXPECT_EQ(plan_decode_attention(layer, 8, 64, 255, 0).tiles_per_split, chosen.tiles_per_split);
+  EXPECT_EQ(plan_decode_attention(layer, seq_tiles, 64, 0).tiles_per_split, chosen.tiles_per_split);
 }
 
 // Argument checks that throw before anything is launched (so they run without a GPU): the q heads must be a
@@ -264,12 +267,33 @@ TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeadsOrMoreThan8Pe
     DecodeAttentionArgs args;
     args.num_seqs = 1;
     args.num_q_heads = q_heads;
-    args.max_tiles = 1;
     try {
       decode_attention(layer, args, DecodeAttentionPlan{}, nullptr, nullptr);
       ADD_FAILURE() << q_heads << " q heads over 2 kv heads were accepted";
     } catch (const kvarn::Error& e) {
       EXPECT_NE(std::string(e.what()).find(std::to_string(q_heads) + " q heads over 2 kv heads"), std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+// A plan serves the sequences and q heads it was made for: its splits cover their tiles and its workspace their
+// partials. Another batch is refused before anything is launched.
+TEST(DecodeAttention, RefusesAPlanMadeForOtherSequences) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
+  DecodeAttentionPlan plan;
+  plan.num_seqs = 2, plan.num_q_heads = 8;
+  for (const auto& [seqs, q_heads] : {std::pair{3, 8}, std::pair{2, 4}}) {
+    DecodeAttentionArgs args;
+    args.num_seqs = seqs, args.num_q_heads = q_heads;
+    try {
+      decode_attention(layer, args, plan, nullptr, nullptr);
+      ADD_FAILURE() << seqs << " sequences x " << q_heads << " q heads were accepted by a plan for 2 x 8";
+    } catch (const kvarn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("a plan for 2 sequences x 8 q heads, called with " + std::to_string(seqs) +
+                                           " x " + std::to_string(q_heads)),
+                std::string::npos)
           << e.what();
     }
   }

@@ -119,7 +119,7 @@ inline int tile_tokens_for(const codec::CacheDtype& dtype, int head_dim) {
 
 struct TestCache {
   codec::CacheDtype dtype;
-  int head_dim = 0, tile_tokens = 0, kv_heads = 0, max_tiles = 0;
+  int head_dim = 0, tile_tokens = 0, kv_heads = 0;
   std::vector<uint8_t> blocks;
   std::vector<uint16_t> tails;
   std::vector<int32_t> tables;  // never empty, so that it can be uploaded
@@ -137,7 +137,7 @@ inline TestCache build_test_cache(const std::string& dtype_name, int d, int kv_h
   const codec::TileCodec codec(cache.dtype, d, g);
   const codec::TileLayout& l = codec.layout();
   int total_tiles = 0;
-  for (const auto& s : specs) total_tiles += s.tiles, cache.max_tiles = std::max(cache.max_tiles, s.tiles);
+  for (const auto& s : specs) total_tiles += s.tiles;
   const int num_blocks = total_tiles + 3;
   std::vector<int32_t> free_blocks(num_blocks);
   std::iota(free_blocks.begin(), free_blocks.end(), 0);
