@@ -22,7 +22,7 @@ constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 1.0;
 // at most this many waves; beyond, as that uniform batch. Measured on the H200 (sequences at every length up to the
 // row's context, section "Decode: ragged batches" of docs/benchmarks.md): from their own CTAs, k4v2 batch 8 x 8K /
 // 32K / 128K took 8 / 28 / 104 tiles per split, 1.19-1.42x faster than the uniform plan's 12 / 44 / 172, and fp16
-// 8 x 8K / 32K 1.12x / 1.26x; but beyond two waves the rounds model, whose CTAs' times are their tiles and whose
+// 8 x 8K / 32K 1.10-1.13x / 1.26x; but beyond two waves the rounds model, whose CTAs' times are their tiles and whose
 // waves do not share the bandwidth, mispredicted: k4v2 32 x 8K 32 instead of 24 (0.89-0.92x), Llama 128 x 128K 80
 // instead of 208 (0.95x), fp16 128 x 8K 11 instead of 63 (0.97-0.99x).
 constexpr long kRaggedWaves = 2;

@@ -44,9 +44,9 @@ TEST(DecodeSplitPlan, CountsATailAsOneFp16Tile) {
 }
 
 // A ragged batch is split by its own CTAs, not as if every sequence were as long as its longest. Batch 8 with
-// sequences of 4K, 8K, ... 32K (H200, Llama / Qwen shape, us): 9 x 28 tiles is the choice, against 6 x 44 for
-// the uniform batch, which took 55.3 / 64.0 there (8 x 32 43.8 / 50.3, 11 x 24 44.8 / 48.1, 16 x 16 44.0 / 50.0);
-// at 1K ... 8K 8 x 8, 17.7 / 20.5, against 6 x 12, 21.1 / 24.6.
+// sequences of 4K, 8K, ... 32K (H200, Llama / Qwen shape, us): 10 x 28 tiles, 44.9 / 48.9, against the uniform
+// batch's 6 x 44, 55.5 / 64.2 (and 8 x 32 43.8 / 50.3, 11 x 24 44.8 / 48.1, 16 x 16 44.0 / 50.0); at 1K ... 8K
+// 8 x 8, 17.7 / 20.5, against 6 x 12, 21.1 / 24.5.
 TEST(DecodeSplitPlan, SplitsARaggedBatchByItsOwnTiles) {
   EXPECT_EQ(choose_tiles_per_split(ragged(8, 32768), kKvarnGrid), 28);
   EXPECT_EQ(choose_tiles_per_split(ragged(8, 8192), kKvarnGrid), 8);
