@@ -198,8 +198,10 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tail = g / 2;
   std::vector<int> seq_tiles(batch);
-  for (int s = 0; s < batch; ++s)
-    seq_tiles[s] = std::max(0, (ragged ? static_cast<int>(static_cast<long>(context) * (s + 1) / batch) : context) / g - 1);
+  for (int s = 0; s < batch; ++s) {
+    const long tokens = ragged ? static_cast<long>(context) * (s + 1) / batch : context;
+    seq_tiles[s] = std::max(0, static_cast<int>(tokens / g) - 1);
+  }
   const int max_tiles = *std::max_element(seq_tiles.begin(), seq_tiles.end());
   const long total_tiles = std::accumulate(seq_tiles.begin(), seq_tiles.end(), 0L);
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);

@@ -91,8 +91,8 @@ def main():
               if r["kind"] == "decode_ragged" and num(r.get("time_us"))}
     if ragged:
         print("\nRagged batches (sequence s of a batch of b holds (s + 1) / b of the context; splits x tiles per split "
-              "as planned):\n\n| shape | batch | longest | k4v2_g128 us | splits | k4v2 GB/s | % of copy | fp16 us | splits "
-              "| k4v2 vs fp16 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "as planned):\n\n| shape | batch | longest | k4v2_g128 us | splits | k4v2 GB/s | % of copy | fp16 us "
+              "| splits | k4v2 vs fp16 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for shape, batch, context in sorted({(s, b, c) for (s, _, b, c) in ragged}):
             k = ragged.get((shape, "kvarn_k4v2_g128", batch, context), {})
             f = ragged.get((shape, "fp16", batch, context), {})

@@ -2,10 +2,11 @@
 // How decode attention splits each (sequence, kv-head) pair's tiles over CTAs (split-K): the split size that
 // finishes the grid soonest under a model of its launch. Host-only, so that it is tested without a GPU.
 //
-// The grid (decode_attention.cu): a tail CTA per (sequence, kv-head) pair first, then the tile CTAs split-major (split s of every pair
-// before split s + 1), `slots` CTAs resident at once. A tile CTA takes ceil(tiles / tiles_at_once) rounds plus
-// ~2 rounds of start (queries, the first tile's latency) and merge; a tail CTA about as long as 4 tiles (one
-// KVarN round, 4 fp16 rounds) and tile CTAs beyond the slots the tails hold start that much later.
+// The grid (decode_attention.cu): a tail CTA per (sequence, kv-head) pair first, then the tile CTAs split-major
+// (split s of every pair before split s + 1), `slots` CTAs resident at once. A tile CTA takes ceil(tiles /
+// tiles_at_once) rounds plus ~2 rounds of start (queries, the first tile's latency) and merge; a tail CTA about as
+// long as 4 tiles (one KVarN round, 4 fp16 rounds) and tile CTAs beyond the slots the tails hold start that much
+// later.
 #include <span>
 
 namespace kvarn::cuda {

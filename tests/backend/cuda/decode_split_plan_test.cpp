@@ -19,7 +19,8 @@ std::vector<int> uniform(int batch, int tiles) { return std::vector<int>(batch, 
 // Sequence s of the batch holds (s + 1) / batch of the context (the benchmark's ragged rows): tiles of G = 128.
 std::vector<int> ragged(int batch, int context) {
   std::vector<int> tiles;
-  for (int s = 0; s < batch; ++s) tiles.push_back(std::max(0, static_cast<int>(1L * context * (s + 1) / batch) / 128 - 1));
+  for (int s = 0; s < batch; ++s)
+    tiles.push_back(std::max(0, static_cast<int>(1L * context * (s + 1) / batch) / 128 - 1));
   return tiles;
 }
 
@@ -65,7 +66,8 @@ TEST(DecodeSplitPlan, CountsTheCtasOfEverySequence) {
   std::vector<int> shuffled = ragged(8, 32768);
   std::reverse(shuffled.begin(), shuffled.end());
   EXPECT_EQ(choose_tiles_per_split(shuffled, kKvarnGrid), choose_tiles_per_split(ragged(8, 32768), kKvarnGrid));
-  EXPECT_NE(choose_tiles_per_split(std::vector<int>{0, 0, 0, 255}, kKvarnGrid), choose_tiles_per_split(uniform(4, 255), kKvarnGrid));
+  EXPECT_NE(choose_tiles_per_split(std::vector<int>{0, 0, 0, 255}, kKvarnGrid),
+            choose_tiles_per_split(uniform(4, 255), kKvarnGrid));
 }
 
 TEST(DecodeSplitPlan, SplitsStayWithinTheTilesAndTheSplitBound) {
