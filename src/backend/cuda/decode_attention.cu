@@ -222,6 +222,10 @@ int blocks_per_sm() {
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
                                           int tiles_per_split) {
+  for (size_t s = 0; s < seq_tiles.size(); ++s)
+    if (seq_tiles[s] < 0)
+      throw_error("plan_decode_attention: sequence " + std::to_string(s) + " has " + std::to_string(seq_tiles[s]) +
+                  " full tiles; expected >= 0");
   DecodeAttentionPlan plan;
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;

@@ -277,6 +277,18 @@ TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeadsOrMoreThan8Pe
   }
 }
 
+// A sequence's full tiles are a count: a negative one is refused before the plan sizes anything by it.
+TEST(DecodePlan, RefusesANegativeTileCount) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
+  try {
+    plan_decode_attention(layer, std::vector<int>{3, -1}, 32);
+    ADD_FAILURE() << "a sequence of -1 tiles was accepted";
+  } catch (const kvarn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sequence 1 has -1 full tiles"), std::string::npos) << e.what();
+  }
+}
+
 // A plan serves the sequences and q heads it was made for: its splits cover their tiles and its workspace their
 // partials. Another batch is refused before anything is launched.
 TEST(DecodeAttention, RefusesAPlanMadeForOtherSequences) {
