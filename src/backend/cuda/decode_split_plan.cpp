@@ -19,13 +19,14 @@ namespace {
 constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 1.0;
 
 // A ragged batch is planned from its own sequences' CTAs where the uniform batch of its longest sequence would take
-// at most this many waves; beyond, as that uniform batch. Measured on the H200 (sequences at every length up to the
-// row's context, section "Decode: ragged batches" of docs/benchmarks.md): from their own CTAs, k4v2 batch 8 x 8K /
-// 32K / 128K took 8 / 28 / 104 tiles per split, 1.19-1.42x faster than the uniform plan's 12 / 44 / 172, and fp16
-// 8 x 8K / 32K 1.10-1.13x / 1.26x; but beyond two waves the rounds model, whose CTAs' times are their tiles and whose
-// waves do not share the bandwidth, mispredicted: k4v2 32 x 8K 32 instead of 24 (0.89-0.92x), Llama 128 x 128K 80
-// instead of 208 (0.95x), fp16 128 x 8K 11 instead of 63 (0.97-0.99x).
-constexpr long kRaggedWaves = 2;
+// at most this many waves, and never with longer splits than that uniform batch's; beyond, as that uniform batch.
+// Measured on the H200 (sequences at every length up to the row's context, section "Decode: ragged batches" of
+// docs/benchmarks.md), against the uniform plan: k4v2 batch 8 x 8K / 32K / 128K 8 / 28 / 104 tiles per split
+// instead of 12 / 44 / 172, 1.19-1.42x; 32 x 1K / 32K / 128K 1.02-1.11x; fp16 batch 8 and 32 1.03-1.31x. Past a wave
+// the rounds model, whose CTAs' times are their tiles and whose waves do not share the bandwidth, asks for too few
+// splits: k4v2 32 x 8K 32 tiles instead of 24 (0.89-0.92x; hence the bound), and at batch 128 (5-16 waves) Llama
+// 128 x 128K 80 instead of 208 (0.95x), fp16 128 x 8K 11 instead of 63 (0.97-0.99x) (hence the waves).
+constexpr long kRaggedWaves = 4;
 
 // The slots the `pairs` tail CTAs take first: the tile CTAs in slots [early, slots) start when the tails are done.
 struct TailSlots {
@@ -95,7 +96,7 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
   const int uniform = fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once);
   const long uniform_ctas = pairs * ((std::max(longest, 1) + uniform - 1) / uniform + 1);
   if (sequences_of_length.size() <= 1 || uniform_ctas > kRaggedWaves * slots) return uniform;
-  return fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once);
+  return std::min(uniform, fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once));
 }
 
 }  // namespace kvarn::cuda

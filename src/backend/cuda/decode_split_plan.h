@@ -21,9 +21,10 @@ struct DecodeGridShape {
 // longest sequence's tiles divided by a number of splits and rounded up: the last split, the shortest and launched
 // last, is timed apart, so that a last split shorter by about a tail's time lets the CTAs that start after the
 // tails finish with the others. The CTAs are counted sequence by sequence: in a ragged batch (continuous batching
-// holds sequences of every length) the short ones take few, and the longest ones' splits finish the grid. A ragged
-// batch whose longest sequence's uniform plan would take more than two waves is planned as that uniform batch (the
-// model's CTA times hold at one wave, not where waves share the bandwidth; measured in decode_split_plan.cpp).
+// holds sequences of every length) the short ones take few, and the longest ones' splits finish the grid; no
+// longer than in the uniform batch of the longest sequence, and as that batch where its plan takes more than four
+// waves (the model's CTA times hold at one wave, not where waves share the bandwidth; measured in
+// decode_split_plan.cpp).
 int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape& grid);
 
 }  // namespace kvarn::cuda

@@ -53,11 +53,25 @@ TEST(DecodeSplitPlan, SplitsARaggedBatchByItsOwnTiles) {
   EXPECT_EQ(choose_tiles_per_split(ragged(8, 8192), kKvarnGrid), 8);
 }
 
-// Beyond two waves of the uniform plan the model mispredicts ragged grids: batch 32 at up to 8K is split as the
-// uniform batch, 3 x 24 (44.5 / 50.0 us), not as its own CTAs would have it, 2 x 32 (48.3 / 56.3).
-TEST(DecodeSplitPlan, PlansALargeRaggedBatchAsItsLongestSequences) {
+// Past a wave the model's own count asks for too few splits: batch 32 at up to 8K keeps the uniform batch's 3 x 24
+// (44.5 / 50.0 us), not 2 x 32 (48.3 / 55.9); at up to 32K it takes 5 x 52 (138.4 / 151.7) within the uniform
+// batch's 3 x 88 (141.9 / 155.3).
+TEST(DecodeSplitPlan, SplitsARaggedBatchNoLongerThanItsLongestSequences) {
   EXPECT_EQ(choose_tiles_per_split(ragged(32, 8192), kKvarnGrid), choose_tiles_per_split(uniform(32, 63), kKvarnGrid));
-  EXPECT_EQ(choose_tiles_per_split(ragged(32, 8192), kKvarnGrid), 24);
+  EXPECT_EQ(choose_tiles_per_split(ragged(32, 32768), kKvarnGrid), 52);
+  for (int batch : {8, 32, 128})
+    for (int context : {1024, 8192, 32768, 131072})
+      for (const DecodeGridShape& grid : {kKvarnGrid, kFp16Grid})
+        EXPECT_LE(choose_tiles_per_split(ragged(batch, context), grid),
+                  choose_tiles_per_split(uniform(batch, context / 128 - 1), grid))
+            << "batch " << batch << ", context " << context;
+}
+
+// Beyond four waves of the uniform plan (batch 128: 5-16) a ragged batch is planned as that uniform batch: at up to
+// 128K its own count took 13 x 80, 0.95x the uniform 5 x 208 (Llama shape).
+TEST(DecodeSplitPlan, PlansALargeRaggedBatchAsItsLongestSequences) {
+  EXPECT_EQ(choose_tiles_per_split(ragged(128, 131072), kKvarnGrid), 208);
+  EXPECT_EQ(choose_tiles_per_split(ragged(128, 8192), kFp16Grid), choose_tiles_per_split(uniform(128, 63), kFp16Grid));
 }
 
 // A uniform batch is one length: the same choice from its tiles in any order, and from the longest sequence's tiles
