@@ -13,17 +13,17 @@
 //             decodes it: bytes = packed tiles read + fp16 tiles written (context = P)
 // Every row ends with the wall-clock bounds of its timed window (window_begin, window_end: seconds since the epoch),
 // which bench/report.py matches with a log of the SM clock.
-// Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), or in the ragged rows
-// a share of that, their blocks in a shuffled order; when one batch's cache is small, several copies are rotated
+// Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), or in the ragged and
+// one-long rows a share of that, their blocks in a shuffled order; when one batch's cache is small, several copies are rotated
 // so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
-//                         [--tiles-per-split 16,32] [--ragged]
+//                         [--tiles-per-split 16,32] [--ragged | --one-long]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
 //   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
-//   planner's choice (to time its alternatives); --ragged: the decode rows' batches ragged (decode_ragged rows:
-//   sequence s of a batch of b holds (s + 1) / b of the context), as the full run's last decode rows are.
+//   planner's choice (to time its alternatives); --ragged / --one-long: the decode rows' lengths (Lengths below),
+//   ragged as the full run's last decode rows are.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -190,23 +190,32 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
 
-// tiles_per_split: 0 for the planner's choice. ragged: sequence s of the batch holds (s + 1) / batch of the
-// context (as continuous batching leaves requests at every length up to the longest; the row's context is the
-// longest), else every sequence the whole context.
+// The sequences' lengths in a decode row: every one the row's context (uniform, kind "decode"); sequence s of the
+// batch (s + 1) / batch of it (ragged, "decode_ragged": continuous batching leaves requests at every length up to
+// the longest); or sequence 0 the context and the others 1K (one_long, "decode_one_long": a long request among
+// short ones).
+enum class Lengths { uniform, ragged, one_long };
+
+// tiles_per_split: 0 for the planner's choice.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
-                  int tiles_per_split = 0, bool ragged = false) {
+                  int tiles_per_split = 0, Lengths lengths = Lengths::uniform) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tail = g / 2;
   std::vector<int> seq_tiles(batch);
   for (int s = 0; s < batch; ++s) {
-    const long tokens = ragged ? static_cast<long>(context) * (s + 1) / batch : context;
+    long tokens = context;
+    if (lengths == Lengths::ragged) tokens = static_cast<long>(context) * (s + 1) / batch;
+    if (lengths == Lengths::one_long && s > 0) tokens = std::min(context, 1024);
     seq_tiles[s] = std::max(0, static_cast<int>(tokens / g) - 1);
   }
   const int max_tiles = *std::max_element(seq_tiles.begin(), seq_tiles.end());
   const long total_tiles = std::accumulate(seq_tiles.begin(), seq_tiles.end(), 0L);
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);
   const size_t cache_bytes = probe.block_bytes() * total_tiles;
-  const std::string key = std::string(ragged ? "decode_ragged," : "decode,") + shape.name + "," + dtype_name + "," +
+  const char* kind = lengths == Lengths::ragged     ? "decode_ragged,"
+                     : lengths == Lengths::one_long ? "decode_one_long,"
+                                                    : "decode,";
+  const std::string key = std::string(kind) + shape.name + "," + dtype_name + "," +
                           std::to_string(batch) + "," + std::to_string(context);
   if (cache_bytes > (size_t{60} << 30)) {
     csv.row(key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit");
@@ -429,14 +438,16 @@ void bench_prefills(Csv& csv) {
 
 int run(int argc, char** argv) {
   Csv csv;
-  bool decode_only = false, flush_only = false, prefill_only = false, ragged = false;
+  bool decode_only = false, flush_only = false, prefill_only = false;
+  Lengths lengths = Lengths::uniform;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
     if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
     if (!std::strcmp(argv[i], "--decode-only")) decode_only = true;
-    if (!std::strcmp(argv[i], "--ragged")) ragged = true;
+    if (!std::strcmp(argv[i], "--ragged")) lengths = Lengths::ragged;
+    if (!std::strcmp(argv[i], "--one-long")) lengths = Lengths::one_long;
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--prefill-only")) prefill_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
@@ -480,7 +491,7 @@ int run(int argc, char** argv) {
         for (int batch : batches)
           for (int context : contexts)
             for (int tiles_per_split : splits)
-              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, ragged);
+              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, lengths);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;
@@ -490,7 +501,7 @@ int run(int argc, char** argv) {
   for (const Shape& shape : kShapes)
     for (const char* dtype : {"kvarn_k4v2_g128", "fp16"})
       for (int batch : {8, 32})
-        for (int context : {8192, 32768}) bench_decode(csv, shape, dtype, batch, context, 0, true);
+        for (int context : {8192, 32768}) bench_decode(csv, shape, dtype, batch, context, 0, Lengths::ragged);
   bench_flushes(csv);
   bench_prefills(csv);
   if (csv.file) std::fclose(csv.file);
