@@ -14,8 +14,8 @@
 // Every row ends with the wall-clock bounds of its timed window (window_begin, window_end: seconds since the epoch),
 // which bench/report.py matches with a log of the SM clock.
 // Sequences hold context/G - 1 full tiles plus a tail of G/2 tokens (context - G/2 tokens), or in the ragged and
-// one-long rows a share of that, their blocks in a shuffled order; when one batch's cache is small, several copies are rotated
-// so that L2 cannot serve it.
+// one-long rows a share of that, their blocks in a shuffled order; when one batch's cache is small, several copies
+// are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
 //                         [--tiles-per-split 16,32] [--ragged | --one-long]
@@ -215,8 +215,8 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const char* kind = lengths == Lengths::ragged     ? "decode_ragged,"
                      : lengths == Lengths::one_long ? "decode_one_long,"
                                                     : "decode,";
-  const std::string key = std::string(kind) + shape.name + "," + dtype_name + "," +
-                          std::to_string(batch) + "," + std::to_string(context);
+  const std::string key = std::string(kind) + shape.name + "," + dtype_name + "," + std::to_string(batch) + "," +
+                          std::to_string(context);
   if (cache_bytes > (size_t{60} << 30)) {
     csv.row(key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit");
     return;
@@ -252,8 +252,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   KVARN_CUDA_CHECK(cudaMemcpy(dviews, views.data(), sizeof(SequenceKvView) * views.size(), cudaMemcpyHostToDevice));
 
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
-  const DecodeAttentionPlan plan =
-      plan_decode_attention(layer, seq_tiles, shape.q_heads, tiles_per_split);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, shape.q_heads, tiles_per_split);
   void* workspace;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
