@@ -445,7 +445,8 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
     if (!std::strcmp(argv[i], "--quick")) batches = {8}, contexts = {8192};
     if (!std::strcmp(argv[i], "--decode-only")) decode_only = true;
-    for (const auto& [flag, chosen] : {std::pair{"--ragged", Lengths::ragged}, std::pair{"--one-long", Lengths::one_long}})
+    for (const auto& [flag, chosen] :
+         {std::pair{"--ragged", Lengths::ragged}, std::pair{"--one-long", Lengths::one_long}})
       if (!std::strcmp(argv[i], flag)) {
         if (lengths != Lengths::uniform && lengths != chosen)
           throw std::runtime_error("--ragged and --one-long: one set of sequence lengths at a time; expected one");
