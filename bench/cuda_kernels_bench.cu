@@ -18,12 +18,13 @@
 // are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
-//                         [--tiles-per-split 16,32] [--ragged | --one-long]
+//                         [--tiles-per-split 16,32] [--ragged | --one-long] [--no-overlap]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
 //   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
 //   planner's choice (to time its alternatives); --ragged / --one-long: the decode rows' lengths (Lengths below),
-//   ragged as the full run's last decode rows are.
+//   ragged as the full run's last decode rows are; --no-overlap: the decode rows' calls do not overlap (a call's
+//   attention starts once the call before has ended; see bench_decode).
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -196,9 +197,11 @@ constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128
 // short ones).
 enum class Lengths { uniform, ragged, one_long };
 
-// tiles_per_split: 0 for the planner's choice.
+// tiles_per_split: 0 for the planner's choice. overlap: each call's attention starts reading its tiles while the
+// call before it combines (DecodeAttentionArgs::overlap_previous_kernel, as a step's attention overlaps the kernel
+// that appends its K/V); false: it starts once that has ended.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
-                  int tiles_per_split = 0, Lengths lengths = Lengths::uniform) {
+                  int tiles_per_split = 0, Lengths lengths = Lengths::uniform, bool overlap = true) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tail = g / 2;
   std::vector<int> seq_tiles(batch);
@@ -258,7 +261,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const Timing t = graph_median_ms(32, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
-    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, scale}, plan,
+    decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, scale, overlap}, plan,
                      workspace, stream);
   });
   const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
@@ -437,7 +440,7 @@ void bench_prefills(Csv& csv) {
 
 int run(int argc, char** argv) {
   Csv csv;
-  bool decode_only = false, flush_only = false, prefill_only = false;
+  bool decode_only = false, flush_only = false, prefill_only = false, overlap = true;
   Lengths lengths = Lengths::uniform;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
@@ -452,6 +455,7 @@ int run(int argc, char** argv) {
           throw std::runtime_error("--ragged and --one-long: one set of sequence lengths at a time; expected one");
         lengths = chosen;
       }
+    if (!std::strcmp(argv[i], "--no-overlap")) overlap = false;
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--prefill-only")) prefill_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
@@ -495,7 +499,7 @@ int run(int argc, char** argv) {
         for (int batch : batches)
           for (int context : contexts)
             for (int tiles_per_split : splits)
-              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, lengths);
+              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, lengths, overlap);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;

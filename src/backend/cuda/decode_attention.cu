@@ -60,6 +60,7 @@
 #include <cfloat>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 
 namespace kvarn::cuda {
 
@@ -128,6 +129,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
   auto slot = [&](int part) { return base + (part < used ? part : num_splits); };
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the attention grid has finished and its writes are visible
+  asm volatile("griddepcontrol.launch_dependents;");   // the next call's attention may start reading its tiles
 #endif
   float m = -FLT_MAX, l = 0, acc[E] = {};
   for (int first = k * kPartsPerTrip; first < parts; first += kPartsPerTrip * warps_per_row) {
@@ -205,6 +207,24 @@ const DeviceTraits& device_traits() {
   return traits;
 }
 
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), where the GPU allows and `overlap` asks for it
+// as a programmatic dependent of the kernel before it in the stream: it may start once every CTA of that kernel
+// has started (griddepcontrol.launch_dependents), and waits for its end with griddepcontrol.wait.
+template <class... Params, class... Args>
+void launch_with_overlap(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                         bool overlap, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (overlap && device_traits().programmatic_launch) config.attrs = &attribute, config.numAttrs = 1;
+  KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 template <class F>
 int blocks_per_sm() {
   static std::once_flag once;
@@ -277,28 +297,19 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
     p.first_wave_ctas = device_traits().multiprocessors * blocks_per_sm<F>();  // also sets the shared-memory limit
-    decode_attention_kernel<F><<<static_cast<unsigned>(ctas), kThreads, shared_bytes<F>(), stream>>>(p);
+    launch_with_overlap(decode_attention_kernel<F>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
+                        shared_bytes<F>(), stream, args.overlap_previous_kernel, p);
   });
-  KVARN_CUDA_CHECK(cudaGetLastError());
   const int num_rows = args.num_seqs * args.num_q_heads;
   int warps_per_row = 1;  // enough warps that each row's partials (the splits and the tail) take one round trip
   while (warps_per_row < kCombineWarps && warps_per_row * kPartsPerTrip < plan.num_splits + 1) warps_per_row *= 2;
   const int rows_per_cta = kCombineWarps / warps_per_row;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((num_rows + rows_per_cta - 1) / rows_per_cta);
-  config.blockDim = dim3(kCombineWarps * 32);
-  config.dynamicSmemBytes = warps_per_row > 1 ? kCombineWarps * (d + 2) * sizeof(float) : 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (device_traits().programmatic_launch) config.attrs = &attribute, config.numAttrs = 1;
-  auto* out = reinterpret_cast<__half*>(args.out);
-  KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, d == 128 ? decode_combine_kernel<128> : decode_combine_kernel<64>,
-                                      static_cast<const float*>(p.partial_o),
-                                      static_cast<const float2*>(p.partial_ml), args.seqs, args.num_q_heads,
-                                      plan.tiles_per_split, plan.num_splits, num_rows, warps_per_row, cache.rotated(),
-                                      out));
+  launch_with_overlap(d == 128 ? decode_combine_kernel<128> : decode_combine_kernel<64>,
+                      dim3((num_rows + rows_per_cta - 1) / rows_per_cta), dim3(kCombineWarps * 32),
+                      warps_per_row > 1 ? kCombineWarps * (d + 2) * sizeof(float) : 0, stream, true,
+                      static_cast<const float*>(p.partial_o), static_cast<const float2*>(p.partial_ml), args.seqs,
+                      args.num_q_heads, plan.tiles_per_split, plan.num_splits, num_rows, warps_per_row,
+                      cache.rotated(), reinterpret_cast<__half*>(args.out));
 }
 
 }  // namespace kvarn::cuda

@@ -21,6 +21,11 @@ struct DecodeAttentionArgs {
   int num_seqs = 0;
   int num_q_heads = 0;                     // a multiple of num_kv_heads, at most 8 per kv-head
   float scale = 0;                         // softmax scale, 1/sqrt(D) for the Llama family
+  // Start reading the tiles while the kernel before this call in the stream is still running (Hopper's
+  // programmatic dependent launch; a decode step's attention follows the kernel that appends its K/V and writes
+  // q). That kernel may write q and the tails, which are read after it has finished; it must not write the
+  // cache's blocks, the block tables or `seqs` (a flush of full tails must come earlier).
+  bool overlap_previous_kernel = false;
 };
 
 // How the work is split, for the sequences and q heads it was made for; the workspace holds the partial softmax

@@ -48,6 +48,15 @@ struct DecodeParams {
   bool rotated;
 };
 
+// Waits until the kernel before this one in the stream has finished and its writes are visible. A no-op unless
+// the launch overlaps it (DecodeAttentionArgs::overlap_previous_kernel: a programmatic dependent launch), in which
+// case what that kernel may write (q, the tails) is read only after this, and nothing is written before it.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
 // (m = 0..3), which read 4-aligned runs 8, 16 or 2 * NV floats apart, hit distinct banks.
 __device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }

@@ -155,13 +155,6 @@ __device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const C
   uint8_t* ring = shared;
   float* qs = reinterpret_cast<float*>(shared + Fp16SharedLayout<F>::query);
   const int tid = threadIdx.x, warp = tid / 32;
-  load_rotated_queries<D>(p, work.partial_row, qs);
-  __syncthreads();
-  uint32_t qa[KBLK][4];
-  query_fragments<D>(qs, qa);
-
-  float o[NV][2] = {};
-  float m_run = -FLT_MAX, l_run = 0;
   const int32_t* table = p.block_tables + work.seq.block_table_offset;
   const int num = work.end_tile - work.first_tile;
   const int swizzle = fp16_chunk_swizzle_offset<F>(tid);
@@ -173,6 +166,13 @@ __device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const C
     if (s < num) copy_fp16_tile<F>(ring + s * L.bytes, tile_bytes(s), swizzle);
     cp_async_commit();
   }
+  wait_for_previous_kernel();
+  load_rotated_queries<D>(p, work.partial_row, qs);  // while the first tiles stream in
+  __syncthreads();
+  uint32_t qa[KBLK][4];
+  query_fragments<D>(qs, qa);
+  float o[NV][2] = {};
+  float m_run = -FLT_MAX, l_run = 0;
   for (int it = 0; it < num; ++it) {
     cp_async_wait<S - 2>();
     __syncthreads();
@@ -208,6 +208,7 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, in
   const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
   uint8_t* keys = shared + Layout::keys;
   uint8_t* values = shared + Layout::values;
+  wait_for_previous_kernel();  // it may have appended to the tail
   for (int q = tid; q < n * kRowChunks; q += kThreads) {
     const int row = q / kRowChunks, at = 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7)));
     cp_async_16(keys + at, k + 8 * q);

@@ -323,6 +323,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   cp_async_commit();
   if (!keys_first && mine > 0) copy.values(slot, tile_bytes(0));
   cp_async_commit();
+  wait_for_previous_kernel();
   stage_query_fragments<F>(p, work, shared);  // while the first keys stream in
   for (int it = 0; it < mine; ++it) {
     if (it == 0 && keys_first) {

@@ -9,11 +9,12 @@
 // one, one-tile sequences with a 100x and a 3x attention sink, long sequences split over many CTAs, GQA groups of 1,
 // 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles), head_dim 64 and 128, every
 // KVarN preset, the rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured
-// K/V (groups of 4 and 8). Outputs are poisoned (NaN) before each run; tail positions past tail_len hold NaN so
-// that reading them fails the test.
+// K/V (groups of 4 and 8); the launch overlapping a kernel that writes the queries and tails late. Outputs are
+// poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/kv_layout.h"
 #include "cuda_test_support.h"
+#include "delayed_copy.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
 #include "util/error.h"
@@ -46,10 +47,11 @@ constexpr double kScaleError = 1.005;
 
 // kv(s): keys and values of sequence s, [tokens][kv_heads][D], model space. q: [seqs][q_heads][D]. scale_shift:
 // the largest relative distance between the float64 reference and the same with the scale times kScaleError.
-// tiles_per_split: 0 for the planner's choice.
+// tiles_per_split: 0 for the planner's choice. overlap: the queries and tails are written by a kernel that lets the
+// attention launch at once and writes late (copy_after_delay), the attention launched to overlap it.
 void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
                   const KvSource& kv, const std::vector<float>& q_model, uint32_t seed,
-                  double* scale_shift = nullptr, int tiles_per_split = 0) {
+                  double* scale_shift = nullptr, int tiles_per_split = 0, bool overlap = false) {
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
   std::mt19937 rng(seed);
   const test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
@@ -71,9 +73,22 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   workspace.poison();
   dout.poison();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, scale},
-                   plan, workspace.get(), nullptr);
-  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaStream_t stream;
+  KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DeviceBuffer<uint16_t> late_tails(overlap ? cache.tails.size() : 0), late_q(overlap ? q_model.size() : 0);
+  if (overlap) {
+    KVARN_CUDA_CHECK(cudaMemcpy(late_tails.get(), dtails.get(), 2 * cache.tails.size(), cudaMemcpyDeviceToDevice));
+    KVARN_CUDA_CHECK(cudaMemcpy(late_q.get(), dq.get(), 2 * q_model.size(), cudaMemcpyDeviceToDevice));
+    dtails.poison();
+    dq.poison();
+    test::copy_after_delay({{dq.get(), late_q.get(), 2 * q_model.size()},
+                            {dtails.get(), late_tails.get(), 2 * cache.tails.size()}},
+                           200'000, stream);
+  }
+  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, scale, overlap},
+                   plan, workspace.get(), stream);
+  KVARN_CUDA_CHECK(cudaStreamSynchronize(stream));
+  KVARN_CUDA_CHECK(cudaStreamDestroy(stream));
   const auto out = test::to_float(dout.download());
 
   double worst = 0, largest_shift = 0;
@@ -210,6 +225,20 @@ TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
   const bool codes = codec::parse_cache_dtype(c.dtype).code_tile();
   EXPECT_GT(scale_shift, codes ? kRelErrorBudgetCodes : kRelErrorBudgetFp16)
       << "a softmax scale off by " << kScaleError << " would pass this test";
+}
+
+// Overlapping the kernel before it (a programmatic dependent launch), the attention reads that kernel's writes, the
+// queries and the tails, only after it has ended: written 200 us after the attention could start, over NaNs.
+TEST_P(DecodeTest, ReadsQueriesAndTailsOnlyOnceTheKernelItOverlapsHasEnded) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = test::test_seed();
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
+  const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {40, 33}};
+  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
+  std::mt19937 rng(seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0, true);
 }
 
 // The combine merges each q head's partials (one per split, one for the tail) in rounds of 8 per warp, with up to 8
