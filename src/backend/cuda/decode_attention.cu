@@ -5,10 +5,13 @@
 // short, and first so that they do not trail the launch); then split-major, CTA split s of pair (n, h) reads the
 // tiles [s*tps, (s+1)*tps) of sequence n, kv-head h through cp.async copies of whole tiles into shared memory
 // (16-byte pieces, tiles in flight while others are read). Each CTA leaves one partial softmax state (m, l, o[D])
-// per q head; a tile CTA's 4 warps keep their own online softmax and merge at the end. (Measured and not kept,
-// H200: the tail read by the pair's last tile CTA puts it on the critical path, 1.3-1.6x slower at batch 1-8 x 1K;
-// a separate tail kernel, a programmatic dependent, costs a launch, 1.2-1.3x slower there, and pays only at batch
-// >= 32 x 1K, where the tail CTAs' tile-sized shared memory halves the CTAs per SM.)
+// per q head; a tile CTA's 4 warps keep their own online softmax and merge at the end. Launched to overlap the
+// kernel before it (DecodeAttentionArgs::overlap_previous_kernel), a CTA reads its sequence's view and block table
+// and asks for its first tile before it waits for that kernel's end (wait_for_previous_kernel), and reads q and the
+// tail only after: H200, 1.07-1.23x at batch 1-8 x 1K-8K, 0.94-0.97x at 1 x 32K (docs/benchmarks.md).
+// (Measured and not kept, H200: the tail read by the pair's last tile CTA puts it on the critical path, 1.3-1.6x
+// slower at batch 1-8 x 1K; a separate tail kernel, a programmatic dependent, costs a launch, 1.2-1.3x slower
+// there, and pays only at batch >= 32 x 1K, where the tail CTAs' tile-sized shared memory halves the CTAs per SM.)
 // On tensor cores (mma m16n8k16):
 //   scores  S[h][t] = s_tok[t] * (sum_c (q'[h][c] a_K[c]) code[c][t] + sum_c q'[h][c] z_K[c])   (K = channels)
 //   values  O[h][c] += s_ch[c] * (sum_t (p[h][t] a_V[t]) code[t][c] + sum_t p[h][t] z_V[t])    (K = tokens)
@@ -38,7 +41,9 @@
 //
 // decode_combine_kernel: per (sequence, q head) row, merges the partials, divides by l, rotates back (H_D) for
 // rotated dtypes, writes fp16. On Hopper it is launched as a programmatic dependent of the attention kernel, whose
-// CTAs release it when they start, so its cost is the latency after the last attention CTA: every lane reads the
+// CTAs release it when they start, and it releases the kernel after it once the attention grid has ended (a next
+// call's attention then overlaps it; released earlier, that attention's CTAs would hold SM slots that the attention
+// grid still needs), so its cost is the latency after the last attention CTA: every lane reads the
 // (m, l) and its channels of 8 partials at once and merges them online, one round trip to L2 for up to 8 partials
 // (three to four dependent ones before: H200, 1.11x at batch 1 x 1K, 1.04-1.05x at 8 x 1K-8K), and a row with
 // more partials than 8 gets up to 8 warps, each reading its own 8 at once, merged in shared memory (up to 64
