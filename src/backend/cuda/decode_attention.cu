@@ -92,6 +92,9 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
   if (static_cast<int>(blockIdx.x) < pairs) {
     const int head = blockIdx.x % p.num_kv_heads, seq_index = blockIdx.x / p.num_kv_heads;
     const SequenceKvView seq = p.seqs[seq_index];
+    // The tail may be the kernel before's to write. Waiting also where there is none keeps this grid's end after
+    // that kernel's even when no CTA has work, so that the combine, waiting for this grid, comes after it too.
+    wait_for_previous_kernel();
     if (seq.tail_len == 0) return;
     const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
     attend_tail<F>(p, seq, head, partial_row, shared);

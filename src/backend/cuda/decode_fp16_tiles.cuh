@@ -208,7 +208,6 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, in
   const __half* v = k + static_cast<size_t>(p.num_kv_heads) * G * D;
   uint8_t* keys = shared + Layout::keys;
   uint8_t* values = shared + Layout::values;
-  wait_for_previous_kernel();  // it may have appended to the tail
   for (int q = tid; q < n * kRowChunks; q += kThreads) {
     const int row = q / kRowChunks, at = 16 * (row * kRowChunks + ((q % kRowChunks) ^ (row & 7)));
     cp_async_16(keys + at, k + 8 * q);
