@@ -241,6 +241,39 @@ TEST_P(DecodeTest, ReadsQueriesAndTailsOnlyOnceTheKernelItOverlapsHasEnded) {
                test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0, true);
 }
 
+// With nothing to read (every sequence empty), a launch overlapping the kernel before it still ends after that
+// kernel: the zeros it writes come after that kernel's late writes to the output (ones, 200 us after the start).
+TEST(DecodeAttention, EndsAfterTheKernelItOverlapsEvenWithNothingToRead) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const int d = 128, q_heads = 8, kv_heads = 2;
+  const std::vector<SeqSpec> specs = {{0, 0}, {0, 0}, {0, 0}};
+  std::mt19937 rng(test::test_seed());
+  const test::TestCache cache = test::build_test_cache(
+      "kvarn_k4v2_g128", d, kv_heads, specs, test::synthetic_kv_source(kv_heads, d, {.seed = 1}), rng);
+  DeviceBuffer<uint8_t> dblocks(cache.blocks);
+  DeviceBuffer<uint16_t> dtails(cache.tails), dq(test::to_half(std::vector<float>(specs.size() * q_heads * d, 1)));
+  DeviceBuffer<uint16_t> dout(dq.size()), ones(test::to_half(std::vector<float>(dq.size(), 1)));
+  DeviceBuffer<int32_t> dtables(cache.tables);
+  DeviceBuffer<SequenceKvView> dviews(cache.views);
+  const KvCacheLayer layer = make_kv_cache_layer(cache.dtype, d, cache.tile_tokens, kv_heads, dblocks.get(),
+                                                 dtails.get());
+  const std::vector<int> seq_tiles(specs.size(), 0);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, q_heads);
+  DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
+  dout.poison();
+  cudaStream_t stream;
+  KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  test::copy_after_delay({{dout.get(), ones.get(), 2 * dout.size()}}, 200'000, stream);
+  const int num_seqs = static_cast<int>(specs.size());
+  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, 0.1f, true}, plan,
+                   workspace.get(), stream);
+  KVARN_CUDA_CHECK(cudaStreamSynchronize(stream));
+  KVARN_CUDA_CHECK(cudaStreamDestroy(stream));
+  const auto out = test::to_float(dout.download());
+  EXPECT_EQ(std::count(out.begin(), out.end(), 0.0f), static_cast<long>(out.size()))
+      << "an empty sequence's output must be zeros, written after the overlapped kernel's";
+}
+
 // The combine merges each q head's partials (one per split, one for the tail) in rounds of 8 per warp, with up to 8
 // warps per head: 2, 10, 18, 34 and 131 partials take 1, 2, 4 and 8 warps, the last of them in 3 rounds.
 TEST_P(DecodeTest, CombinesAnyNumberOfSplits) {
