@@ -201,7 +201,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
 // The current device's properties the launches depend on, read once.
 struct DeviceTraits {
   int multiprocessors = 0;
-  bool programmatic_launch = false;  // griddepcontrol (programmatic dependent launch): compute capability >= 9.0
+  // Programmatic dependent launch: the GPU has it (compute capability >= 9.0) and the kernels it runs were compiled
+  // with their griddepcontrol waits (for 9.0 or later, not JIT-compiled from the sm_80 PTX, which has none).
+  bool programmatic_launch = false;
 };
 
 const DeviceTraits& device_traits() {
@@ -210,14 +212,16 @@ const DeviceTraits& device_traits() {
     KVARN_CUDA_CHECK(cudaGetDevice(&device));
     KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return DeviceTraits{sms, major >= 9};
+    cudaFuncAttributes compiled;
+    KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_combine_kernel<128>));
+    return DeviceTraits{sms, major >= 9 && compiled.ptxVersion >= 90};
   }();
   return traits;
 }
 
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), where the GPU allows and `overlap` asks for it
 // as a programmatic dependent of the kernel before it in the stream: it may start once every CTA of that kernel
-// has started (griddepcontrol.launch_dependents), and waits for its end with griddepcontrol.wait.
+// has released it (griddepcontrol.launch_dependents) or exited, and waits for its end with griddepcontrol.wait.
 template <class... Params, class... Args>
 void launch_with_overlap(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                          bool overlap, Args&&... args) {

@@ -74,7 +74,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   dout.poison();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   cudaStream_t stream;
-  KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  KVARN_CUDA_CHECK(cudaStreamCreate(&stream));  // after the uploads and poisoning on the legacy stream
   DeviceBuffer<uint16_t> late_tails(overlap ? cache.tails.size() : 0), late_q(overlap ? q_model.size() : 0);
   if (overlap) {
     KVARN_CUDA_CHECK(cudaMemcpy(late_tails.get(), dtails.get(), 2 * cache.tails.size(), cudaMemcpyDeviceToDevice));
@@ -262,7 +262,7 @@ TEST(DecodeAttention, EndsAfterTheKernelItOverlapsEvenWithNothingToRead) {
   DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
   dout.poison();
   cudaStream_t stream;
-  KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  KVARN_CUDA_CHECK(cudaStreamCreate(&stream));  // after the uploads and poisoning on the legacy stream
   test::copy_after_delay({{dout.get(), ones.get(), 2 * dout.size()}}, 200'000, stream);
   const int num_seqs = static_cast<int>(specs.size());
   decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, 0.1f, true}, plan,
