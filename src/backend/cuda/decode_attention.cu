@@ -8,7 +8,8 @@
 // per q head; a tile CTA's 4 warps keep their own online softmax and merge at the end. Launched to overlap the
 // kernel before it (DecodeAttentionArgs::overlap_previous_kernel), a CTA reads its sequence's view and block table
 // and asks for its first tile before it waits for that kernel's end (wait_for_previous_kernel), and reads q and the
-// tail only after: H200, 1.07-1.23x at batch 1-8 x 1K-8K, 0.94-0.97x at 1 x 32K (docs/benchmarks.md).
+// tail only after: H200, k4v2 1.03-1.17x, fp16 1.00-1.21x at batch 1-8 x 1K-32K (docs/benchmarks.md). A grid that
+// fits at fewer CTAs per SM than the kernel allows is spread evenly over the SMs (launch_shared_bytes).
 // (Measured and not kept, H200: the tail read by the pair's last tile CTA puts it on the critical path, 1.3-1.6x
 // slower at batch 1-8 x 1K; a separate tail kernel, a programmatic dependent, costs a launch, 1.2-1.3x slower
 // there, and pays only at batch >= 32 x 1K, where the tail CTAs' tile-sized shared memory halves the CTAs per SM.)
@@ -201,6 +202,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
 // The current device's properties the launches depend on, read once.
 struct DeviceTraits {
   int multiprocessors = 0;
+  int shared_bytes_per_sm = 0;      // shared memory an SM shares out among its CTAs
+  int reserved_shared_per_cta = 0;  // taken from it by the system for each CTA
+  int max_shared_per_cta = 0;       // the most dynamic shared memory a kernel may opt in to
   // Programmatic dependent launch: the GPU has it (compute capability >= 9.0) and the kernels it runs were compiled
   // with their griddepcontrol waits (for 9.0 or later, not JIT-compiled from the sm_80 PTX, which has none).
   bool programmatic_launch = false;
@@ -208,13 +212,21 @@ struct DeviceTraits {
 
 const DeviceTraits& device_traits() {
   static const DeviceTraits traits = [] {
-    int device = 0, sms = 0, major = 0;
+    int device = 0, major = 0;
+    DeviceTraits t;
     KVARN_CUDA_CHECK(cudaGetDevice(&device));
-    KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    const auto attribute = [device](int* value, cudaDeviceAttr which) {
+      KVARN_CUDA_CHECK(cudaDeviceGetAttribute(value, which, device));
+    };
+    attribute(&t.multiprocessors, cudaDevAttrMultiProcessorCount);
+    attribute(&major, cudaDevAttrComputeCapabilityMajor);
+    attribute(&t.shared_bytes_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+    attribute(&t.reserved_shared_per_cta, cudaDevAttrReservedSharedMemoryPerBlock);
+    attribute(&t.max_shared_per_cta, cudaDevAttrMaxSharedMemoryPerBlockOptin);
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_combine_kernel<128>));
-    return DeviceTraits{sms, major >= 9 && compiled.ptxVersion >= 90};
+    t.programmatic_launch = major >= 9 && compiled.ptxVersion >= 90;
+    return t;
   }();
   return traits;
 }
@@ -237,17 +249,34 @@ void launch_with_overlap(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
+// The CTAs of the attention kernel an SM holds at once. Also lets a launch ask for up to the opt-in limit of shared
+// memory (launch_shared_bytes).
 template <class F>
 int blocks_per_sm() {
   static std::once_flag once;
   static int blocks = 0;
   std::call_once(once, [] {
     KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          shared_bytes<F>()));
+                                          std::max<int>(shared_bytes<F>(), device_traits().max_shared_per_cta)));
     KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
                                                                    shared_bytes<F>()));
   });
   return std::max(blocks, 1);
+}
+
+// The shared memory a launch of `ctas` attention CTAs asks for. A grid that fits on the GPU at fewer CTAs per SM
+// than the kernel allows asks for so much that only ceil(ctas / SMs) fit on an SM, so that every SM gets its share.
+// Launched while the kernel before it still holds some SMs, such a grid otherwise ran slower than without the
+// overlap; our reading, not observed directly: its CTAs were stacked 3 to an SM on the SMs free first, and the
+// busiest SMs set its time. H200, k4v2 batch 1 x 16K / 32K (264 CTAs on 132 SMs of 3 slots), overlapping against
+// not: 0.94-1.005x without this, 1.09-1.14x with it; not overlapping, it changes nothing (0.99-1.00x).
+template <class F>
+size_t launch_shared_bytes(long ctas) {
+  const DeviceTraits& gpu = device_traits();
+  const long per_sm = (ctas + gpu.multiprocessors - 1) / gpu.multiprocessors;
+  if (per_sm >= blocks_per_sm<F>()) return shared_bytes<F>();
+  const long spread = gpu.shared_bytes_per_sm / per_sm - gpu.reserved_shared_per_cta;
+  return static_cast<size_t>(std::clamp<long>(spread, shared_bytes<F>(), gpu.max_shared_per_cta));
 }
 
 }  // namespace
@@ -310,7 +339,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     using F = decltype(f);
     p.first_wave_ctas = device_traits().multiprocessors * blocks_per_sm<F>();  // also sets the shared-memory limit
     launch_with_overlap(decode_attention_kernel<F>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
-                        shared_bytes<F>(), stream, args.overlap_previous_kernel, p);
+                        launch_shared_bytes<F>(ctas), stream, args.overlap_previous_kernel, p);
   });
   const int num_rows = args.num_seqs * args.num_q_heads;
   int warps_per_row = 1;  // enough warps that each row's partials (the splits and the tail) take one round trip
