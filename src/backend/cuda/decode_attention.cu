@@ -202,9 +202,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
 // The current device's properties the launches depend on, read once.
 struct DeviceTraits {
   int multiprocessors = 0;
-  int shared_bytes_per_sm = 0;      // shared memory an SM shares out among its CTAs
-  int reserved_shared_per_cta = 0;  // taken from it by the system for each CTA
-  int max_shared_per_cta = 0;       // the most dynamic shared memory a kernel may opt in to
+  SmSharedMemory shared;
   // Programmatic dependent launch: the GPU has it (compute capability >= 9.0) and the kernels it runs were compiled
   // with their griddepcontrol waits (for 9.0 or later, not JIT-compiled from the sm_80 PTX, which has none).
   bool programmatic_launch = false;
@@ -212,20 +210,21 @@ struct DeviceTraits {
 
 const DeviceTraits& device_traits() {
   static const DeviceTraits traits = [] {
-    int device = 0, major = 0;
+    int device = 0;
     DeviceTraits t;
     KVARN_CUDA_CHECK(cudaGetDevice(&device));
-    const auto attribute = [device](int* value, cudaDeviceAttr which) {
-      KVARN_CUDA_CHECK(cudaDeviceGetAttribute(value, which, device));
+    const auto attribute = [device](cudaDeviceAttr which) {
+      int value = 0;
+      KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&value, which, device));
+      return value;
     };
-    attribute(&t.multiprocessors, cudaDevAttrMultiProcessorCount);
-    attribute(&major, cudaDevAttrComputeCapabilityMajor);
-    attribute(&t.shared_bytes_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor);
-    attribute(&t.reserved_shared_per_cta, cudaDevAttrReservedSharedMemoryPerBlock);
-    attribute(&t.max_shared_per_cta, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    t.multiprocessors = attribute(cudaDevAttrMultiProcessorCount);
+    t.shared.per_sm = attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+    t.shared.reserved_per_cta = attribute(cudaDevAttrReservedSharedMemoryPerBlock);
+    t.shared.max_per_cta = attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_combine_kernel<128>));
-    t.programmatic_launch = major >= 9 && compiled.ptxVersion >= 90;
+    t.programmatic_launch = attribute(cudaDevAttrComputeCapabilityMajor) >= 9 && compiled.ptxVersion >= 90;
     return t;
   }();
   return traits;
@@ -257,26 +256,23 @@ int blocks_per_sm() {
   static int blocks = 0;
   std::call_once(once, [] {
     KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          std::max<int>(shared_bytes<F>(), device_traits().max_shared_per_cta)));
+                                          static_cast<int>(device_traits().shared.max_per_cta)));
     KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
                                                                    shared_bytes<F>()));
   });
   return std::max(blocks, 1);
 }
 
-// The shared memory a launch of `ctas` attention CTAs asks for. A grid that fits on the GPU at fewer CTAs per SM
-// than the kernel allows asks for so much that only ceil(ctas / SMs) fit on an SM, so that every SM gets its share.
-// Launched while the kernel before it still holds some SMs, such a grid otherwise ran slower than without the
-// overlap; our reading, not observed directly: its CTAs were stacked 3 to an SM on the SMs free first, and the
-// busiest SMs set its time. H200, k4v2 batch 1 x 16K / 32K (264 CTAs on 132 SMs of 3 slots), overlapping against
-// not: 0.94-1.005x without this, 1.09-1.14x with it; not overlapping, it changes nothing (0.99-1.00x).
+// The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
+// allows is spread over every SM (shared_bytes_to_spread). Launched while the kernel before it still held some SMs,
+// such a grid ran slower than without the overlap; our reading, not observed directly: its CTAs were stacked 3 to an
+// SM on the SMs free first, and the busiest SMs set its time. H200, k4v2 batch 1 x 16K / 32K (264 CTAs on 132 SMs
+// of 3 slots), overlapping against not: 0.94-1.005x launched as is, 1.09-1.14x spread; not overlapping, spreading
+// changes nothing (0.99-1.00x).
 template <class F>
 size_t launch_shared_bytes(long ctas) {
   const DeviceTraits& gpu = device_traits();
-  const long per_sm = (ctas + gpu.multiprocessors - 1) / gpu.multiprocessors;
-  if (per_sm >= blocks_per_sm<F>()) return shared_bytes<F>();
-  const long spread = gpu.shared_bytes_per_sm / per_sm - gpu.reserved_shared_per_cta;
-  return static_cast<size_t>(std::clamp<long>(spread, shared_bytes<F>(), gpu.max_shared_per_cta));
+  return shared_bytes_to_spread(ctas, gpu.multiprocessors, blocks_per_sm<F>(), shared_bytes<F>(), gpu.shared);
 }
 
 }  // namespace

@@ -99,4 +99,11 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
   return std::min(uniform, fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once));
 }
 
+size_t shared_bytes_to_spread(long ctas, int sms, int ctas_per_sm, size_t needed, const SmSharedMemory& shared) {
+  const long sm_count = std::max(sms, 1), per_sm = (ctas + sm_count - 1) / sm_count;
+  if (per_sm < 1 || per_sm >= ctas_per_sm) return needed;
+  const long spread = shared.per_sm / per_sm - shared.reserved_per_cta;  // per_sm + 1 of these overfill the SM
+  return static_cast<size_t>(std::max(static_cast<long>(needed), std::min(spread, shared.max_per_cta)));
+}
+
 }  // namespace kvarn::cuda

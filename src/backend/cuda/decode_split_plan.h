@@ -1,12 +1,14 @@
 #pragma once
-// How decode attention splits each (sequence, kv-head) pair's tiles over CTAs (split-K): the split size that
-// finishes the grid soonest under a model of its launch. Host-only, so that it is tested without a GPU.
+// How decode attention lays out its grid: how it splits each (sequence, kv-head) pair's tiles over CTAs (split-K),
+// the split size that finishes the grid soonest under a model of its launch, and how it spreads a grid of one wave
+// over the SMs. Host-only, so that it is tested without a GPU.
 //
 // The grid (decode_attention.cu): a tail CTA per (sequence, kv-head) pair first, then the tile CTAs split-major
 // (split s of every pair before split s + 1), `slots` CTAs resident at once. A tile CTA takes ceil(tiles /
 // tiles_at_once) rounds plus ~2 rounds of start (queries, the first tile's latency) and merge; a tail CTA about as
 // long as 4 tiles (one KVarN round, 4 fp16 rounds) and tile CTAs beyond the slots the tails hold start that much
 // later.
+#include <cstddef>
 #include <span>
 
 namespace kvarn::cuda {
@@ -26,5 +28,18 @@ struct DecodeGridShape {
 // waves (the model's CTA times hold at one wave, not where waves share the bandwidth; measured in
 // decode_split_plan.cpp).
 int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape& grid);
+
+// An SM's shared memory as the GPU shares it out among CTAs (the cudaDevAttr...SharedMemory... attributes).
+struct SmSharedMemory {
+  long per_sm = 0;            // shared out among the CTAs of an SM
+  long reserved_per_cta = 0;  // taken from it by the system for each CTA
+  long max_per_cta = 0;       // the most dynamic shared memory a kernel may opt in to
+};
+
+// The dynamic shared memory a launch of `ctas` CTAs asks for, each needing `needed` bytes, on `sms` SMs that hold
+// `ctas_per_sm` of them at once. A grid that fits at fewer CTAs per SM asks for so much that only ceil(ctas / sms)
+// fit on an SM, so that every SM gets its share wherever the GPU places them; any other asks for `needed`. Why and
+// what it gains: decode_attention.cu, launch_shared_bytes.
+size_t shared_bytes_to_spread(long ctas, int sms, int ctas_per_sm, size_t needed, const SmSharedMemory& shared);
 
 }  // namespace kvarn::cuda

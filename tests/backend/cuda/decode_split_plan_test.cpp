@@ -1,5 +1,6 @@
 // choose_tiles_per_split: the split sizes that measured fastest on the H200 (132 SMs; 3 KVarN CTAs or 1 fp16 CTA
-// of the D 128 kernels per SM) and the bounds every choice keeps. Host-only: runs without a GPU.
+// of the D 128 kernels per SM) and the bounds every choice keeps; shared_bytes_to_spread: a grid of one wave spread
+// over every SM. Host-only: runs without a GPU.
 #include "backend/cuda/decode_split_plan.h"
 
 #include <gtest/gtest.h>
@@ -101,6 +102,50 @@ TEST(DecodeSplitPlan, EmptyCachesGetOneTilePerSplit) {
   EXPECT_EQ(choose_tiles_per_split(uniform(8, 0), kKvarnGrid), 1);
   EXPECT_EQ(choose_tiles_per_split(uniform(1, 1), kFp16Grid), 1);
   EXPECT_EQ(choose_tiles_per_split({}, kKvarnGrid), 1);
+}
+
+// Hopper's shared memory (H100 and H200 alike): 228 KB per SM, 1 KB of it reserved per CTA, up to 227 KB per CTA.
+constexpr SmSharedMemory kHopperShared{233472, 1024, 232448};
+constexpr size_t kKvarnShared = 74 * 1024;  // about the KVarN kernel's, 3 CTAs per SM
+
+// The CTAs of `shared_bytes` each that an SM's shared memory holds at once.
+long fitting(size_t shared_bytes) {
+  return kHopperShared.per_sm / (static_cast<long>(shared_bytes) + kHopperShared.reserved_per_cta);
+}
+
+// Batch 1 x 32K: 264 CTAs, 2 per SM, of a kernel that fits 3: once spread (113 KB each) only 2 fit on an SM;
+// batch 1 x 1K, 24 CTAs: only 1.
+TEST(SpreadGrid, LeavesRoomForOnlyTheCtasEachSmShouldRun) {
+  const size_t bytes = shared_bytes_to_spread(264, kSms, 3, kKvarnShared, kHopperShared);
+  EXPECT_EQ(fitting(bytes), 2) << bytes << " bytes";
+  EXPECT_EQ(fitting(shared_bytes_to_spread(24, kSms, 3, kKvarnShared, kHopperShared)), 1);
+}
+
+TEST(SpreadGrid, AsksForWhatTheKernelNeedsWhereTheGridFillsTheSms) {
+  for (const long ctas : {265L, 396L, 397L, 1000L})
+    EXPECT_EQ(shared_bytes_to_spread(ctas, kSms, 3, kKvarnShared, kHopperShared), kKvarnShared) << ctas << " CTAs";
+  EXPECT_EQ(shared_bytes_to_spread(100, kSms, 1, 150 * 1024, kHopperShared), 150u * 1024) << "a kernel of 1 per SM";
+  EXPECT_EQ(shared_bytes_to_spread(0, kSms, 3, kKvarnShared, kHopperShared), kKvarnShared) << "an empty grid";
+}
+
+// Every grid up to a wave, of kernels that fit 2 to 8 CTAs per SM (by their shared memory or by their registers):
+// never less than the kernel needs nor more than a CTA may have, and exactly ceil(ctas / SMs) per SM where that is
+// fewer than the kernel fits.
+TEST(SpreadGrid, FitsCeilCtasOverSmsOnEverySm) {
+  for (const int per_sm : {2, 3, 4, 8}) {
+    const size_t most = static_cast<size_t>(kHopperShared.per_sm / per_sm - kHopperShared.reserved_per_cta);
+    for (const size_t needed : {size_t{0}, size_t{16 * 1024}, most})
+      for (long ctas = 1; ctas <= per_sm * kSms; ++ctas) {
+        const size_t bytes = shared_bytes_to_spread(ctas, kSms, per_sm, needed, kHopperShared);
+        const long wanted = (ctas + kSms - 1) / kSms;
+        ASSERT_GE(bytes, needed);
+        ASSERT_LE(bytes, static_cast<size_t>(kHopperShared.max_per_cta));
+        if (wanted < per_sm)
+          ASSERT_EQ(std::min<long>(fitting(bytes), per_sm), wanted) << ctas << " CTAs, " << needed << " bytes";
+        else
+          ASSERT_EQ(bytes, needed) << ctas << " CTAs";
+      }
+  }
 }
 
 }  // namespace
