@@ -8,9 +8,13 @@ per binary and the first binary's time over each other's (> 1: the other is fast
 
 A row is (kind, shape, dtype, batch, context, splits) of the benchmark's CSV: where the binaries plan different
 splits for a shape, it shows as two rows, each with "-" for the binaries that did not run it.
+
+Stopped early (SIGTERM, e.g. by `timeout`, or Ctrl-C), it prints the table of the rounds it finished, so that a
+device run cut short keeps what it measured.
 """
 import argparse
 import csv
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,14 @@ def read_times(csv_path):
     return times
 
 
+class Stopped(Exception):
+    pass
+
+
+def stop(signum, frame):
+    raise Stopped()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -43,18 +55,29 @@ def main():
     if len(args.binaries) < 2:
         parser.error("expected at least two binaries")
 
+    signal.signal(signal.SIGTERM, stop)
     samples = defaultdict(lambda: [[] for _ in args.binaries])
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for i, binary in enumerate(args.binaries):
-                out = Path(tmp) / f"{i}.{r}.csv"
-                run = subprocess.run([binary, "--csv", str(out), *bench_args], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-                if run.returncode != 0:
-                    sys.exit(f"{binary} failed in round {r + 1}: {run.stderr.strip()}")
-                for key, t in read_times(out).items():
-                    samples[key][i].append(t)
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    rounds_done = 0
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.rounds):
+                times = []  # this round's, kept only once every binary has run
+                for i, binary in enumerate(args.binaries):
+                    out = Path(tmp) / f"{i}.{r}.csv"
+                    run = subprocess.run([binary, "--csv", str(out), *bench_args], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True)
+                    if run.returncode != 0:
+                        sys.exit(f"{binary} failed in round {r + 1}: {run.stderr.strip()}")
+                    times.append(read_times(out))
+                for i, binary_times in enumerate(times):
+                    for key, t in binary_times.items():
+                        samples[key][i].append(t)
+                rounds_done += 1
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    except (Stopped, KeyboardInterrupt):
+        print(f"stopped during round {rounds_done + 1}; medians of the {rounds_done} rounds done", file=sys.stderr)
+        if rounds_done == 0:
+            sys.exit(1)
 
     names = " | ".join(f"binary {i} us" for i in range(len(args.binaries)))
     ratios = " | ".join(f"0 / {i}" for i in range(1, len(args.binaries)))

@@ -2,7 +2,7 @@
 # Installs the Debian packages kvarn builds against; calls apt-get only for what is missing (idempotent).
 set -euo pipefail
 packages=(
-  build-essential cmake ninja-build pkg-config
+  build-essential cmake ninja-build pkg-config python3
   nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libspdlog-dev libfmt-dev
   libopenblas-dev libpcre2-dev libutf8proc-dev libgtest-dev libgmock-dev libbenchmark-dev
 )
