@@ -64,7 +64,6 @@
 
 #include <algorithm>
 #include <cfloat>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -222,6 +221,7 @@ const DeviceTraits& device_traits() {
     t.shared.per_sm = attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
     t.shared.reserved_per_cta = attribute(cudaDevAttrReservedSharedMemoryPerBlock);
     t.shared.max_per_cta = attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    t.shared.allocation_unit = attribute(cudaDevAttrComputeCapabilityMajor) >= 8 ? 128 : 256;
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_combine_kernel<128>));
     t.programmatic_launch = attribute(cudaDevAttrComputeCapabilityMajor) >= 9 && compiled.ptxVersion >= 90;
@@ -248,19 +248,31 @@ void launch_with_overlap(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
-// The CTAs of the attention kernel an SM holds at once. Also lets a launch ask for up to the opt-in limit of shared
-// memory (launch_shared_bytes).
+// The attention kernel's occupancy, read once: the CTAs an SM holds at once, and the SM's shared memory as the
+// kernel's dynamic shared memory sees it (its static shared memory counted as reserved per CTA). Also lets a launch
+// ask for up to the opt-in limit (launch_shared_bytes).
+struct KernelOccupancy {
+  int blocks_per_sm = 1;
+  SmSharedMemory dynamic_shared;
+};
+
 template <class F>
-int blocks_per_sm() {
-  static std::once_flag once;
-  static int blocks = 0;
-  std::call_once(once, [] {
+const KernelOccupancy& occupancy() {
+  static const KernelOccupancy kernel = [] {
+    cudaFuncAttributes compiled;
+    KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_attention_kernel<F>));
+    KernelOccupancy k;
+    k.dynamic_shared = device_traits().shared;
+    k.dynamic_shared.reserved_per_cta += static_cast<long>(compiled.sharedSizeBytes);
+    k.dynamic_shared.max_per_cta -= static_cast<long>(compiled.sharedSizeBytes);
     KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(device_traits().shared.max_per_cta)));
-    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_attention_kernel<F>, kThreads,
-                                                                   shared_bytes<F>()));
-  });
-  return std::max(blocks, 1);
+                                          static_cast<int>(k.dynamic_shared.max_per_cta)));
+    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, decode_attention_kernel<F>,
+                                                                   kThreads, shared_bytes<F>()));
+    k.blocks_per_sm = std::max(k.blocks_per_sm, 1);
+    return k;
+  }();
+  return kernel;
 }
 
 // The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
@@ -271,8 +283,9 @@ int blocks_per_sm() {
 // changes nothing (0.99-1.00x).
 template <class F>
 size_t launch_shared_bytes(long ctas) {
-  const DeviceTraits& gpu = device_traits();
-  return shared_bytes_to_spread(ctas, gpu.multiprocessors, blocks_per_sm<F>(), shared_bytes<F>(), gpu.shared);
+  const KernelOccupancy& kernel = occupancy<F>();
+  return shared_bytes_to_spread(ctas, device_traits().multiprocessors, kernel.blocks_per_sm, shared_bytes<F>(),
+                                kernel.dynamic_shared);
 }
 
 }  // namespace
@@ -287,7 +300,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
   int per_sm = 1;
-  with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = blocks_per_sm<decltype(f)>(); });
+  with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = occupancy<decltype(f)>().blocks_per_sm; });
   DecodeGridShape grid;
   grid.kv_heads = cache.num_kv_heads;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
@@ -333,7 +346,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.rotated = cache.rotated();
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
-    p.first_wave_ctas = device_traits().multiprocessors * blocks_per_sm<F>();  // also sets the shared-memory limit
+    p.first_wave_ctas = device_traits().multiprocessors * occupancy<F>().blocks_per_sm;
     launch_with_overlap(decode_attention_kernel<F>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
                         launch_shared_bytes<F>(ctas), stream, args.overlap_previous_kernel, p);
   });

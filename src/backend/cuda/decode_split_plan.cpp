@@ -102,7 +102,9 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
 size_t shared_bytes_to_spread(long ctas, int sms, int ctas_per_sm, size_t needed, const SmSharedMemory& shared) {
   const long sm_count = std::max(sms, 1), per_sm = (ctas + sm_count - 1) / sm_count;
   if (per_sm < 1 || per_sm >= ctas_per_sm) return needed;
-  const long spread = shared.per_sm / per_sm - shared.reserved_per_cta;  // per_sm + 1 of these overfill the SM
+  // A whole number of allocation units per CTA, reserved memory included: per_sm of them fit, per_sm + 1 do not.
+  const long unit = std::max(shared.allocation_unit, 1L);
+  const long spread = shared.per_sm / per_sm / unit * unit - shared.reserved_per_cta;
   return static_cast<size_t>(std::max(static_cast<long>(needed), std::min(spread, shared.max_per_cta)));
 }
 

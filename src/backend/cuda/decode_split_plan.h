@@ -34,6 +34,9 @@ struct SmSharedMemory {
   long per_sm = 0;            // shared out among the CTAs of an SM
   long reserved_per_cta = 0;  // taken from it by the system for each CTA
   long max_per_cta = 0;       // the most dynamic shared memory a kernel may opt in to
+  // A CTA's shared memory (reserved, static and dynamic) is allocated in whole units of this (cuda_occupancy.h: 128
+  // bytes from compute capability 8.0 on, 256 before).
+  long allocation_unit = 128;
 };
 
 // The dynamic shared memory a launch of `ctas` CTAs asks for, each needing `needed` bytes, on `sms` SMs that hold

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace kvarn::cuda {
@@ -104,13 +105,15 @@ TEST(DecodeSplitPlan, EmptyCachesGetOneTilePerSplit) {
   EXPECT_EQ(choose_tiles_per_split({}, kKvarnGrid), 1);
 }
 
-// Hopper's shared memory (H100 and H200 alike): 228 KB per SM, 1 KB of it reserved per CTA, up to 227 KB per CTA.
-constexpr SmSharedMemory kHopperShared{233472, 1024, 232448};
-constexpr size_t kKvarnShared = 74 * 1024;  // about the KVarN kernel's, 3 CTAs per SM
+// Hopper's shared memory (H100 and H200 alike): 228 KB per SM, 1 KB of it reserved per CTA, up to 227 KB per CTA;
+// the A100's: 164 KB per SM, up to 163 KB per CTA. Both allocate in units of 128 bytes.
+constexpr SmSharedMemory kHopperShared{233472, 1024, 232448, 128}, kA100Shared{167936, 1024, 166912, 128};
+constexpr size_t kKvarnShared = 74 * 1024;  // about the KVarN kernel's, 3 CTAs per SM on Hopper
 
-// The CTAs of `shared_bytes` each that an SM's shared memory holds at once.
-long fitting(size_t shared_bytes) {
-  return kHopperShared.per_sm / (static_cast<long>(shared_bytes) + kHopperShared.reserved_per_cta);
+// The CTAs of `dynamic_bytes` each that an SM's shared memory holds at once, as the GPU allocates it.
+long fitting(size_t dynamic_bytes, const SmSharedMemory& sm = kHopperShared) {
+  const long used = static_cast<long>(dynamic_bytes) + sm.reserved_per_cta;
+  return sm.per_sm / ((used + sm.allocation_unit - 1) / sm.allocation_unit * sm.allocation_unit);
 }
 
 // Batch 1 x 32K: 264 CTAs, 2 per SM, of a kernel that fits 3: once spread (113 KB each) only 2 fit on an SM;
@@ -128,24 +131,28 @@ TEST(SpreadGrid, AsksForWhatTheKernelNeedsWhereTheGridFillsTheSms) {
   EXPECT_EQ(shared_bytes_to_spread(0, kSms, 3, kKvarnShared, kHopperShared), kKvarnShared) << "an empty grid";
 }
 
-// Every grid up to a wave, of kernels that fit 2 to 8 CTAs per SM (by their shared memory or by their registers):
-// never less than the kernel needs nor more than a CTA may have, and exactly ceil(ctas / SMs) per SM where that is
-// fewer than the kernel fits.
+// Every grid up to a wave, of kernels that fit 2 to 8 CTAs per SM (by their shared memory or by their registers),
+// on Hopper and on the A100 (108 SMs): never less than the kernel needs nor more than a CTA may have, and exactly
+// ceil(ctas / SMs) per SM where that is fewer than the kernel fits, the allocation unit's rounding included (the
+// A100 at 3 per SM: 164 KB / 3 is no whole number of units).
 TEST(SpreadGrid, FitsCeilCtasOverSmsOnEverySm) {
-  for (const int per_sm : {2, 3, 4, 8}) {
-    const size_t most = static_cast<size_t>(kHopperShared.per_sm / per_sm - kHopperShared.reserved_per_cta);
-    for (const size_t needed : {size_t{0}, size_t{16 * 1024}, most})
-      for (long ctas = 1; ctas <= per_sm * kSms; ++ctas) {
-        const size_t bytes = shared_bytes_to_spread(ctas, kSms, per_sm, needed, kHopperShared);
-        const long wanted = (ctas + kSms - 1) / kSms;
-        ASSERT_GE(bytes, needed);
-        ASSERT_LE(bytes, static_cast<size_t>(kHopperShared.max_per_cta));
-        if (wanted < per_sm)
-          ASSERT_EQ(std::min<long>(fitting(bytes), per_sm), wanted) << ctas << " CTAs, " << needed << " bytes";
-        else
-          ASSERT_EQ(bytes, needed) << ctas << " CTAs";
-      }
-  }
+  for (const auto& [sm, sms] : {std::pair{kHopperShared, kSms}, std::pair{kA100Shared, 108}})
+    for (const int per_sm : {2, 3, 4, 5, 7, 8}) {
+      const long share = sm.per_sm / per_sm / sm.allocation_unit * sm.allocation_unit;
+      const size_t most = static_cast<size_t>(share - sm.reserved_per_cta);
+      for (const size_t needed : {size_t{0}, size_t{16 * 1024} / per_sm, most})
+        for (long ctas = 1; ctas <= per_sm * sms; ++ctas) {
+          const size_t bytes = shared_bytes_to_spread(ctas, sms, per_sm, needed, sm);
+          const long wanted = (ctas + sms - 1) / sms;
+          ASSERT_GE(bytes, needed);
+          ASSERT_LE(bytes, static_cast<size_t>(sm.max_per_cta));
+          if (wanted < per_sm)
+            ASSERT_EQ(std::min<long>(fitting(bytes, sm), per_sm), wanted)
+                << sm.per_sm << " bytes per SM, " << ctas << " CTAs, " << needed << " bytes needed";
+          else
+            ASSERT_EQ(bytes, needed) << ctas << " CTAs";
+        }
+    }
 }
 
 }  // namespace
