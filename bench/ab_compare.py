@@ -14,6 +14,7 @@ device run cut short keeps what it measured.
 """
 import argparse
 import csv
+import os
 import signal
 import statistics
 import subprocess
@@ -41,7 +42,23 @@ class Stopped(Exception):
 
 
 def stop(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal would cut the table short
+        signal.signal(sig, signal.SIG_IGN)
     raise Stopped()
+
+
+def run_bench(command):
+    """Runs one benchmark in a process group of its own, killed whole if this is stopped meanwhile (a wrapper script
+    and the benchmark it starts alike); returns its exit status and what it wrote to stderr."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, err
 
 
 def main():
@@ -55,7 +72,8 @@ def main():
     if len(args.binaries) < 2:
         parser.error("expected at least two binaries")
 
-    signal.signal(signal.SIGTERM, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     samples = defaultdict(lambda: [[] for _ in args.binaries])
     rounds_done = 0
     try:
@@ -64,18 +82,17 @@ def main():
                 times = []  # this round's, kept only once every binary has run
                 for i, binary in enumerate(args.binaries):
                     out = Path(tmp) / f"{i}.{r}.csv"
-                    run = subprocess.run([binary, "--csv", str(out), *bench_args], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True)
-                    if run.returncode != 0:
-                        sys.exit(f"{binary} failed in round {r + 1}: {run.stderr.strip()}")
+                    status, err = run_bench([binary, "--csv", str(out), *bench_args])
+                    if status != 0:
+                        sys.exit(f"{binary} failed in round {r + 1}: {err.strip()}")
                     times.append(read_times(out))
                 for i, binary_times in enumerate(times):
                     for key, t in binary_times.items():
                         samples[key][i].append(t)
                 rounds_done += 1
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    except (Stopped, KeyboardInterrupt):
-        print(f"stopped during round {rounds_done + 1}; medians of the {rounds_done} rounds done", file=sys.stderr)
+    except Stopped:
+        print(f"stopped after {rounds_done} of {args.rounds} rounds; the medians of those", file=sys.stderr)
         if rounds_done == 0:
             sys.exit(1)
 
