@@ -85,9 +85,7 @@ constexpr size_t shared_bytes() {
 template <class F>
 __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may launch once every CTA has started
-#endif
+  release_next_kernel();  // the combine kernel may launch once every CTA has started
   const int pairs = p.num_seqs * p.num_kv_heads;
   if (static_cast<int>(blockIdx.x) < pairs) {
     const int head = blockIdx.x % p.num_kv_heads, seq_index = blockIdx.x / p.num_kv_heads;
@@ -135,10 +133,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
   }
   const size_t base = static_cast<size_t>(row) * (num_splits + 1);
   auto slot = [&](int part) { return base + (part < used ? part : num_splits); };
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // the attention grid has finished and its writes are visible
-  asm volatile("griddepcontrol.launch_dependents;");   // the next call's attention may start reading its tiles
-#endif
+  wait_for_previous_kernel();  // the attention grid has finished and its writes are visible
+  release_next_kernel();       // the next call's attention may start reading its tiles
   float m = -FLT_MAX, l = 0, acc[E] = {};
   for (int first = k * kPartsPerTrip; first < parts; first += kPartsPerTrip * warps_per_row) {
     float2 ml[kPartsPerTrip];

@@ -57,6 +57,14 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// Lets the kernel after this one in the stream launch, if it is a programmatic dependent, once every CTA of this
+// grid has called this or exited (it still waits for this grid's end before reading what it writes).
+__device__ __forceinline__ void release_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
 // (m = 0..3), which read 4-aligned runs 8, 16 or 2 * NV floats apart, hit distinct banks.
 __device__ __forceinline__ int padded(int i) { return i + 4 * (i / 32); }
