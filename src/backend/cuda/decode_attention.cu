@@ -213,14 +213,15 @@ const DeviceTraits& device_traits() {
       KVARN_CUDA_CHECK(cudaDeviceGetAttribute(&value, which, device));
       return value;
     };
+    const int major = attribute(cudaDevAttrComputeCapabilityMajor);
     t.multiprocessors = attribute(cudaDevAttrMultiProcessorCount);
     t.shared.per_sm = attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
     t.shared.reserved_per_cta = attribute(cudaDevAttrReservedSharedMemoryPerBlock);
     t.shared.max_per_cta = attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-    t.shared.allocation_unit = attribute(cudaDevAttrComputeCapabilityMajor) >= 8 ? 128 : 256;
+    t.shared.allocation_unit = major >= 8 ? 128 : 256;
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_combine_kernel<128>));
-    t.programmatic_launch = attribute(cudaDevAttrComputeCapabilityMajor) >= 9 && compiled.ptxVersion >= 90;
+    t.programmatic_launch = major >= 9 && compiled.ptxVersion >= 90;
     return t;
   }();
   return traits;
