@@ -49,8 +49,10 @@
 // (three to four dependent ones before: H200, 1.11x at batch 1 x 1K, 1.04-1.05x at 8 x 1K-8K), and a row with
 // more partials than 8 gets up to 8 warps, each reading its own 8 at once, merged in shared memory (up to 64
 // partials, batch 1 x 32K has 33, in one round trip instead of one per 8). Combining in the last CTA of each pair
-// instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape of the benchmark
-// (docs/benchmarks.md), so the two kernels stay.
+// instead (one launch, arrival counters) measured 0.73-0.95x the speed on every shape of the benchmark, and again
+// with that CTA reading 16 partials per round trip, 0.78-0.93x at batch 1 and 0.86-0.89x at 128 x 1K (one CTA
+// reads what the combine spreads over many SMs, and every CTA waits for its arrival's atomic; docs/benchmarks.md),
+// so the two kernels stay.
 #include "backend/cuda/decode_attention.h"
 
 #include "backend/cuda/cuda_check.h"
@@ -277,7 +279,8 @@ const KernelOccupancy& occupancy() {
 // such a grid ran slower than without the overlap; our reading, not observed directly: its CTAs were stacked 3 to an
 // SM on the SMs free first, and the busiest SMs set its time. H200, k4v2 batch 1 x 16K / 32K (264 CTAs on 132 SMs
 // of 3 slots), overlapping against not: 0.94-1.005x launched as is, 1.09-1.14x spread; not overlapping, spreading
-// changes nothing (0.99-1.00x).
+// changes nothing (0.99-1.00x). Asking only for enough that one more CTA does not fit (76.9 KB instead of 115.7 KB
+// at 2 per SM) measured 1.07x at 1 x 8K and 0.98x at 1 x 32K; not kept.
 template <class F>
 size_t launch_shared_bytes(long ctas) {
   const KernelOccupancy& kernel = occupancy<F>();
