@@ -18,13 +18,15 @@
 // are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
-//                         [--tiles-per-split 16,32] [--ragged | --one-long] [--no-overlap]
+//                         [--tiles-per-split 16,32] [--ragged | --one-long] [--no-overlap] [--after-append]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
 //   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
 //   planner's choice (to time its alternatives); --ragged / --one-long: the decode rows' lengths (Lengths below),
 //   ragged as the full run's last decode rows are; --no-overlap: the decode rows' calls do not overlap (a call's
-//   attention starts once the call before has ended; see bench_decode).
+//   attention starts once the call before has ended; see bench_decode); --after-append: each decode call comes
+//   after an append_to_tails of one K/V row per sequence, which it overlaps, as in a decode step (kinds
+//   decode_after_append, ...: the time and bytes of both).
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -198,10 +200,12 @@ constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128
 enum class Lengths { uniform, ragged, one_long };
 
 // tiles_per_split: 0 for the planner's choice. overlap: each call's attention starts reading its tiles while the
-// call before it combines (DecodeAttentionArgs::overlap_previous_kernel, as a step's attention overlaps the kernel
-// that appends its K/V); false: it starts once that has ended.
+// kernel before it runs, the call before's combine or the append (DecodeAttentionArgs::overlap_previous_kernel);
+// false: it starts once that has ended. after_append: each call is an append_to_tails of one K/V row per sequence
+// (over its tail's last row) and the attention.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
-                  int tiles_per_split = 0, Lengths lengths = Lengths::uniform, bool overlap = true) {
+                  int tiles_per_split = 0, Lengths lengths = Lengths::uniform, bool overlap = true,
+                  bool after_append = false) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tail = g / 2;
   std::vector<int> seq_tiles(batch);
@@ -215,10 +219,11 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const long total_tiles = std::accumulate(seq_tiles.begin(), seq_tiles.end(), 0L);
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, shape.kv_heads, nullptr, nullptr);
   const size_t cache_bytes = probe.block_bytes() * total_tiles;
-  const char* kind = lengths == Lengths::ragged     ? "decode_ragged,"
-                     : lengths == Lengths::one_long ? "decode_one_long,"
-                                                    : "decode,";
-  const std::string key = std::string(kind) + shape.name + "," + dtype_name + "," + std::to_string(batch) + "," +
+  const std::string kind = std::string(lengths == Lengths::ragged     ? "decode_ragged"
+                                       : lengths == Lengths::one_long ? "decode_one_long"
+                                                                      : "decode") +
+                           (after_append ? "_after_append" : "");
+  const std::string key = kind + "," + shape.name + "," + dtype_name + "," + std::to_string(batch) + "," +
                           std::to_string(context);
   if (cache_bytes > (size_t{60} << 30)) {
     csv.row(key + ",skipped: " + std::to_string(cache_bytes >> 30) + " GiB of cache does not fit");
@@ -258,22 +263,36 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, shape.q_heads, tiles_per_split);
   void* workspace;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
+  uint16_t *new_k, *new_v;  // the rows appended: [batch][kv_heads][D]
+  TailAppendRow* new_rows;  // [replicas][batch]: each sequence's tail's last row
+  const size_t row_elements = static_cast<size_t>(batch) * shape.kv_heads * d;
+  KVARN_CUDA_CHECK(cudaMalloc(&new_k, sizeof(uint16_t) * row_elements));
+  KVARN_CUDA_CHECK(cudaMalloc(&new_v, sizeof(uint16_t) * row_elements));
+  fill_plausible(new_k, sizeof(uint16_t) * row_elements, 6);
+  fill_plausible(new_v, sizeof(uint16_t) * row_elements, 7);
+  std::vector<TailAppendRow> rows;
+  for (int r = 0; r < replicas; ++r)
+    for (int s = 0; s < batch; ++s) rows.push_back({r * batch + s, tail - 1});
+  KVARN_CUDA_CHECK(cudaMalloc(&new_rows, sizeof(TailAppendRow) * rows.size()));
+  KVARN_CUDA_CHECK(cudaMemcpy(new_rows, rows.data(), sizeof(TailAppendRow) * rows.size(), cudaMemcpyHostToDevice));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const Timing t = graph_median_ms(32, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
+    if (after_append) append_to_tails(layer, new_k, new_v, new_rows + r * batch, batch, stream);
     decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, scale, overlap}, plan,
                      workspace, stream);
   });
   const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
                        2.0 * batch * shape.q_heads * d * 2 + 4.0 * total_tiles + sizeof(SequenceKvView) * batch +
-                       2.0 * plan.workspace_bytes;
+                       2.0 * plan.workspace_bytes + (after_append ? 4.0 * row_elements * 2 : 0.0);
   const double flops = 4.0 * shape.q_heads * d * (static_cast<double>(total_tiles) * g + batch * tail);
   csv.row(key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
               std::to_string(bytes / (t.ms * 1e-3) / 1e9) + "," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
               std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split),
           &t);
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
-                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace})
+                  static_cast<void*>(tables), static_cast<void*>(dviews), workspace,
+                  static_cast<void*>(new_k), static_cast<void*>(new_v), static_cast<void*>(new_rows)})
     KVARN_CUDA_CHECK(cudaFree(p));
 }
 
@@ -440,7 +459,7 @@ void bench_prefills(Csv& csv) {
 
 int run(int argc, char** argv) {
   Csv csv;
-  bool decode_only = false, flush_only = false, prefill_only = false, overlap = true;
+  bool decode_only = false, flush_only = false, prefill_only = false, overlap = true, after_append = false;
   Lengths lengths = Lengths::uniform;
   std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
@@ -456,6 +475,7 @@ int run(int argc, char** argv) {
         lengths = chosen;
       }
     if (!std::strcmp(argv[i], "--no-overlap")) overlap = false;
+    if (!std::strcmp(argv[i], "--after-append")) after_append = true;
     if (!std::strcmp(argv[i], "--flush-only")) flush_only = true;
     if (!std::strcmp(argv[i], "--prefill-only")) prefill_only = true;
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
@@ -499,7 +519,7 @@ int run(int argc, char** argv) {
         for (int batch : batches)
           for (int context : contexts)
             for (int tiles_per_split : splits)
-              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, lengths, overlap);
+              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, lengths, overlap, after_append);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;

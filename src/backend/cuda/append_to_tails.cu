@@ -1,10 +1,15 @@
 // Shape contract: k, v [num_rows][H][D] fp16 -> tails[slot][K|V][H][position][D] fp16.
 // One warp per (row, kv-head, K|V): D/32 elements per lane, rotated in registers by warp shuffles.
 // Bytes: reads and writes 2*H*D*2 bytes per row; no arithmetic worth counting (D log D adds per vector).
+// Every CTA releases the kernel after it at its start: a step's attention, launched to overlap this kernel
+// (DecodeAttentionArgs::overlap_previous_kernel), then reads its tiles while the rows are appended, and the tails
+// only after this kernel's end. Not a programmatic dependent itself, this kernel starts after every kernel before
+// it has ended, so the attention never runs beside one that writes tiles (a flush).
 #include "backend/cuda/append_to_tails.h"
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hadamard_warp.cuh"
+#include "backend/cuda/programmatic_launch.cuh"
 
 #include <cuda_fp16.h>
 
@@ -17,6 +22,7 @@ __global__ void append_to_tails_kernel(const __half* __restrict__ k, const __hal
                                        const TailAppendRow* __restrict__ rows, int num_rows, int num_kv_heads,
                                        int tile_tokens, bool rotate, __half* __restrict__ tails) {
   constexpr int E = D / 32;
+  release_next_kernel();
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   const int head = warp % num_kv_heads;

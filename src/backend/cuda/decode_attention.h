@@ -23,10 +23,10 @@ struct DecodeAttentionArgs {
   float scale = 0;                         // softmax scale, 1/sqrt(D) for the Llama family
   // Start reading the tiles while the kernel before this call in the stream is still running (Hopper's
   // programmatic dependent launch; a decode step's attention follows the kernel that appends its K/V and writes
-  // q). That kernel may write q and the tails, which are read after it has finished; it must not write the
-  // cache's blocks, the block tables or `seqs` (a flush of full tails must come earlier), and if it is itself a
-  // programmatic dependent it must release this call only after its own wait, so that no kernel before it is
-  // still running (decode_attention's combine does so).
+  // q: append_to_tails lets it start at once). That kernel may write q and the tails, which are read after it has
+  // finished; it must not write the cache's blocks, the block tables or `seqs` (a flush of full tails must come
+  // earlier), and if it is itself a programmatic dependent it must release this call only after its own wait, so
+  // that no kernel before it is still running (decode_attention's combine does so).
   bool overlap_previous_kernel = false;
 };
 

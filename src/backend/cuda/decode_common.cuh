@@ -4,6 +4,7 @@
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/kv_layout.h"
 #include "backend/cuda/mma_fragments.cuh"
+#include "backend/cuda/programmatic_launch.cuh"
 #include "codec/tile_layout.h"
 
 #include <cuda_fp16.h>
@@ -47,23 +48,6 @@ struct DecodeParams {
   float scale_log2;
   bool rotated;
 };
-
-// Waits until the kernel before this one in the stream has finished and its writes are visible. A no-op unless
-// the launch overlaps it (DecodeAttentionArgs::overlap_previous_kernel: a programmatic dependent launch), in which
-// case what that kernel may write (q, the tails) is read only after this, and nothing is written before it.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Lets the kernel after this one in the stream launch, if it is a programmatic dependent, once every CTA of this
-// grid has called this or exited (it still waits for this grid's end before reading what it writes).
-__device__ __forceinline__ void release_next_kernel() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
 
 // Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row
 // (m = 0..3), which read 4-aligned runs 8, 16 or 2 * NV floats apart, hit distinct banks.

@@ -9,8 +9,10 @@
 // one, one-tile sequences with a 100x and a 3x attention sink, long sequences split over many CTAs, GQA groups of 1,
 // 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles), head_dim 64 and 128, every
 // KVarN preset, the rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured
-// K/V (groups of 4 and 8); the launch overlapping a kernel that writes the queries and tails late. Outputs are
+// K/V (groups of 4 and 8); the launch overlapping a kernel that writes the queries and tails late, and overlapping
+// append_to_tails, which writes each sequence's last tail row. Outputs are
 // poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
+#include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/kv_layout.h"
 #include "cuda_test_support.h"
@@ -45,16 +47,23 @@ using test::SeqSpec;
 // 0.5% scale error cannot move past the budget could not catch one (near-one-hot attention, as beside a sink).
 constexpr double kScaleError = 1.005;
 
+// The kernel a check's attention is launched to overlap (DecodeAttentionArgs::overlap_previous_kernel).
+enum class Before {
+  nothing,     // none: a plain launch
+  late_copy,   // the queries and tails are written by a kernel that lets the attention launch at once and writes
+               // them late (copy_after_delay), over NaNs
+  append_rows  // each sequence's last tail row is written by append_to_tails, over NaNs
+};
+
 // kv(s): keys and values of sequence s, [tokens][kv_heads][D], model space. q: [seqs][q_heads][D]. scale_shift:
 // the largest relative distance between the float64 reference and the same with the scale times kScaleError.
-// tiles_per_split: 0 for the planner's choice. overlap: the queries and tails are written by a kernel that lets the
-// attention launch at once and writes late (copy_after_delay), the attention launched to overlap it.
+// tiles_per_split: 0 for the planner's choice. before: the kernel the attention is launched to overlap, if any.
 void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
                   const KvSource& kv, const std::vector<float>& q_model, uint32_t seed,
-                  double* scale_shift = nullptr, int tiles_per_split = 0, bool overlap = false) {
+                  double* scale_shift = nullptr, int tiles_per_split = 0, Before before = Before::nothing) {
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
   std::mt19937 rng(seed);
-  const test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
+  test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
   const codec::CacheDtype& dtype = cache.dtype;
   const int g = cache.tile_tokens;
   const auto& stored_k = cache.stored_k;
@@ -75,8 +84,9 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   cudaStream_t stream;
   KVARN_CUDA_CHECK(cudaStreamCreate(&stream));  // after the uploads and poisoning on the legacy stream
-  DeviceBuffer<uint16_t> late_tails(overlap ? cache.tails.size() : 0), late_q(overlap ? q_model.size() : 0);
-  if (overlap) {
+  const bool late_copy = before == Before::late_copy;
+  DeviceBuffer<uint16_t> late_tails(late_copy ? cache.tails.size() : 0), late_q(late_copy ? q_model.size() : 0);
+  if (late_copy) {
     KVARN_CUDA_CHECK(cudaMemcpy(late_tails.get(), dtails.get(), 2 * cache.tails.size(), cudaMemcpyDeviceToDevice));
     KVARN_CUDA_CHECK(cudaMemcpy(late_q.get(), dq.get(), 2 * q_model.size(), cudaMemcpyDeviceToDevice));
     dtails.poison();
@@ -85,11 +95,56 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
                             {dtails.get(), late_tails.get(), 2 * cache.tails.size()}},
                            200'000, stream);
   }
-  decode_attention(layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, scale, overlap},
-                   plan, workspace.get(), stream);
+  // Appended rows: each sequence's last tail row, given in the model space (the stored row rotated back), over NaNs.
+  std::vector<TailAppendRow> appended;
+  std::vector<float> append_k, append_v;
+  auto tail_row = [&](int slot, int which, int h, int t) {
+    return ((static_cast<size_t>(slot) * 2 + which) * kv_heads + h) * g * d + static_cast<size_t>(t) * d;
+  };
+  if (before == Before::append_rows) {
+    std::vector<uint16_t> poisoned = cache.tails;
+    for (int s = 0; s < num_seqs; ++s) {
+      if (specs[s].tail == 0) continue;
+      const SequenceKvView& view = cache.views[s];
+      appended.push_back({view.tail_slot, view.tail_len - 1});
+      for (int h = 0; h < kv_heads; ++h)
+        for (int which = 0; which < 2; ++which) {
+          const size_t at = tail_row(view.tail_slot, which, h, view.tail_len - 1);
+          std::vector<double> row(d);
+          for (int c = 0; c < d; ++c) row[c] = half_to_float(cache.tails[at + c]), poisoned[at + c] = 0xffff;
+          if (dtype.rotated()) test::hadamard_double(row.data(), d);  // its own inverse
+          for (int c = 0; c < d; ++c) (which == 0 ? append_k : append_v).push_back(static_cast<float>(row[c]));
+        }
+    }
+    dtails.upload(poisoned);
+  }
+  DeviceBuffer<uint16_t> dappend_k(append_k.size()), dappend_v(append_v.size());
+  DeviceBuffer<TailAppendRow> dappended(appended.size());
+  if (!appended.empty()) {
+    dappend_k.upload(test::to_half(append_k)), dappend_v.upload(test::to_half(append_v)), dappended.upload(appended);
+    append_to_tails(layer, dappend_k.get(), dappend_v.get(), dappended.get(), static_cast<int>(appended.size()),
+                    stream);
+  }
+  decode_attention(
+      layer, {dq.get(), dout.get(), dviews.get(), dtables.get(), num_seqs, q_heads, scale, before != Before::nothing},
+      plan, workspace.get(), stream);
   KVARN_CUDA_CHECK(cudaStreamSynchronize(stream));
   KVARN_CUDA_CHECK(cudaStreamDestroy(stream));
   const auto out = test::to_float(dout.download());
+  // The reference holds what the append wrote (its rounding is append_to_tails' test's to check).
+  const std::vector<uint16_t> tails_after = dtails.download();
+  for (int s = 0, i = 0; s < num_seqs && !appended.empty(); ++s) {
+    if (specs[s].tail == 0) continue;
+    const size_t token = static_cast<size_t>(specs[s].tiles) * g + specs[s].tail - 1;
+    for (int h = 0; h < kv_heads; ++h)
+      for (int c = 0; c < d; ++c) {
+        cache.stored_k[s][h][token * d + c] = half_to_float(tails_after[tail_row(appended[i].tail_slot, 0, h,
+                                                                                  appended[i].position) + c]);
+        cache.stored_v[s][h][token * d + c] = half_to_float(tails_after[tail_row(appended[i].tail_slot, 1, h,
+                                                                                  appended[i].position) + c]);
+      }
+    ++i;
+  }
 
   double worst = 0, largest_shift = 0;
   for (int s = 0; s < num_seqs; ++s) {
@@ -238,7 +293,23 @@ TEST_P(DecodeTest, ReadsQueriesAndTailsOnlyOnceTheKernelItOverlapsHasEnded) {
   const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
   check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0, true);
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0,
+               Before::late_copy);
+}
+
+// A decode step's attention overlaps the kernel that appends the step's K/V rows to the tails (append_to_tails lets
+// it launch at once): it reads those rows, written over NaNs, only once they are there.
+TEST_P(DecodeTest, ReadsTheTailRowsAppendedByTheKernelItOverlaps) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = test::test_seed();
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
+  const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {40, 33}};
+  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
+  std::mt19937 rng(seed);
+  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0,
+               Before::append_rows);
 }
 
 // With nothing to read (every sequence empty), a launch overlapping the kernel before it still ends after that
