@@ -282,34 +282,30 @@ TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
       << "a softmax scale off by " << kScaleError << " would pass this test";
 }
 
-// Overlapping the kernel before it (a programmatic dependent launch), the attention reads that kernel's writes, the
-// queries and the tails, only after it has ended: written 200 us after the attention could start, over NaNs.
-TEST_P(DecodeTest, ReadsQueriesAndTailsOnlyOnceTheKernelItOverlapsHasEnded) {
-  KVARN_SKIP_WITHOUT_GPU();
-  const auto& c = GetParam();
+// check_decode on a ragged batch of synthetic K/V (tails of 0, 1, 33, 64 and G-1 tokens, one sequence empty), the
+// attention launched to overlap the kernel `before`.
+void check_decode_overlapping(const DecodeCase& c, Before before) {
   const uint32_t seed = test::test_seed();
   const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
   const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {40, 33}};
   const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
   check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0,
-               Before::late_copy);
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0, before);
+}
+
+// Overlapping the kernel before it (a programmatic dependent launch), the attention reads that kernel's writes, the
+// queries and the tails, only after it has ended: written 200 us after the attention could start, over NaNs.
+TEST_P(DecodeTest, ReadsQueriesAndTailsOnlyOnceTheKernelItOverlapsHasEnded) {
+  KVARN_SKIP_WITHOUT_GPU();
+  check_decode_overlapping(GetParam(), Before::late_copy);
 }
 
 // A decode step's attention overlaps the kernel that appends the step's K/V rows to the tails (append_to_tails lets
 // it launch at once): it reads those rows, written over NaNs, only once they are there.
 TEST_P(DecodeTest, ReadsTheTailRowsAppendedByTheKernelItOverlaps) {
   KVARN_SKIP_WITHOUT_GPU();
-  const auto& c = GetParam();
-  const uint32_t seed = test::test_seed();
-  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
-  const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {40, 33}};
-  const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
-  std::mt19937 rng(seed);
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0,
-               Before::append_rows);
+  check_decode_overlapping(GetParam(), Before::append_rows);
 }
 
 // With nothing to read (every sequence empty), a launch overlapping the kernel before it still ends after that
