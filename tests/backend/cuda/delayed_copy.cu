@@ -1,6 +1,7 @@
 #include "delayed_copy.h"
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/programmatic_launch.cuh"
 
 #include <cstdint>
 #include <stdexcept>
@@ -22,9 +23,7 @@ __device__ uint64_t global_ns() {
 }
 
 __global__ void copy_after_delay_kernel(const Copies copies, long delay_ns) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  release_next_kernel();
   const uint64_t start = global_ns();
   while (global_ns() - start < static_cast<uint64_t>(delay_ns)) {
   }
