@@ -9,7 +9,10 @@
 // kernel before it (DecodeAttentionArgs::overlap_previous_kernel), a CTA reads its sequence's view and block table
 // and asks for its first tile before it waits for that kernel's end (wait_for_previous_kernel), and reads q and the
 // tail only after: H200, k4v2 1.03-1.17x, fp16 1.00-1.21x at batch 1-8 x 1K-32K (docs/benchmarks.md). A grid that
-// fits at fewer CTAs per SM than the kernel allows is spread evenly over the SMs (launch_shared_bytes).
+// fits at fewer CTAs per SM than the kernel allows is spread evenly over the SMs (launch_shared_bytes). A grid of
+// one split per pair that the tail CTAs would make larger than the GPU holds at once has none: each pair's CTA reads
+// its tail after its tiles and writes the output, and no combine follows (tails_in_tile_ctas, decode_split_plan.h;
+// H200 k4v2 32 x 1K 1.58x / 1.41x, Llama / Qwen).
 // (Measured and not kept, H200: the tail read by the pair's last tile CTA puts it on the critical path, 1.3-1.6x
 // slower at batch 1-8 x 1K; a separate tail kernel, a programmatic dependent, costs a launch, 1.2-1.3x slower
 // there, and pays only at batch >= 32 x 1K, where the tail CTAs' tile-sized shared memory halves the CTAs per SM.)
@@ -84,12 +87,35 @@ constexpr size_t shared_bytes() {
   return SharedLayout<F>::bytes;
 }
 
+// A pair of one split whose CTA also read the tail: its warps merge the two partials of each of its q heads (the
+// tiles' at split 0 where tiles is set, the tail's where tail is) and write the output, so that no combine follows.
+template <int D>
+__device__ void write_pair_output(const DecodeParams& p, size_t partial_row, bool tiles, bool tail) {
+  constexpr int E = D / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  for (int h = warp; h < p.group; h += kWarps) {
+    const size_t base = (partial_row + h) * (p.num_splits + 1);
+    float2 ml[2] = {make_float2(-FLT_MAX, 0.0f), make_float2(-FLT_MAX, 0.0f)};
+    float x[2][E] = {};
+    if (tiles) ml[0] = p.partial_ml[base], load_floats(p.partial_o + base * D + lane * E, x[0]);
+    if (tail) ml[1] = p.partial_ml[base + 1], load_floats(p.partial_o + (base + 1) * D + lane * E, x[1]);
+    const float mx = fmaxf(ml[0].x, ml[1].x), f0 = exp2f(ml[0].x - mx), f1 = exp2f(ml[1].x - mx);
+    const float l = ml[0].y * f0 + ml[1].y * f1, inv = l > 0 ? 1.0f / l : 0.0f;
+    float acc[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) acc[i] = (x[0][i] * f0 + x[1][i] * f1) * inv;
+    if (p.rotated) hadamard_warp<D>(acc);
+#pragma unroll
+    for (int i = 0; i < E; ++i) p.out[(partial_row + h) * D + lane * E + i] = __float2half_rn(acc[i]);
+  }
+}
+
 template <class F>
 __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
-  release_next_kernel();  // the combine kernel may launch once every CTA has started
+  release_next_kernel();  // the combine kernel (or the next call, without one) may launch once every CTA has started
   const int pairs = p.num_seqs * p.num_kv_heads;
-  if (static_cast<int>(blockIdx.x) < pairs) {
+  if (!p.tails_in_tile_ctas && static_cast<int>(blockIdx.x) < pairs) {
     const int head = blockIdx.x % p.num_kv_heads, seq_index = blockIdx.x / p.num_kv_heads;
     const SequenceKvView seq = p.seqs[seq_index];
     // The tail may be the kernel before's to write. Waiting also where there is none keeps this grid's end after
@@ -100,16 +126,30 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
     attend_tail<F>(p, seq, head, partial_row, shared);
     return;
   }
-  const CtaWork work = cta_work(p, blockIdx.x - pairs);
-  if (work.first_tile >= work.end_tile) return;
-  if constexpr (F::kCodes) {
-    if (p.group <= 4)
-      attend_kvarn_tiles<F, 1>(p, work, shared);
-    else
-      attend_kvarn_tiles<F, 2>(p, work, shared);
-  } else {
-    attend_fp16_tiles<F>(p, work, shared);
+  const CtaWork work = cta_work(p, blockIdx.x - (p.tails_in_tile_ctas ? 0 : pairs));
+  const bool tiles = work.first_tile < work.end_tile;
+  if (tiles) {
+    if constexpr (F::kCodes) {
+      if (p.group <= 4)
+        attend_kvarn_tiles<F, 1>(p, work, shared);
+      else
+        attend_kvarn_tiles<F, 2>(p, work, shared);
+    } else {
+      attend_fp16_tiles<F>(p, work, shared);
+    }
   }
+  // Without tail CTAs, each pair's one split reads the tail after its tiles (alone where there are none). Its work
+  // is read again rather than kept in registers through the tiles.
+  if (!p.tails_in_tile_ctas) return;
+  const CtaWork pair = cta_work(p, blockIdx.x);
+  if (!tiles) wait_for_previous_kernel();  // the tail and the output may be the kernel before's to write
+  const bool tail = pair.seq.tail_len > 0;
+  if (tail) {
+    __syncthreads();  // the tiles' merge buffer is read: the tail's rows replace it
+    attend_tail<F>(p, pair.seq, pair.head, pair.partial_row, shared);
+  }
+  __syncthreads();  // the partials are written
+  write_pair_output<F::D>(p, pair.partial_row, tiles, tail);
 }
 
 // Warps of 32 lanes per combine CTA; a row's partials are shared by warps_per_row of them (1, 2, 4 or 8).
@@ -324,9 +364,9 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
                 std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
                 std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
-  const long ctas = static_cast<long>(args.num_seqs) * cache.num_kv_heads * (plan.num_splits + 1);
-  if (ctas > 0x7fffffffL)
-    throw_error("decode_attention: " + std::to_string(ctas) + " CTAs exceed the grid limit (2^31 - 1)");
+  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads, tile_ctas = pairs * plan.num_splits;
+  if (tile_ctas + pairs > 0x7fffffffL)
+    throw_error("decode_attention: " + std::to_string(tile_ctas + pairs) + " CTAs exceed the grid limit (2^31 - 1)");
   const int d = cache.head_dim();
   const size_t rows = static_cast<size_t>(args.num_seqs) * args.num_q_heads * (plan.num_splits + 1);
   DecodeParams p;
@@ -344,12 +384,16 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.num_splits = plan.num_splits;
   p.scale_log2 = args.scale * kLog2e;
   p.rotated = cache.rotated();
+  p.out = reinterpret_cast<__half*>(args.out);
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
     p.first_wave_ctas = device_traits().multiprocessors * occupancy<F>().blocks_per_sm;
+    p.tails_in_tile_ctas = tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
+    const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
     launch_with_overlap(decode_attention_kernel<F>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
                         launch_shared_bytes<F>(ctas), stream, args.overlap_previous_kernel, p);
   });
+  if (p.tails_in_tile_ctas) return;  // each pair's CTA wrote its output
   const int num_rows = args.num_seqs * args.num_q_heads;
   int warps_per_row = 1;  // enough warps that each row's partials (the splits and the tail) take one round trip
   while (warps_per_row < kCombineWarps && warps_per_row * kPartsPerTrip < plan.num_splits + 1) warps_per_row *= 2;

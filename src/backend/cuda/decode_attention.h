@@ -2,7 +2,8 @@
 // Decode attention: one query token per sequence over its full tiles (read packed, dequantized in registers)
 // plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are the rows of one tensor-core tile,
 // so every byte of a tile is read once per kv-head. Split-K over tiles, then a reduction kernel that combines
-// the partial softmax states and rotates the output back to the model's space.
+// the partial softmax states and rotates the output back to the model's space (where a pair's tiles are one CTA's
+// and the grid is large, that CTA reads the tail too and writes the output: no reduction kernel).
 #include "backend/cuda/kv_layout.h"
 
 #include <cuda_runtime.h>
@@ -26,7 +27,8 @@ struct DecodeAttentionArgs {
   // q: append_to_tails lets it start at once). That kernel may write q and the tails, which are read after it has
   // finished; it must not write the cache's blocks, the block tables or `seqs` (a flush of full tails must come
   // earlier), and if it is itself a programmatic dependent it must release this call only after its own wait, so
-  // that no kernel before it is still running (decode_attention's combine does so).
+  // that no kernel before it is still running (decode_attention's combine does so; a call without one releases the
+  // next as its attention starts, as safely: it writes no tiles, and the kernel it overlaps released it late).
   bool overlap_previous_kernel = false;
 };
 

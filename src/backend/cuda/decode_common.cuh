@@ -43,10 +43,12 @@ struct DecodeParams {
   const int32_t* block_tables;
   float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
   float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
+  __half* out;          // [num_seqs * num_q_heads][D], written here only where tails_in_tile_ctas
   int num_seqs, num_kv_heads, group, tiles_per_split, num_splits;
   int first_wave_ctas;  // CTAs resident at the launch (SMs x CTAs per SM): they ask for their first tiles at once
   float scale_log2;
   bool rotated;
+  bool tails_in_tile_ctas;  // no tail CTAs: each pair's one tile CTA reads its tail (decode_attention_kernel)
 };
 
 // Index of element i in a shared float array padded by 4 floats per 32, so that the 4 lanes of a fragment row

@@ -99,6 +99,8 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
   return std::min(uniform, fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once));
 }
 
+bool tails_in_tile_ctas(int num_splits, long pairs, long slots) { return num_splits == 1 && 2 * pairs > slots; }
+
 size_t shared_bytes_to_spread(long ctas, int sms, int ctas_per_sm, size_t needed, const SmSharedMemory& shared) {
   const long sm_count = std::max(sms, 1), per_sm = (ctas + sm_count - 1) / sm_count;
   if (per_sm < 1 || per_sm >= ctas_per_sm) return needed;

@@ -29,6 +29,16 @@ struct DecodeGridShape {
 // decode_split_plan.cpp).
 int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape& grid);
 
+// Whether a grid of `num_splits` tile CTAs per pair goes without tail CTAs, each pair's one CTA reading its tail
+// after its tiles and writing the output (no combine kernel): only where every pair has one split and the tail CTAs
+// would make the grid larger than `slots`. Measured on the H200 (docs/benchmarks.md, Llama / Qwen shape): k4v2
+// 32 x 1K 1.58x / 1.41x (512 CTAs to 256: one wave, and no combine), 128 x 1K 1.07x / 1.11x, fp16 32 x 1K 1.09x /
+// 1.08x, 1 split at 8K and 32K 1.00-1.03x. With more splits the tail lengthened the last split's CTA instead (the
+// combine still needed): 8 x 8K 0.95x / 0.97x, 32 x 8K 0.96x / 0.97x, 8 x 32K 0.96x / 0.99x. choose_tiles_per_split
+// does not model it (it times one split with its tail CTAs): at k4v2 32 x 8K one split of 63 tiles ran 1.05x /
+// 1.04x faster than its 3 of 24.
+bool tails_in_tile_ctas(int num_splits, long pairs, long slots);
+
 // An SM's shared memory as the GPU shares it out among CTAs (the cudaDevAttr...SharedMemory... attributes).
 struct SmSharedMemory {
   long per_sm = 0;            // shared out among the CTAs of an SM

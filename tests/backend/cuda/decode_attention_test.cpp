@@ -27,6 +27,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <utility>
 
 namespace kvarn::cuda {
 namespace {
@@ -211,11 +212,13 @@ class DecodeTest : public ::testing::TestWithParam<DecodeCase> {};
 
 // check_decode over keys and values from the synthetic generator (sinks, outlier channels), per kv-head, and
 // queries of N(0, 1.5^2).
-void check_decode_on_synthetic_kv(const DecodeCase& c, const std::vector<SeqSpec>& specs, uint32_t seed) {
+void check_decode_on_synthetic_kv(const DecodeCase& c, const std::vector<SeqSpec>& specs, uint32_t seed,
+                                  int tiles_per_split = 0) {
   const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
   check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed);
+               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr,
+               tiles_per_split);
 }
 
 // check_decode over keys and values of N(0, 1) per channel and queries of N(0, 2^2): scores with a standard
@@ -238,16 +241,27 @@ TEST_P(DecodeTest, MatchesFloat64ReferenceOnRaggedBatch) {
                                seed);
 }
 
+// 250 sequences of 0-3 tiles (every fifth none, one of them empty) and tails of every length: with 2 kv heads, 500
+// pairs, more than one wave of CTAs on any Hopper GPU with the tail CTAs.
+std::vector<SeqSpec> several_waves_batch(int tile_tokens) {
+  std::vector<SeqSpec> specs;
+  for (int s = 0; s < 250; ++s) specs.push_back({s % 5 == 0 ? 0 : 1 + s % 3, (5 * s) % tile_tokens});
+  return specs;
+}
+
 // The KVarN CTAs of the launch's first wave ask for their first tile's values behind its keys, the later ones for
-// both halves at once: 250 sequences x 2 kv heads make at least 1000 CTAs, more than one wave on any Hopper GPU.
+// both halves at once. At 1 tile per split the tails have CTAs of their own; at 3, one split per pair, the grid
+// has none where they would take it past a wave (tails_in_tile_ctas; 2 kv heads do on every Hopper GPU), and each
+// pair's CTA reads its tail after its tiles (alone where there are none).
 TEST_P(DecodeTest, MatchesFloat64ReferenceOnAGridOfSeveralWaves) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = test::test_seed();
   const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
-  std::vector<SeqSpec> specs;
-  for (int s = 0; s < 250; ++s) specs.push_back({1 + s % 3, (5 * s) % g});
-  check_decode_on_synthetic_kv(c, specs, seed);
+  for (const int tiles_per_split : {1, 3}) {
+    SCOPED_TRACE("tiles per split " + std::to_string(tiles_per_split));
+    check_decode_on_synthetic_kv(c, several_waves_batch(g), seed, tiles_per_split);
+  }
 }
 
 // The case that an fp16 folded query fails: one-tile sequences whose first token is a 100x sink (key and value),
@@ -282,16 +296,21 @@ TEST_P(DecodeTest, SplitsALongContextAcrossManyCtas) {
       << "a softmax scale off by " << kScaleError << " would pass this test";
 }
 
-// check_decode on a ragged batch of synthetic K/V (tails of 0, 1, 33, 64 and G-1 tokens, one sequence empty), the
-// attention launched to overlap the kernel `before`.
+// check_decode on synthetic K/V, the attention launched to overlap the kernel `before`: a ragged batch (tails of 0,
+// 1, 33, 64 and G-1 tokens, one sequence empty) whose tails have CTAs of their own, and the several waves' batch at
+// one split per pair, whose tails are read by the tile CTAs.
 void check_decode_overlapping(const DecodeCase& c, Before before) {
   const uint32_t seed = test::test_seed();
   const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
-  const std::vector<SeqSpec> specs = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {40, 33}};
   const KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
-  check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-               test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr, 0, before);
+  const std::vector<SeqSpec> ragged = {{3, g - 1}, {0, 1}, {1, 0}, {17, 64}, {0, 0}, {40, 33}};
+  for (const auto& [specs, tiles_per_split] : {std::pair{ragged, 0}, std::pair{several_waves_batch(g), 3}}) {
+    SCOPED_TRACE(std::to_string(specs.size()) + " sequences");
+    check_decode(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+                 test::normal_values(specs.size() * c.q_heads * c.head_dim, 1.5f, rng), seed, nullptr,
+                 tiles_per_split, before);
+  }
 }
 
 // Overlapping the kernel before it (a programmatic dependent launch), the attention reads that kernel's writes, the

@@ -1,6 +1,6 @@
 // choose_tiles_per_split: the split sizes that measured fastest on the H200 (132 SMs; 3 KVarN CTAs or 1 fp16 CTA
 // of the D 128 kernels per SM) and the bounds every choice keeps; shared_bytes_to_spread: a grid of one wave spread
-// over every SM. Host-only: runs without a GPU.
+// over every SM; tails_in_tile_ctas: which grids go without tail CTAs. Host-only: runs without a GPU.
 #include "backend/cuda/decode_split_plan.h"
 
 #include <gtest/gtest.h>
@@ -103,6 +103,20 @@ TEST(DecodeSplitPlan, EmptyCachesGetOneTilePerSplit) {
   EXPECT_EQ(choose_tiles_per_split(uniform(8, 0), kKvarnGrid), 1);
   EXPECT_EQ(choose_tiles_per_split(uniform(1, 1), kFp16Grid), 1);
   EXPECT_EQ(choose_tiles_per_split({}, kKvarnGrid), 1);
+}
+
+// Batch 32 x 1K, 1 split of 7 tiles: 256 pairs, 512 CTAs with the tail CTAs, one wave of 396 without, and no
+// combine (Llama / Qwen shape 21.3 / 24.3 us with, 13.5 / 17.2 without). With more splits a pair's tail stays in a
+// CTA of its own: at 8 x 8K (6 splits, 448 CTAs) the last split reading it ran 0.95x / 0.97x.
+TEST(TailsInTileCtas, OnlyWhereEveryPairHasOneSplitAndTheTailsWouldFillAnotherWave) {
+  const long slots = 3L * kSms;
+  EXPECT_TRUE(tails_in_tile_ctas(1, 32 * kKvHeads, slots));
+  EXPECT_TRUE(tails_in_tile_ctas(1, 128 * kKvHeads, slots));
+  EXPECT_FALSE(tails_in_tile_ctas(6, 8 * kKvHeads, slots)) << "more than one split";
+  EXPECT_FALSE(tails_in_tile_ctas(3, 32 * kKvHeads, slots)) << "more than one split";
+  EXPECT_FALSE(tails_in_tile_ctas(1, slots / 2, slots)) << "the tail CTAs fit the wave";
+  EXPECT_TRUE(tails_in_tile_ctas(1, slots / 2 + 1, slots));
+  EXPECT_FALSE(tails_in_tile_ctas(0, 1000, slots)) << "no tiles: the tail CTAs are the grid";
 }
 
 // Hopper's shared memory (H100 and H200 alike): 228 KB per SM, 1 KB of it reserved per CTA, up to 227 KB per CTA;
