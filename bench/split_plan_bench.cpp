@@ -13,7 +13,7 @@ void BM_PlanRaggedBatch(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0)), longest = static_cast<int>(state.range(1));
   std::vector<int> seq_tiles;
   for (int s = 0; s < batch; ++s) seq_tiles.push_back(static_cast<int>((longest + 1L) * (s + 1) / batch) - 1);
-  const kvarn::cuda::DecodeGridShape grid{8, 3L * 132, 4};
+  const kvarn::cuda::DecodeGridShape grid{8, 3L * 132, 4, 132};
   for (auto _ : state) benchmark::DoNotOptimize(kvarn::cuda::choose_tiles_per_split(seq_tiles, grid));
 }
 BENCHMARK(BM_PlanRaggedBatch)

@@ -28,6 +28,22 @@ constexpr double kCtaOverheadRounds = 2.0, kTailTiles = 1.0;
 // 128 x 128K 80 instead of 208 (0.95x), fp16 128 x 8K 11 instead of 63 (0.97-0.99x) (hence the waves).
 constexpr long kRaggedWaves = 4;
 
+// A uniform batch's grid of one split per pair that goes without tail CTAs (tails_in_tile_ctas), fits a wave and
+// gives at least 3 in 4 SMs its most CTAs (folds_evenly) is timed as its CTA's tiles and tail less this many rounds:
+// the combine it does without and what the model misses of split grids (their waves share the bandwidth). Measured
+// on the H200, k4v2, Llama / Qwen shape, one split against the model's 3 (its rounds): batch 32 at 4K 1.13x / 1.15x
+// (10.25 against 10), 8K 1.06x / 1.04x (18.25 / 16), 16K 1.02x / 1.00x (34.25 / 26), 32K 0.98x / 0.97x (66.25 /
+// 48); batch 29 (3 in 4 SMs with 2 CTAs) 1.08x / 1.10x at 4K, 1.03x / 1.01x at 8K; 33 (all) 1.14x / 1.15x, 1.06x /
+// 1.05x. Where fewer SMs hold the most CTAs, those set the grid's time: batch 25 (half the SMs with 2) 1.00x / 1.02x
+// at 4K, 0.95x / 0.97x at 8K; 40 and 41 at 32K (2 or 3 per SM) 0.95x. At batch 24 the tail CTAs fit beside the
+// tiles (no fold) and one split ran 0.68-0.88x at 4K-16K.
+constexpr double kFoldedOneSplitRounds = 2.5;
+
+bool folds_evenly(long pairs, long slots, long sms) {
+  const long most = (pairs + sms - 1) / sms;
+  return pairs <= slots && tails_in_tile_ctas(1, pairs, slots) && 4 * (pairs - (most - 1) * sms) >= 3 * sms;
+}
+
 // The slots the `pairs` tail CTAs take first: the tile CTAs in slots [early, slots) start when the tails are done.
 struct TailSlots {
   long slots, early;
@@ -59,8 +75,9 @@ double start_of(long index, const TailSlots& t, double cta_time) {
 
 // The split size whose grid finishes first, for kv_heads pairs per sequence of each length (tiles -> sequences).
 // Every CTA of a split counts as a full one (a short sequence's one CTA too); the last split's CTAs, the longest
-// sequences', are timed apart.
-int fastest_split(const std::map<int, long>& sequences_of_length, long kv_heads, long pairs, long slots, int at_once) {
+// sequences', are timed apart. With `fold`, the grid of one split as kFoldedOneSplitRounds says.
+int fastest_split(const std::map<int, long>& sequences_of_length, long kv_heads, long pairs, long slots, int at_once,
+                  bool fold) {
   const long tiles = std::max(1, sequences_of_length.empty() ? 0 : sequences_of_length.rbegin()->first);
   const TailSlots tail_slots(pairs, slots, kTailTiles / at_once);
   const long most_splits = std::min(tiles, std::max(16L, 8 * slots / pairs));
@@ -77,8 +94,11 @@ int fastest_split(const std::map<int, long>& sequences_of_length, long kv_heads,
       if (splits == used) last_split_ctas += count * kv_heads;
     }
     const double full = cta_time(per_split), last = cta_time(tiles - (used - 1) * per_split);
-    const double cost = std::max(ctas > last_split_ctas ? grid_time(ctas - last_split_ctas, tail_slots, full) : 0.0,
-                                 start_of(std::max(ctas, 1L) - 1, tail_slots, full) + last);
+    const bool folded = fold && used == 1;
+    const double cost =
+        folded ? full + kTailTiles / at_once - kFoldedOneSplitRounds
+               : std::max(ctas > last_split_ctas ? grid_time(ctas - last_split_ctas, tail_slots, full) : 0.0,
+                          start_of(std::max(ctas, 1L) - 1, tail_slots, full) + last);
     if (best < 0 || cost < best) best = cost, chosen = per_split;
   }
   return static_cast<int>(chosen);
@@ -93,10 +113,12 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
   const long seqs = std::max(1L, static_cast<long>(seq_tiles.size())), pairs = seqs * kv_heads;
   const int at_once = std::max(1, grid.tiles_at_once);
   const int longest = sequences_of_length.empty() ? 0 : sequences_of_length.rbegin()->first;
-  const int uniform = fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once);
+  const bool fold = folds_evenly(pairs, slots, std::max(1, grid.sms));
+  if (sequences_of_length.size() <= 1) return fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once, fold);
+  const int uniform = fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once, false);
   const long uniform_ctas = pairs * ((std::max(longest, 1) + uniform - 1) / uniform + 1);
-  if (sequences_of_length.size() <= 1 || uniform_ctas > kRaggedWaves * slots) return uniform;
-  return std::min(uniform, fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once));
+  if (uniform_ctas > kRaggedWaves * slots) return uniform;
+  return std::min(uniform, fastest_split(sequences_of_length, kv_heads, pairs, slots, at_once, false));
 }
 
 bool tails_in_tile_ctas(int num_splits, long pairs, long slots) { return num_splits == 1 && 2 * pairs > slots; }

@@ -17,6 +17,7 @@ struct DecodeGridShape {
   int kv_heads = 1;       // pairs per sequence
   long slots = 1;         // CTAs resident at once: SMs x CTAs per SM
   int tiles_at_once = 1;  // tiles a CTA reads at once: 4 for KVarN (a tile per warp), 1 for fp16
+  int sms = 1;            // multiprocessors, slots / sms CTAs each
 };
 
 // Tiles per split (>= 1) for sequences of seq_tiles full tiles each. Every split size is tried, not only the
@@ -26,7 +27,8 @@ struct DecodeGridShape {
 // holds sequences of every length) the short ones take few, and the longest ones' splits finish the grid; no
 // longer than in the uniform batch of the longest sequence, and as that batch where its plan takes more than four
 // waves (the model's CTA times hold at one wave, not where waves share the bandwidth; measured in
-// decode_split_plan.cpp).
+// decode_split_plan.cpp). A uniform batch whose one split per pair would go without tail CTAs in one wave spread
+// evenly over the SMs gets that grid's time with the combine it saves (batch 29-33 at 4K-8K: one split, 1.01-1.15x).
 int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape& grid);
 
 // Whether a grid of `num_splits` tile CTAs per pair goes without tail CTAs, each pair's one CTA reading its tail
@@ -34,9 +36,7 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
 // would make the grid larger than `slots`. Measured on the H200 (docs/benchmarks.md, Llama / Qwen shape): k4v2
 // 32 x 1K 1.58x / 1.41x (512 CTAs to 256: one wave, and no combine), 128 x 1K 1.07x / 1.11x, fp16 32 x 1K 1.09x /
 // 1.08x, 1 split at 8K and 32K 1.00-1.03x. With more splits the tail lengthened the last split's CTA instead (the
-// combine still needed): 8 x 8K 0.95x / 0.97x, 32 x 8K 0.96x / 0.97x, 8 x 32K 0.96x / 0.99x. choose_tiles_per_split
-// does not model it (it times one split with its tail CTAs): at k4v2 32 x 8K one split of 63 tiles ran 1.05x /
-// 1.04x faster than its 3 of 24.
+// combine still needed): 8 x 8K 0.95x / 0.97x, 32 x 8K 0.96x / 0.97x, 8 x 32K 0.96x / 0.99x.
 bool tails_in_tile_ctas(int num_splits, long pairs, long slots);
 
 // An SM's shared memory as the GPU shares it out among CTAs (the cudaDevAttr...SharedMemory... attributes).

@@ -14,7 +14,7 @@ namespace {
 
 constexpr int kSms = 132, kKvHeads = 8;
 
-constexpr DecodeGridShape kKvarnGrid{kKvHeads, 3L * kSms, 4}, kFp16Grid{kKvHeads, 1L * kSms, 1};
+constexpr DecodeGridShape kKvarnGrid{kKvHeads, 3L * kSms, 4, kSms}, kFp16Grid{kKvHeads, 1L * kSms, 1, kSms};
 
 std::vector<int> uniform(int batch, int tiles) { return std::vector<int>(batch, tiles); }
 
@@ -55,11 +55,12 @@ TEST(DecodeSplitPlan, SplitsARaggedBatchByItsOwnTiles) {
   EXPECT_EQ(choose_tiles_per_split(ragged(8, 8192), kKvarnGrid), 8);
 }
 
-// Past a wave the model's own count asks for too few splits: batch 32 at up to 8K keeps the uniform batch's 3 x 24
-// (44.5 / 50.0 us), not 2 x 32 (48.3 / 55.9); at up to 32K it takes 5 x 52 (138.4 / 151.7) within the uniform
-// batch's 3 x 88 (141.9 / 155.3).
+// Past a wave the model's own count asks for too few splits: batch 32 at up to 8K keeps the uniform batch's split
+// grid, 3 x 24 (44.5 / 50.0 us), not 2 x 32 (48.3 / 55.9); at up to 32K it takes 5 x 52 (138.4 / 151.7) within the
+// uniform batch's 3 x 88 (141.9 / 155.3). (The uniform batch at 8K takes one split, below; a ragged batch's longest
+// sequences would set that grid's time.)
 TEST(DecodeSplitPlan, SplitsARaggedBatchNoLongerThanItsLongestSequences) {
-  EXPECT_EQ(choose_tiles_per_split(ragged(32, 8192), kKvarnGrid), choose_tiles_per_split(uniform(32, 63), kKvarnGrid));
+  EXPECT_EQ(choose_tiles_per_split(ragged(32, 8192), kKvarnGrid), 24);
   EXPECT_EQ(choose_tiles_per_split(ragged(32, 32768), kKvarnGrid), 52);
   for (int batch : {8, 32, 128})
     for (int context : {1024, 8192, 32768, 131072})
@@ -84,6 +85,22 @@ TEST(DecodeSplitPlan, CountsTheCtasOfEverySequence) {
   EXPECT_EQ(choose_tiles_per_split(shuffled, kKvarnGrid), choose_tiles_per_split(ragged(8, 32768), kKvarnGrid));
   EXPECT_NE(choose_tiles_per_split(std::vector<int>{0, 0, 0, 255}, kKvarnGrid),
             choose_tiles_per_split(uniform(4, 255), kKvarnGrid));
+}
+
+// Batch 29-33 at 4K and 8K (31 and 63 tiles): one split, the tails read in the tile CTAs and no combine, where the
+// model alone would take 3. H200 (Llama / Qwen shape, us): batch 32 at 4K 34.9 / 40.4 against 3 x 12's 39.4 / 46.5,
+// at 8K 63.0 / 72.6 against 3 x 24's 66.8 / 75.1; batch 29 at 8K 62.7 / 71.6 against 64.7 / 72.1. Not at 32K (3 x 88;
+// one split 0.98x / 0.97x), nor at batch 25, where half the SMs run 2 CTAs and half 1 (one split at 8K 0.95x / 0.97x),
+// nor at 24, whose tail CTAs fit beside its tiles (one split 0.71x / 0.75x at 8K).
+TEST(DecodeSplitPlan, TakesOneSplitWhereTheTailsFoldAndTheSmsShareItEvenly) {
+  for (int batch : {29, 32, 33}) {
+    EXPECT_EQ(choose_tiles_per_split(uniform(batch, 31), kKvarnGrid), 31) << "batch " << batch;
+    EXPECT_EQ(choose_tiles_per_split(uniform(batch, 63), kKvarnGrid), 63) << "batch " << batch;
+  }
+  EXPECT_EQ(choose_tiles_per_split(uniform(32, 255), kKvarnGrid), 88);
+  EXPECT_EQ(choose_tiles_per_split(uniform(25, 63), kKvarnGrid), 24);
+  EXPECT_EQ(choose_tiles_per_split(uniform(24, 63), kKvarnGrid), 32);
+  EXPECT_EQ(choose_tiles_per_split(uniform(40, 255), kKvarnGrid), 44);
 }
 
 TEST(DecodeSplitPlan, SplitsStayWithinTheTilesAndTheSplitBound) {
