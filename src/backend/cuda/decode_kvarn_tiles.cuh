@@ -88,10 +88,8 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
         load_key_codes<F>(tile, key_base, kb, sp, w);
 #pragma unroll
         for (int q2 = 0; q2 < 4; ++q2) {
-          const int shift = q2 < 2 ? 0 : 8;
-          const uint32_t mask = (q2 & 1) ? 0x00f000f0u : 0x000f000fu;
-          const uint32_t a[4] = {(w[0][0] >> shift) & mask, (w[0][1] >> shift) & mask, (w[1][0] >> shift) & mask,
-                                 (w[1][1] >> shift) & mask};
+          const uint32_t a[4] = {key_code_operand(w[0][0], q2), key_code_operand(w[0][1], q2),
+                                 key_code_operand(w[1][0], q2), key_code_operand(w[1][1], q2)};
           mma_m16n8k16_rows16(acc[4 * sp + q2], a, b[0], b[1]);
         }
       }
@@ -112,10 +110,13 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
         for (int r = 0; r < 2; ++r) {
           float s_tok[4];
           load_floats(scales + Scales::s_tok + padded(32 * (2 * sp + r) + 4 * g), s_tok);
+          auto product = [&](int q2) {
+            const float* c = acc[4 * sp + q2] + 2 * r;
+            return kHiLo ? c[0] + c[1] : c[h];
+          };
 #pragma unroll
           for (int q2 = 0; q2 < 4; ++q2) {
-            const float* c = acc[4 * sp + q2] + 2 * r;
-            const float dot = kHiLo ? c[0] + c[1] : c[h];
+            const float dot = (q2 & 1) ? product(q2) - product(q2 - 1) : product(q2);
             s[h][4 * sp + q2][r] = fmaf(s_tok[q2], dot + ((q2 & 1) ? z_odd : z_even), -reference);
           }
         }
