@@ -271,20 +271,29 @@ __device__ __forceinline__ void value_code_offsets(int lane, int (&value_base)[2
                          (((col_bytes >> 4) ^ Rows::chunk_xor(m4)) << 4) + (col_bytes & 15);
 }
 
-// One lane's q' a_K of k-block kb at its channels 2m, 2m + 1 (pair 0) and 2m + 8, 2m + 9 (pair 1) as fp16 hi and lo
-// pairs; adds their q' z_K to z_sum. q: query_fragment; scales: the tile's, staged by stage_key_scales.
+// One lane's B fragment of k-block kb with head g / 2's q' a_K as fp16 hi (g even) or lo (g odd) pairs, hi + lo
+// ~2^-22 relative, at its channels 2m, 2m + 1 (pair 0) and 2m + 8, 2m + 9 (pair 1). The head's two lanes (4 apart)
+// share the work: the even lane folds pair 0, the odd lane pair 1, each splits its pair and sends the other lane
+// the half that lane's column needs (8 fewer instructions per k-block than both lanes folding all four). Adds the
+// pair's q' z_K to z_sum: the head's sum is over the lanes of both columns. scales: staged by stage_key_scales.
 template <class F>
-__device__ __forceinline__ void fold_key_scales(const float4 q, const float* scales, int kb, float& z_sum,
-                                                uint32_t (&hi)[2], uint32_t (&lo)[2]) {
-  const int m4 = threadIdx.x % 4;
-  const float4 av = reinterpret_cast<const float4*>(scales + TileScales<F>::a_k)[4 * kb + m4];
-  const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
-  z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
-  split_half2(q.x * av.x, q.y * av.y, hi[0], lo[0]);
-  split_half2(q.z * av.z, q.w * av.w, hi[1], lo[1]);
+__device__ __forceinline__ void fold_key_scales(const uint8_t* shared, const float* scales, int kb, float& z_sum,
+                                                uint32_t (&b)[2]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, m4 = lane % 4, odd = g & 1;
+  const int pair = 2 * (4 * kb + m4) + odd;  // float2 index in fragment order
+  const float2 q = reinterpret_cast<const float2*>(shared + KvarnSharedLayout<F>::query)[
+      2 * ((kb * kMaxGroup + g / 2) * 4 + m4) + odd];
+  const float2 av = reinterpret_cast<const float2*>(scales + TileScales<F>::a_k)[pair];
+  const float2 zv = reinterpret_cast<const float2*>(scales + TileScales<F>::z_k)[pair];
+  z_sum += q.x * zv.x + q.y * zv.y;
+  uint32_t hi, lo;
+  split_half2(q.x * av.x, q.y * av.y, hi, lo);
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? hi : lo, 4);
+  b[0] = odd ? other : hi;
+  b[1] = odd ? lo : other;
 }
 
-// One lane's q' a_K of k-block kb at its channels (as fold_key_scales) as one fp16 pair each, b; adds their q' z_K
+// One lane's q' a_K of k-block kb at its channels (pairs 0 and 1, as fold_key_scales) as one fp16 pair each, b; adds their q' z_K
 // to z_sum, and r x, r = q' a_K - b the rounding's rest and x the codes of the tile's largest-scale token (centre_K):
 // the mma's sum_c b_c code_c misses sum_c r_c code_c, of which this adds the part sum_c r_c x_c exactly, so that a
 // score misses only sum_c r_c (code_c - x_c): nothing for that token, and for the others 2^-12 of their distance

@@ -76,9 +76,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     for (int kb = 0; kb < KBLK; ++kb) {
       uint32_t b[2];
       if constexpr (kHiLo) {
-        uint32_t hi[2], lo[2];
-        fold_key_scales<F>(query_fragment<F>(shared, kb, g / 2), scales, kb, z_sum, hi, lo);
-        b[0] = (g & 1) ? lo[0] : hi[0], b[1] = (g & 1) ? lo[1] : hi[1];
+        fold_key_scales<F>(shared, scales, kb, z_sum, b);
       } else {
         fold_key_scales_rounded<F>(query_fragment<F>(shared, kb, g), scales, kb, z_sum, b);
       }
@@ -96,6 +94,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     }
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 1);
     z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 2);
+    if constexpr (kHiLo) z_sum += __shfl_xor_sync(0xffffffffu, z_sum, 4);
 
     // ---- scores of this lane's heads, tokens 32 s + 4 g + q, relative to the running maximum: s_tok (c + z / 2^k')
     // - m with 2^k' folded into the staged s_tok (the first tile is taken relative to 0) ----
