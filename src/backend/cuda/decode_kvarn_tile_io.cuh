@@ -281,8 +281,8 @@ __device__ __forceinline__ void fold_key_scales(const uint8_t* shared, const flo
                                                 uint32_t (&b)[2]) {
   const int lane = threadIdx.x % 32, g = lane / 4, m4 = lane % 4, odd = g & 1;
   const int pair = 2 * (4 * kb + m4) + odd;  // float2 index in fragment order
-  const float2 q = reinterpret_cast<const float2*>(shared + KvarnSharedLayout<F>::query)[
-      2 * ((kb * kMaxGroup + g / 2) * 4 + m4) + odd];
+  const float2* fragments = reinterpret_cast<const float2*>(shared + KvarnSharedLayout<F>::query);
+  const float2 q = fragments[2 * ((kb * kMaxGroup + g / 2) * 4 + m4) + odd];
   const float2 av = reinterpret_cast<const float2*>(scales + TileScales<F>::a_k)[pair];
   const float2 zv = reinterpret_cast<const float2*>(scales + TileScales<F>::z_k)[pair];
   z_sum += q.x * zv.x + q.y * zv.y;
@@ -293,13 +293,13 @@ __device__ __forceinline__ void fold_key_scales(const uint8_t* shared, const flo
   b[1] = odd ? lo : other;
 }
 
-// One lane's q' a_K of k-block kb at its channels (pairs 0 and 1, as fold_key_scales) as one fp16 pair each, b; adds their q' z_K
-// to z_sum, and r x, r = q' a_K - b the rounding's rest and x the codes of the tile's largest-scale token (centre_K):
-// the mma's sum_c b_c code_c misses sum_c r_c code_c, of which this adds the part sum_c r_c x_c exactly, so that a
-// score misses only sum_c r_c (code_c - x_c): nothing for that token, and for the others 2^-12 of their distance
-// from it, times their smaller token scales. An attention sink is that token: its score, ~100x the others', would
-// take ~100x their error (beside a 100x sink, outputs moved by up to 2.3e-2 with the rounding centred on each
-// channel's zero code instead, 5.5e-2 with r code left out; 1.5e-3 now).
+// One lane's q' a_K of k-block kb at its channels (pairs 0 and 1, as fold_key_scales) as one fp16 pair each, b; adds
+// their q' z_K to z_sum, and r x, r = q' a_K - b the rounding's rest and x the codes of the tile's largest-scale
+// token (centre_K): the mma's sum_c b_c code_c misses sum_c r_c code_c, of which this adds the part sum_c r_c x_c
+// exactly, so that a score misses only sum_c r_c (code_c - x_c): nothing for that token, and for the others 2^-12 of
+// their distance from it, times their smaller token scales. An attention sink is that token: its score, ~100x the
+// others', would take ~100x their error (beside a 100x sink, outputs moved by up to 2.3e-2 with the rounding centred
+// on each channel's zero code instead, 5.5e-2 with r code left out; 1.5e-3 now).
 template <class F>
 __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const float* scales, int kb, float& z_sum,
                                                         uint32_t (&b)[2]) {
