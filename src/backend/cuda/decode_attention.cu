@@ -23,7 +23,8 @@
 // of the split, each through its own slot, refilled by halves: the next keys while the values are read), so that
 // the fold of a_K into the query, the scales and the per-channel end of the values are paid per tile rather than
 // per quarter tile, and nothing but warp barriers separates tiles; ~73 KB of shared memory and <= 168 registers
-// leave 3 CTAs (12 warps) per SM. Values: channels as the mma's rows and the heads as its columns; scores: tokens
+// leave 3 CTAs (12 warps) per SM (a kernel per group path, each with its own registers: 137 for groups of up to 4
+// heads, 168 for 5-8). Values: channels as the mma's rows and the heads as its columns; scores: tokens
 // as the rows and the heads as the columns (all 16 rows work, and no lane works for an absent head). For groups of
 // up to 4 heads the folded query q' a_K is split into an fp16 high part and the fp16 rounding of the rest, in the
 // otherwise idle columns, so the two halves of the result add up to it with ~2^-22 instead of 2^-12 relative
@@ -32,7 +33,8 @@
 // are plain fp16 (2^-12, as FlashAttention's P). Codes enter as the raw bits of fp16 subnormals, code * 2^k * 2^-24
 // for a code at bit k of a 16-bit half (exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off
 // in fp32; no dequantized copy is ever written. Key codes are read with ldmatrix.trans (a register: two channels'
-// codes of 4 tokens), value codes as words of the packed rows paired by byte permutes; the token and channel orders
+// codes of 4 tokens; an odd token's code taken with its even neighbour's, key_code_operand), value codes as words
+// of the packed rows paired by byte permutes; the token and channel orders
 // inside an mma follow the reads (any permutation of the reduced index, used consistently in A and B, gives the
 // same sum).
 // fp16 tiles (decode_fp16_tiles.cuh): the 4 warps share each tile (a quarter of its tokens each) through a ring of
