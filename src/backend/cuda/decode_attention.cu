@@ -23,8 +23,7 @@
 // of the split, each through its own slot, refilled by halves: the next keys while the values are read), so that
 // the fold of a_K into the query, the scales and the per-channel end of the values are paid per tile rather than
 // per quarter tile, and nothing but warp barriers separates tiles; ~73 KB of shared memory and <= 168 registers
-// leave 3 CTAs (12 warps) per SM (a kernel per group path, each with its own registers: 137 for groups of up to 4
-// heads, 168 for 5-8). Values: channels as the mma's rows and the heads as its columns; scores: tokens
+// leave 3 CTAs (12 warps) per SM. Values: channels as the mma's rows and the heads as its columns; scores: tokens
 // as the rows and the heads as the columns (all 16 rows work, and no lane works for an absent head). For groups of
 // up to 4 heads the folded query q' a_K is split into an fp16 high part and the fp16 rounding of the rest, in the
 // otherwise idle columns, so the two halves of the result add up to it with ~2^-22 instead of 2^-12 relative
@@ -112,9 +111,7 @@ __device__ void write_pair_output(const DecodeParams& p, size_t partial_row, boo
   }
 }
 
-// kLaneHeads: the KVarN path's heads per lane (attend_kvarn_tiles), a kernel each so that each path gets its own
-// registers; 1 for fp16 tiles.
-template <class F, int kLaneHeads>
+template <class F>
 __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
   release_next_kernel();  // the combine kernel (or the next call, without one) may launch once every CTA has started
@@ -134,7 +131,10 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
   const bool tiles = work.first_tile < work.end_tile;
   if (tiles) {
     if constexpr (F::kCodes) {
-      attend_kvarn_tiles<F, kLaneHeads>(p, work, shared);
+      if (p.group <= 4)
+        attend_kvarn_tiles<F, 1>(p, work, shared);
+      else
+        attend_kvarn_tiles<F, 2>(p, work, shared);
     } else {
       attend_fp16_tiles<F>(p, work, shared);
     }
@@ -300,31 +300,19 @@ template <class F>
 const KernelOccupancy& occupancy() {
   static const KernelOccupancy kernel = [] {
     cudaFuncAttributes compiled;
-    KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_attention_kernel<F, 1>));
+    KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_attention_kernel<F>));
     KernelOccupancy k;
     k.dynamic_shared = device_traits().shared;
     k.dynamic_shared.reserved_per_cta += static_cast<long>(compiled.sharedSizeBytes);
     k.dynamic_shared.max_per_cta -= static_cast<long>(compiled.sharedSizeBytes);
-    auto allow_shared = [&](auto kernel) {
-      KVARN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(k.dynamic_shared.max_per_cta)));
-    };
-    allow_shared(decode_attention_kernel<F, 1>);
-    if constexpr (F::kCodes) allow_shared(decode_attention_kernel<F, 2>);
-    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, decode_attention_kernel<F, 1>,
+    KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(k.dynamic_shared.max_per_cta)));
+    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, decode_attention_kernel<F>,
                                                                    kThreads, shared_bytes<F>()));
     k.blocks_per_sm = std::max(k.blocks_per_sm, 1);
     return k;
   }();
   return kernel;
-}
-
-// The attention kernel for groups of `group` q heads per kv head.
-template <class F>
-auto attention_kernel(int group) {
-  if constexpr (F::kCodes)
-    if (group > 4) return decode_attention_kernel<F, 2>;
-  return decode_attention_kernel<F, 1>;
 }
 
 // The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
@@ -404,7 +392,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     p.first_wave_ctas = device_traits().multiprocessors * occupancy<F>().blocks_per_sm;
     p.tails_in_tile_ctas = tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
     const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
-    launch_with_overlap(attention_kernel<F>(p.group), dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
+    launch_with_overlap(decode_attention_kernel<F>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
                         launch_shared_bytes<F>(ctas), stream, args.overlap_previous_kernel, p);
   });
   if (p.tails_in_tile_ctas) return;  // each pair's CTA wrote its output
