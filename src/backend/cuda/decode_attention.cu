@@ -33,9 +33,8 @@
 // for a code at bit k of a 16-bit half (exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off
 // in fp32; no dequantized copy is ever written. Key codes are read with ldmatrix.trans (a register: two channels'
 // codes of 4 tokens; an odd token's code taken with its even neighbour's, key_code_operand), value codes as words
-// of the packed rows paired by byte permutes; the token and channel orders
-// inside an mma follow the reads (any permutation of the reduced index, used consistently in A and B, gives the
-// same sum).
+// of the packed rows paired by byte permutes; the token and channel orders inside an mma follow the reads (any
+// permutation of the reduced index, used consistently in A and B, gives the same sum).
 // fp16 tiles (decode_fp16_tiles.cuh): the 4 warps share each tile (a quarter of its tokens each) through a ring of
 // several tiles; K/V and p as they are, q as an fp16 pair (rows 8-15: the rest of its rounding), the scale applied
 // to the fp32 scores.
