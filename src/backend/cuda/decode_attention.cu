@@ -110,7 +110,9 @@ __device__ void write_pair_output(const DecodeParams& p, size_t partial_row, boo
   }
 }
 
-template <class F>
+// kLaneHeads: the KVarN path's heads per lane (attend_kvarn_tiles), a kernel each so that each path gets its own
+// registers; 1 for fp16 tiles.
+template <class F, int kLaneHeads>
 __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
   release_next_kernel();  // the combine kernel (or the next call, without one) may launch once every CTA has started
@@ -130,10 +132,7 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
   const bool tiles = work.first_tile < work.end_tile;
   if (tiles) {
     if constexpr (F::kCodes) {
-      if (p.group <= 4)
-        attend_kvarn_tiles<F, 1>(p, work, shared);
-      else
-        attend_kvarn_tiles<F, 2>(p, work, shared);
+      attend_kvarn_tiles<F, kLaneHeads>(p, work, shared);
     } else {
       attend_fp16_tiles<F>(p, work, shared);
     }
@@ -295,23 +294,39 @@ struct KernelOccupancy {
   SmSharedMemory dynamic_shared;
 };
 
-template <class F>
-const KernelOccupancy& occupancy() {
+template <class F, int kLaneHeads>
+const KernelOccupancy& kernel_occupancy() {
   static const KernelOccupancy kernel = [] {
+    const auto attention = decode_attention_kernel<F, kLaneHeads>;
     cudaFuncAttributes compiled;
-    KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_attention_kernel<F>));
+    KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, attention));
     KernelOccupancy k;
     k.dynamic_shared = device_traits().shared;
     k.dynamic_shared.reserved_per_cta += static_cast<long>(compiled.sharedSizeBytes);
     k.dynamic_shared.max_per_cta -= static_cast<long>(compiled.sharedSizeBytes);
-    KVARN_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    KVARN_CUDA_CHECK(cudaFuncSetAttribute(attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(k.dynamic_shared.max_per_cta)));
-    KVARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, decode_attention_kernel<F>,
-                                                                   kThreads, shared_bytes<F>()));
+    KVARN_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, attention, kThreads, shared_bytes<F>()));
     k.blocks_per_sm = std::max(k.blocks_per_sm, 1);
     return k;
   }();
   return kernel;
+}
+
+// The attention kernel for groups of `group` q heads per kv head, and its occupancy: a kernel per KVarN group path
+// (attend_kvarn_tiles' heads per lane), each with its own registers (at D = 64, 124 and 140: 4 and 3 CTAs per SM).
+template <class F>
+auto attention_kernel(int group) {
+  if constexpr (F::kCodes)
+    if (group > 4) return decode_attention_kernel<F, 2>;
+  return decode_attention_kernel<F, 1>;
+}
+template <class F>
+const KernelOccupancy& occupancy(int group) {
+  if constexpr (F::kCodes)
+    if (group > 4) return kernel_occupancy<F, 2>();
+  return kernel_occupancy<F, 1>();
 }
 
 // The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
@@ -322,8 +337,8 @@ const KernelOccupancy& occupancy() {
 // changes nothing (0.99-1.00x). Asking only for enough that one more CTA does not fit (76.9 KB instead of 115.7 KB
 // at 2 per SM) measured 1.07x at 1 x 8K and 0.98x at 1 x 32K; not kept.
 template <class F>
-size_t launch_shared_bytes(long ctas) {
-  const KernelOccupancy& kernel = occupancy<F>();
+size_t launch_shared_bytes(long ctas, int group) {
+  const KernelOccupancy& kernel = occupancy<F>(group);
   return shared_bytes_to_spread(ctas, device_traits().multiprocessors, kernel.blocks_per_sm, shared_bytes<F>(),
                                 kernel.dynamic_shared);
 }
@@ -340,7 +355,8 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
   int per_sm = 1;
-  with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = occupancy<decltype(f)>().blocks_per_sm; });
+  const int group = num_q_heads / cache.num_kv_heads;  // groups past 8 are refused by decode_attention
+  with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = occupancy<decltype(f)>(group).blocks_per_sm; });
   DecodeGridShape grid;
   grid.kv_heads = cache.num_kv_heads;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
@@ -388,11 +404,11 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.out = reinterpret_cast<__half*>(args.out);
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
-    p.first_wave_ctas = device_traits().multiprocessors * occupancy<F>().blocks_per_sm;
+    p.first_wave_ctas = device_traits().multiprocessors * occupancy<F>(p.group).blocks_per_sm;
     p.tails_in_tile_ctas = tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
     const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
-    launch_with_overlap(decode_attention_kernel<F>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
-                        launch_shared_bytes<F>(ctas), stream, args.overlap_previous_kernel, p);
+    launch_with_overlap(attention_kernel<F>(p.group), dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
+                        launch_shared_bytes<F>(ctas, p.group), stream, args.overlap_previous_kernel, p);
   });
   if (p.tails_in_tile_ctas) return;  // each pair's CTA wrote its output
   const int num_rows = args.num_seqs * args.num_q_heads;
