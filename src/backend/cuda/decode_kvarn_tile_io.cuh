@@ -8,8 +8,10 @@
 
 namespace kvarn::cuda::decode {
 
-// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K, z_K and centre_K (the codes
-// of the tile's largest-scale token, see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
+// fp32 copies of the scales of the tile a warp reads, as its products read them: a_K, z_K (with centre codes
+// z_K + a_K x) and centre_K (x: the codes of the tile's largest-scale token as fp16 subnormal pairs, an mma's A
+// operand, in the first half of its D floats: the offsets after it stay put, with which the 1-head-per-lane loop
+// compiles 7 instructions shorter; see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
 // padded() order s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t],
 // z_V[t], and s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
 template <class F>
@@ -162,17 +164,17 @@ __device__ __forceinline__ int largest_scale_token(const uint8_t* tile, int lane
 // channels in fragment order). WarpTileCopy swizzles a row's chunks by the row's (c * chunks per row / 8) mod
 // (chunks per row), the same for the four rows, so the token sits at one offset in each.
 template <class F>
-__device__ __forceinline__ float4 key_codes_of_token(const uint8_t* tile, int c, unsigned t) {
+__device__ __forceinline__ uint2 key_codes_of_token(const uint8_t* tile, int c, unsigned t) {
   constexpr unsigned kRowChunks = F::G / 32, kRowBytes = F::G / 2;
   const unsigned chunk = (t / 32) ^ ((static_cast<unsigned>(c) * kRowChunks / 8) & (kRowChunks - 1));
   const uint8_t* row = tile + c * kRowBytes + 16 * chunk + (t / 2) % 16;
   const unsigned shift = 4 * (t & 1);
-  auto code = [&](int row_offset) { return static_cast<float>((row[row_offset * kRowBytes] >> shift) & 15); };
-  return make_float4(code(0), code(1), code(8), code(9));
+  auto code = [&](int row_offset) { return (static_cast<unsigned>(row[row_offset * kRowBytes]) >> shift) & 15; };
+  return make_uint2(code(0) | code(1) << 16, code(8) | code(9) << 16);  // as fp16 subnormal pairs
 }
 
-// The key half's scales as TileScales: a_K, z_K (and with kCentreCodes the codes of the tile's largest-scale token,
-// for fold_key_scales_rounded) in fragment order (lane l: k-block l / 4, m = l % 4, its channels 16 kb + 2m, 2m + 1,
+// The key half's scales as TileScales: a_K, z_K (with kCentreCodes z_K + a_K x and the codes x of the tile's
+// largest-scale token, for fold_key_scales_rounded) in fragment order (lane l: k-block l / 4, m = l % 4, its channels 16 kb + 2m, 2m + 1,
 // 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and s_tok_K.
 template <class F, bool kCentreCodes>
 __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* scales, int lane) {
@@ -183,12 +185,15 @@ __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* sca
     const __half2* zk = reinterpret_cast<const __half2*>(tile + F::L.key_zero);
     const int c2 = 8 * (lane / 4) + lane % 4;  // half2 index of channel 16 kb + 2m
     const float2 a0 = __half22float2(ak[c2]), a1 = __half22float2(ak[c2 + 4]);
-    const float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
+    float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
+    if constexpr (kCentreCodes) {
+      const uint2 x = key_codes_of_token<F>(tile, 2 * c2, centre);
+      reinterpret_cast<uint2*>(scales + S::centre_k)[lane] = x;
+      z0.x = fmaf(a0.x, static_cast<float>(x.x & 0xffff), z0.x), z0.y = fmaf(a0.y, static_cast<float>(x.x >> 16), z0.y);
+      z1.x = fmaf(a1.x, static_cast<float>(x.y & 0xffff), z1.x), z1.y = fmaf(a1.y, static_cast<float>(x.y >> 16), z1.y);
+    }
     reinterpret_cast<float4*>(scales + S::a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
     reinterpret_cast<float4*>(scales + S::z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
-    if constexpr (kCentreCodes) {
-      reinterpret_cast<float4*>(scales + S::centre_k)[lane] = key_codes_of_token<F>(tile, 2 * c2, centre);
-    }
   }
   stage_scale_run(tile + F::L.key_token_scale, scales + S::s_tok, F::G, lane,
                   [](int t) { return (t & 1) ? kSubnormalScale / 16 : kSubnormalScale; });
@@ -293,26 +298,28 @@ __device__ __forceinline__ void fold_key_scales(const uint8_t* shared, const flo
   b[1] = odd ? lo : other;
 }
 
-// One lane's q' a_K of k-block kb at its channels (pairs 0 and 1, as fold_key_scales) as one fp16 pair each, b; adds
-// their q' z_K to z_sum, and r x, r = q' a_K - b the rounding's rest and x the codes of the tile's largest-scale
-// token (centre_K): the mma's sum_c b_c code_c misses sum_c r_c code_c, of which this adds the part sum_c r_c x_c
-// exactly, so that a score misses only sum_c r_c (code_c - x_c): nothing for that token, and for the others 2^-12 of
-// their distance from it, times their smaller token scales. An attention sink is that token: its score, ~100x the
-// others', would take ~100x their error (beside a 100x sink, outputs moved by up to 2.3e-2 with the rounding centred
-// on each channel's zero code instead, 5.5e-2 with r code left out; 1.5e-3 now).
+// One lane's q' a_K of k-block kb at its channels (pairs 0 and 1, as fold_key_scales) as one fp16 pair each, b, with
+// the rounding centred on the tile's largest-scale token: the mma's sum_c b_c code_c misses sum_c r_c code_c (r =
+// q' a_K - b, the rounding's rest), of which the score gets back sum_c r_c x_c (x: that token's codes) exactly, so
+// that it misses only sum_c r_c (code_c - x_c): nothing for that token, and for the others 2^-12 of their distance
+// from it, times their smaller token scales. An attention sink is that token: its score, ~100x the others', would
+// take ~100x their error (beside a 100x sink, outputs moved by up to 2.3e-2 with the rounding centred on each
+// channel's zero code instead, 5.5e-2 with r x left out; 1.5e-3 with it). sum_c r_c x_c is the difference of two
+// sums, both formed without r: z_sum gains q' (z_K + a_K x) (the staged z_K), and `centre`, an mma accumulator
+// whose columns are the heads of B, gains sum_c b_c x_c (x as fp16 subnormals in every row of A, so in the units of
+// the scores' accumulators): 15 instructions per k-block instead of 26 with r formed and multiplied per channel.
 template <class F>
 __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const float* scales, int kb, float& z_sum,
-                                                        uint32_t (&b)[2]) {
+                                                        float (&centre)[4], uint32_t (&b)[2]) {
   const int m4 = threadIdx.x % 4;
   const float4 av = reinterpret_cast<const float4*>(scales + TileScales<F>::a_k)[4 * kb + m4];
   const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
-  const float4 xc = reinterpret_cast<const float4*>(scales + TileScales<F>::centre_k)[4 * kb + m4];
-  const float x0 = q.x * av.x, x1 = q.y * av.y, x2 = q.z * av.z, x3 = q.w * av.w;
-  const __half2 h01 = __floats2half2_rn(x0, x1), h23 = __floats2half2_rn(x2, x3);
-  const float2 r01 = __half22float2(h01), r23 = __half22float2(h23);
+  const uint2 x = reinterpret_cast<const uint2*>(scales + TileScales<F>::centre_k)[4 * kb + m4];
+  const __half2 h01 = __floats2half2_rn(q.x * av.x, q.y * av.y), h23 = __floats2half2_rn(q.z * av.z, q.w * av.w);
   z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
-  z_sum += (x0 - r01.x) * xc.x + (x1 - r01.y) * xc.y + (x2 - r23.x) * xc.z + (x3 - r23.y) * xc.w;
   b[0] = *reinterpret_cast<const uint32_t*>(&h01), b[1] = *reinterpret_cast<const uint32_t*>(&h23);
+  const uint32_t a[4] = {x.x, x.x, x.y, x.y};
+  mma_m16n8k16_rows16(centre, a, b[0], b[1]);
 }
 
 // Stages the queries (stage_query_fragments) while the first tile's keys stream in, then runs scores(tile, it,

@@ -72,13 +72,14 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     // ---- A = key codes (fp16 subnormals), B = this lane's column of q' a_K ----
     float acc[kMTiles][4] = {};
     float z_sum = 0;  // the zero-point term of column g's head over this lane's channels
+    float centre[4] = {};  // with kLaneHeads = 2: the mma's product for the centre token (fold_key_scales_rounded)
 #pragma unroll
     for (int kb = 0; kb < KBLK; ++kb) {
       uint32_t b[2];
       if constexpr (kHiLo) {
         fold_key_scales<F>(shared, scales, kb, z_sum, b);
       } else {
-        fold_key_scales_rounded<F>(query_fragment<F>(shared, kb, g), scales, kb, z_sum, b);
+        fold_key_scales_rounded<F>(query_fragment<F>(shared, kb, g), scales, kb, z_sum, centre, b);
       }
 #pragma unroll
       for (int sp = 0; sp < kSpanPairs; ++sp) {
@@ -101,7 +102,7 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
 #pragma unroll
     for (int h = 0; h < kLaneHeads; ++h) {
       const float z = __shfl_sync(0xffffffffu, z_sum, column_lane(h));
-      const float z_even = z / kSubnormalScale, z_odd = z * (16.0f / kSubnormalScale);
+      const float z_even = z / kSubnormalScale - (kHiLo ? 0.0f : centre[h]), z_odd = 16.0f * z_even;
       const float reference = it == 0 ? 0.0f : m_run[h];
 #pragma unroll
       for (int sp = 0; sp < kSpanPairs; ++sp)
