@@ -174,8 +174,8 @@ __device__ __forceinline__ uint2 key_codes_of_token(const uint8_t* tile, int c, 
 }
 
 // The key half's scales as TileScales: a_K, z_K (with kCentreCodes z_K + a_K x and the codes x of the tile's
-// largest-scale token, for fold_key_scales_rounded) in fragment order (lane l: k-block l / 4, m = l % 4, its channels 16 kb + 2m, 2m + 1,
-// 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and s_tok_K.
+// largest-scale token, for fold_key_scales_rounded) in fragment order (lane l: k-block l / 4, m = l % 4, its
+// channels 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9, i.e. k-slots 2m, 2m + 1, 2m + 8, 2m + 9) and s_tok_K.
 template <class F, bool kCentreCodes>
 __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* scales, int lane) {
   using S = TileScales<F>;
@@ -189,8 +189,10 @@ __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* sca
     if constexpr (kCentreCodes) {
       const uint2 x = key_codes_of_token<F>(tile, 2 * c2, centre);
       reinterpret_cast<uint2*>(scales + S::centre_k)[lane] = x;
-      z0.x = fmaf(a0.x, static_cast<float>(x.x & 0xffff), z0.x), z0.y = fmaf(a0.y, static_cast<float>(x.x >> 16), z0.y);
-      z1.x = fmaf(a1.x, static_cast<float>(x.y & 0xffff), z1.x), z1.y = fmaf(a1.y, static_cast<float>(x.y >> 16), z1.y);
+      z0.x = fmaf(a0.x, static_cast<float>(x.x & 0xffff), z0.x);
+      z0.y = fmaf(a0.y, static_cast<float>(x.x >> 16), z0.y);
+      z1.x = fmaf(a1.x, static_cast<float>(x.y & 0xffff), z1.x);
+      z1.y = fmaf(a1.y, static_cast<float>(x.y >> 16), z1.y);
     }
     reinterpret_cast<float4*>(scales + S::a_k)[lane] = make_float4(a0.x, a0.y, a1.x, a1.y);
     reinterpret_cast<float4*>(scales + S::z_k)[lane] = make_float4(z0.x, z0.y, z1.x, z1.y);
