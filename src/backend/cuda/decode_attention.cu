@@ -286,21 +286,23 @@ void launch_with_overlap(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   KVARN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
-// The attention kernel's occupancy, read once: the CTAs an SM holds at once, and the SM's shared memory as the
+// An attention kernel and its occupancy, read once: the CTAs an SM holds at once, and the SM's shared memory as the
 // kernel's dynamic shared memory sees it (its static shared memory counted as reserved per CTA). Also lets a launch
 // ask for up to the opt-in limit (launch_shared_bytes).
-struct KernelOccupancy {
+struct AttentionKernel {
+  void (*kernel)(DecodeParams) = nullptr;
   int blocks_per_sm = 1;
   SmSharedMemory dynamic_shared;
 };
 
 template <class F, int kLaneHeads>
-const KernelOccupancy& kernel_occupancy() {
-  static const KernelOccupancy kernel = [] {
+const AttentionKernel& attention_kernel() {
+  static const AttentionKernel kernel = [] {
     const auto attention = decode_attention_kernel<F, kLaneHeads>;
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, attention));
-    KernelOccupancy k;
+    AttentionKernel k;
+    k.kernel = attention;
     k.dynamic_shared = device_traits().shared;
     k.dynamic_shared.reserved_per_cta += static_cast<long>(compiled.sharedSizeBytes);
     k.dynamic_shared.max_per_cta -= static_cast<long>(compiled.sharedSizeBytes);
@@ -314,19 +316,14 @@ const KernelOccupancy& kernel_occupancy() {
   return kernel;
 }
 
-// The attention kernel for groups of `group` q heads per kv head, and its occupancy: a kernel per KVarN group path
-// (attend_kvarn_tiles' heads per lane), each with its own registers (at D = 64, 124 and 140: 4 and 3 CTAs per SM).
+// The attention kernel for groups of `group` q heads per kv head: a kernel per KVarN group path (attend_kvarn_tiles'
+// heads per lane), each with its own registers and so its own occupancy (at D = 64, 124 and 140 registers: 4 and 3
+// CTAs per SM).
 template <class F>
-auto attention_kernel(int group) {
+const AttentionKernel& attention_kernel(int group) {
   if constexpr (F::kCodes)
-    if (group > 4) return decode_attention_kernel<F, 2>;
-  return decode_attention_kernel<F, 1>;
-}
-template <class F>
-const KernelOccupancy& occupancy(int group) {
-  if constexpr (F::kCodes)
-    if (group > 4) return kernel_occupancy<F, 2>();
-  return kernel_occupancy<F, 1>();
+    if (group > 4) return attention_kernel<F, 2>();
+  return attention_kernel<F, 1>();
 }
 
 // The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
@@ -337,8 +334,7 @@ const KernelOccupancy& occupancy(int group) {
 // changes nothing (0.99-1.00x). Asking only for enough that one more CTA does not fit (76.9 KB instead of 115.7 KB
 // at 2 per SM) measured 1.07x at 1 x 8K and 0.98x at 1 x 32K; not kept.
 template <class F>
-size_t launch_shared_bytes(long ctas, int group) {
-  const KernelOccupancy& kernel = occupancy<F>(group);
+size_t launch_shared_bytes(long ctas, const AttentionKernel& kernel) {
   return shared_bytes_to_spread(ctas, device_traits().multiprocessors, kernel.blocks_per_sm, shared_bytes<F>(),
                                 kernel.dynamic_shared);
 }
@@ -356,7 +352,8 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_q_heads = num_q_heads;
   int per_sm = 1;
   const int group = num_q_heads / cache.num_kv_heads;  // groups past 8 are refused by decode_attention
-  with_tile_format(cache, "decode_attention", [&](auto f) { per_sm = occupancy<decltype(f)>(group).blocks_per_sm; });
+  with_tile_format(cache, "decode_attention",
+                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(group).blocks_per_sm; });
   DecodeGridShape grid;
   grid.kv_heads = cache.num_kv_heads;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
@@ -404,11 +401,12 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.out = reinterpret_cast<__half*>(args.out);
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
-    p.first_wave_ctas = device_traits().multiprocessors * occupancy<F>(p.group).blocks_per_sm;
+    const AttentionKernel& attention = attention_kernel<F>(p.group);
+    p.first_wave_ctas = device_traits().multiprocessors * attention.blocks_per_sm;
     p.tails_in_tile_ctas = tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
     const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
-    launch_with_overlap(attention_kernel<F>(p.group), dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
-                        launch_shared_bytes<F>(ctas, p.group), stream, args.overlap_previous_kernel, p);
+    launch_with_overlap(attention.kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
+                        launch_shared_bytes<F>(ctas, attention), stream, args.overlap_previous_kernel, p);
   });
   if (p.tails_in_tile_ctas) return;  // each pair's CTA wrote its output
   const int num_rows = args.num_seqs * args.num_q_heads;
