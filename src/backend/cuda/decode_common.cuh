@@ -1,6 +1,7 @@
 // Decode attention, the parts every CTA kind uses: launch parameters, the CTA's work, the group's rotated queries,
 // the merge of the 4 warps' softmax states, and small numeric helpers.
 #pragma once
+#include "backend/cuda/exp2_approx.cuh"
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/kv_layout.h"
 #include "backend/cuda/mma_fragments.cuh"
@@ -26,13 +27,6 @@ __device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, ui
   const __half2 l = __floats2half2_rn(x0 - back.x, x1 - back.y);
   hi = *reinterpret_cast<const uint32_t*>(&h);
   lo = *reinterpret_cast<const uint32_t*>(&l);
-}
-
-// 2^x for x <= 0 in one MUFU op; exp2f adds a fix-up for results below 2^-126, weights too small to matter here.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 struct DecodeParams {

@@ -5,17 +5,22 @@
 // dequantize_prefix_tiles (code-tile caches, dequantize_prefix.cu): the prefix's tiles decoded once into fp16
 // tiles in the workspace, after the rotated chunk; the attention then reads them as an fp16 cache's tiles.
 //
-// prefill_attention_kernel: grid (q blocks, q heads, sequences), 256 threads = 8 warps x 16 query rows. The CTA
-// serves 128 chunk rows of one q head; q blocks run last-first, so the longest causal rows start earliest. A
-// sequence's keys/values form one stream
+// prefill_attention_kernel: grid (q heads, q blocks, sequences), 128 threads = 4 warps x 32 query rows (two mma
+// row tiles, so that every K/V fragment read from shared memory serves both: FlashAttention-2's split, half the
+// shared-memory reads per FLOP of 16 rows per warp), <= 255 registers and 96 KB of shared memory for 2 CTAs per
+// SM. The CTA serves 128 chunk rows of one q head; q blocks run last-first, every head's before the next block, so
+// that the longest causal rows of all heads start earliest and the short ones fill the last wave. A sequence's
+// keys/values form one stream
 //     [prefix tiles: num_tiles * G tokens][prefix tail: tail_len tokens][chunk: chunk_len tokens]
 // read in blocks of 64 tokens up to the CTA's last row, each copied by cp.async one block ahead into one of two
-// shared-memory buffers as fp16 K[64][D] and V[64][D] in the storage space. Every row's 16-byte chunks are
-// XOR-swizzled by the row's low 3 bits so that the ldmatrix reads of a fragment hit distinct banks.
-// Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments held in registers for the whole CTA; the
-// scale applied to S in fp32, as an fp16 product would shift a 100x sink's weight by ~1%), causal mask on the
-// chunk's diagonal, online softmax in fp32 (exp2), O += P V with P rounded to fp16. At the end O / l is rotated
-// back by H_D (rotated dtypes) and written as fp16.
+// shared-memory buffers as fp16 K[64][D] and V[64][D] in the storage space; a warp skips the blocks past its own
+// rows. Every row's 16-byte chunks are XOR-swizzled by the row's low 3 bits so that the ldmatrix reads of a
+// fragment hit distinct banks.
+// Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments read from shared memory per k-block; the scale
+// applied to S in fp32 inside the exponent's FMA, as an fp16 product would shift a 100x sink's weight by ~1%),
+// causal mask on the chunk's diagonal, online softmax in fp32 (exp2) whose reference moves only when a row's
+// maximum passes it by 2^8 (kStaleReference: the output is rescaled in few blocks), O += P V with P rounded to
+// fp16. At the end O / l is rotated back by H_D (rotated dtypes) and written as fp16.
 // FLOPs: 4 D per (query, key) pair the causal mask keeps.
 // Bytes: q and out 2 D per row and q head; per CTA, each visible block once (4 D bytes per token; the repeats
 // over q heads and q blocks are served by L2).
@@ -23,6 +28,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/dequantize_prefix.h"
+#include "backend/cuda/exp2_approx.cuh"
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/mma_fragments.cuh"
 #include "backend/cuda/tile_formats.cuh"
@@ -36,8 +42,12 @@ namespace kvarn::cuda {
 
 namespace {
 
-constexpr int kThreads = 256, kWarps = 8, kRowsPerWarp = 16, kRows = kWarps * kRowsPerWarp, kBlock = 64;
+// A warp's rows are kMTiles mma row tiles, so that each K/V fragment it reads from shared memory serves them all.
+constexpr int kThreads = 128, kWarps = 4, kMTiles = 2, kRowsPerWarp = 16 * kMTiles, kRows = kWarps * kRowsPerWarp;
+constexpr int kBlock = 64;
 constexpr float kLog2e = 1.4426950408889634f;
+// How far (log2 units) a row's maximum may pass the reference of its weights before the reference moves.
+constexpr float kStaleReference = 8.0f;
 
 struct PrefillParams {
   const __half* q;
@@ -138,7 +148,7 @@ constexpr size_t shared_bytes() {
 }
 
 template <class F, bool kDecodedPrefix>
-__global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const PrefillParams p) {
   constexpr int D = F::D, E = D / 32, KB = D / 16, NT = kBlock / 8, NO = D / 8;
   extern __shared__ __align__(16) uint8_t shared[];
   uint8_t* qs = shared;
@@ -146,16 +156,17 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
   auto keys = [&](int b) { return kv_buffers + (b & 1) * 2 * kBlock * D * 2; };
   auto values = [&](int b) { return keys(b) + kBlock * D * 2; };
 
-  const int q_block = p.q_blocks - 1 - static_cast<int>(blockIdx.x), head = blockIdx.y;
+  const int q_block = p.q_blocks - 1 - static_cast<int>(blockIdx.y), head = blockIdx.x;
   const PrefillSequence seq = p.seqs[blockIdx.z];
   const int row0 = q_block * kRows;
   if (row0 >= seq.chunk_len) return;
   const int kv_head = head / p.group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
   const int prefix_len = seq.prefix.num_tiles * F::G + seq.prefix.tail_len;
+  const int warp_row0 = warp * kRowsPerWarp;
 
-  // ---- this CTA's queries: rotated, scaled, fp16, then A fragments for the whole CTA ----
-  for (int r = warp * kRowsPerWarp; r < (warp + 1) * kRowsPerWarp; ++r) {
+  // ---- this CTA's queries: rotated, fp16, swizzled in shared memory, read as A fragments per k-block ----
+  for (int r = warp_row0; r < warp_row0 + kRowsPerWarp; ++r) {
     float x[E] = {};
     if (row0 + r < seq.chunk_len) {
       const __half* src =
@@ -170,87 +181,129 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
       *reinterpret_cast<uint32_t*>(qs + swizzled<D>(r, byte / 16) + byte % 16 + 2 * i) = pack_half2(x[i], x[i + 1]);
   }
   __syncthreads();
-  uint32_t qa[KB][4];
-#pragma unroll
-  for (int kb = 0; kb < KB; ++kb)
-    ldmatrix_x4(qa[kb], qs + swizzled<D>(warp * kRowsPerWarp + (lane % 8) + ((lane / 8) % 2) * 8, 2 * kb + lane / 16));
 
-  // Rows g and g + 8 of this warp: their stream positions bound the causal mask.
-  const int pos_row0 = prefix_len + row0 + warp * kRowsPerWarp + g;
+  // Rows 16 mt + g and 16 mt + g + 8 of this warp: their stream positions bound the causal mask.
+  const int warp_pos0 = prefix_len + row0 + warp_row0;  // the warp's first row's position
   const int last = prefix_len + min(row0 + kRows, seq.chunk_len);  // one past the CTA's last visible position
   const int num_blocks = (last + kBlock - 1) / kBlock;
 
-  float o[NO][4] = {};
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0, 0};
+  float o[kMTiles][NO][4] = {};
+  // Per row (mt, r): the reference of its weights 2^(s scale_log2 - reference), and their sum.
+  float reference[kMTiles][2], l_run[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) reference[mt][r] = -INFINITY, l_run[mt][r] = 0;
   auto attend_block = [&](int b) {
     const uint8_t* ks = keys(b);
     const uint8_t* vs = values(b);
-    // ---- S = Q K^T (log2 units) ----
-    float s[NT][4] = {};
+    // ---- S = Q K^T (unscaled); each key fragment serves the warp's kMTiles row tiles ----
+    float s[kMTiles][NT][4] = {};
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb)
+    for (int kb = 0; kb < KB; ++kb) {
+      uint32_t qa[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const int row = warp_row0 + 16 * mt + lane % 8 + ((lane / 8) % 2) * 8;
+        ldmatrix_x4(qa[mt], qs + swizzled<D>(row, 2 * kb + lane / 16));
+      }
 #pragma unroll
       for (int tp = 0; tp < NT / 2; ++tp) {
         uint32_t kf[4];
         ldmatrix_x4(kf, ks + swizzled<D>(tp * 16 + (lane / 16) * 8 + lane % 8, 2 * kb + (lane / 8) % 2));
-        mma_m16n8k16_rows16(s[2 * tp], qa[kb], kf[0], kf[1]);
-        mma_m16n8k16_rows16(s[2 * tp + 1], qa[kb], kf[2], kf[3]);
-      }
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
-    const int first = b * kBlock;
-    if (first + kBlock - 1 > prefix_len + row0) {  // the block reaches past some row's own position
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (first + 8 * j + 2 * m4 + (e & 1) > pos_row0 + (e / 2) * 8) s[j][e] = -INFINITY;
-    }
-
-    // ---- online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3) ----
-    float scale_o[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[r], mx);
-      const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet stays at zero
-      scale_o[r] = exp2f(m_run[r] - base);
-      m_run[r] = m_new;
-      l_run[r] *= scale_o[r];
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[j][e] = exp2f(s[j][e] - base);
-          l_run[r] += s[j][e];
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16_rows16(s[mt][2 * tp], qa[mt], kf[0], kf[1]);
+          mma_m16n8k16_rows16(s[mt][2 * tp + 1], qa[mt], kf[2], kf[3]);
         }
+      }
     }
+    const int first = b * kBlock;
+    if (first + kBlock - 1 > warp_pos0) {  // the block reaches past some row's own position
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      o[n][0] *= scale_o[0], o[n][1] *= scale_o[0];
-      o[n][2] *= scale_o[1], o[n][3] *= scale_o[1];
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (first + 8 * j + 2 * m4 + (e & 1) > warp_pos0 + 16 * mt + g + (e / 2) * 8) s[mt][j][e] = -INFINITY;
     }
 
-    // ---- O += P V ----
+    // ---- online softmax of rows (mt, g) (e = 0, 1) and (mt, g + 8) (e = 2, 3), in log2 units ----
+    // A row's reference moves only where its maximum passes it by more than kStaleReference (or for its first
+    // keys), so that the output's rescaling is skipped in most blocks; the weights stay below 2^kStaleReference.
+    float block_max[kMTiles][2];
+    bool moves = false;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        block_max[mt][r] = mx * p.scale_log2;
+        moves |= block_max[mt][r] > reference[mt][r] + kStaleReference;
+      }
+    if (__any_sync(0xffffffffu, moves)) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float correction[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float moved = fmaxf(reference[mt][r], block_max[mt][r]);
+          correction[r] = moved == reference[mt][r] ? 1.0f : exp2_approx(reference[mt][r] - moved);
+          reference[mt][r] = moved;
+          l_run[mt][r] *= correction[r];
+        }
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[mt][n][0] *= correction[0], o[mt][n][1] *= correction[0];
+          o[mt][n][2] *= correction[1], o[mt][n][3] *= correction[1];
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float base = reference[mt][r] == -INFINITY ? 0.0f : reference[mt][r];  // nothing visible yet: zero
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            s[mt][j][e] = exp2_approx(fmaf(s[mt][j][e], p.scale_log2, -base));
+            l_run[mt][r] += s[mt][j][e];
+          }
+      }
+
+    // ---- O += P V; each value fragment serves the warp's kMTiles row tiles ----
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        pa[mt][0] = pack_half2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = pack_half2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = pack_half2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = pack_half2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < NO / 2; ++np) {
         uint32_t vf[4];
         ldmatrix_x4_trans(vf, vs + swizzled<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, 2 * np + lane / 16));
-        mma_m16n8k16_rows16(o[2 * np], pa, vf[0], vf[1]);
-        mma_m16n8k16_rows16(o[2 * np + 1], pa, vf[2], vf[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16_rows16(o[mt][2 * np], pa[mt], vf[0], vf[1]);
+          mma_m16n8k16_rows16(o[mt][2 * np + 1], pa[mt], vf[2], vf[3]);
+        }
       }
     }
+  };
+  // A block past every row of this warp adds nothing to them (the CTA's later rows need it).
+  auto attend_visible_block = [&](int b) {
+    if (b * kBlock <= warp_pos0 + kRowsPerWarp - 1) attend_block(b);
   };
 
   // Block b + 1 streams in while block b is attended: the prefix tiles' blocks, then the tail's and the chunk's,
@@ -267,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
     cp_async_wait<0>();
     __syncthreads();  // block b landed; every warp is done with block b - 1, whose buffer block b + 1 fills
     if (b + 1 < tile_blocks) load_tiles(b + 1);
-    attend_block(b);
+    attend_visible_block(b);
   }
   if (b < num_blocks) {  // into the buffer of block b - 2, done at the last barrier
     load_stream_block<F>(p, seq, kv_head, b, keys(b), values(b));
@@ -280,28 +333,28 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(const Prefi
       load_stream_block<F>(p, seq, kv_head, b + 1, keys(b + 1), values(b + 1));
       cp_async_commit();
     }
-    attend_block(b);
+    attend_visible_block(b);
   }
 
   // ---- O / l, rotated back, fp16 out ----
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-    inv[r] = l_run[r] > 0 ? 1.0f / l_run[r] : 0.0f;
-  }
   __syncthreads();  // the Q/K/V blocks become the output rows
   float* rows = reinterpret_cast<float*>(shared);
   constexpr int kStride = D + 8;
 #pragma unroll
-  for (int n = 0; n < NO; ++n)
+  for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<float2*>(rows + (warp * kRowsPerWarp + g + 8 * r) * kStride + 8 * n + 2 * m4) =
-          make_float2(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+      for (int n = 0; n < NO; ++n)
+        *reinterpret_cast<float2*>(rows + (warp_row0 + 16 * mt + g + 8 * r) * kStride + 8 * n + 2 * m4) =
+            make_float2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+    }
   __syncwarp();
-  for (int r = warp * kRowsPerWarp; r < (warp + 1) * kRowsPerWarp && row0 + r < seq.chunk_len; ++r) {
+  for (int r = warp_row0; r < warp_row0 + kRowsPerWarp && row0 + r < seq.chunk_len; ++r) {
     float x[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) x[i] = rows[r * kStride + lane * E + i];
@@ -331,9 +384,10 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   if (args.num_q_heads % cache.num_kv_heads != 0)
     throw_error("prefill_attention: " + std::to_string(args.num_q_heads) + " q heads over " +
                 std::to_string(cache.num_kv_heads) + " kv heads; expected a multiple");
-  if (args.num_seqs > 65535 || args.num_q_heads > 65535)
-    throw_error("prefill_attention: " + std::to_string(args.num_seqs) + " sequences x " +
-                std::to_string(args.num_q_heads) + " q heads exceed the grid limit (65535 each)");
+  const long q_blocks = (static_cast<long>(args.max_chunk_len) + kRows - 1) / kRows;
+  if (args.num_seqs > 65535 || q_blocks > 65535)
+    throw_error("prefill_attention: " + std::to_string(args.num_seqs) + " sequences x " + std::to_string(q_blocks) +
+                " query blocks of " + std::to_string(kRows) + " rows exceed the grid limit (65535 each)");
   if (args.num_prefix_tiles < 0)
     throw_error("prefill_attention: num_prefix_tiles " + std::to_string(args.num_prefix_tiles) +
                 "; expected the sum of the sequences' prefix tiles (>= 0)");
@@ -350,7 +404,7 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   p.num_q_heads = args.num_q_heads;
   p.num_kv_heads = cache.num_kv_heads;
   p.group = args.num_q_heads / cache.num_kv_heads;
-  p.q_blocks = (args.max_chunk_len + kRows - 1) / kRows;
+  p.q_blocks = static_cast<int>(q_blocks);
   p.scale_log2 = args.scale * kLog2e;
   p.rotated = cache.rotated();
   if (p.rotated && args.num_rows > 0) {
@@ -381,7 +435,7 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
       return true;
     }();
     (void)configured;
-    const dim3 grid(p.q_blocks, args.num_q_heads, args.num_seqs);
+    const dim3 grid(args.num_q_heads, p.q_blocks, args.num_seqs);
     prefill_attention_kernel<F, kDecoded><<<grid, kThreads, bytes, stream>>>(p);
   });
   KVARN_CUDA_CHECK(cudaGetLastError());

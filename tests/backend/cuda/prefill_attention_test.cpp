@@ -263,6 +263,22 @@ TEST_P(PrefillTest, LongChunkOverLongPrefix) {
   EXPECT_GT(scale_margin, 1.0) << "a softmax scale off by " << kScaleError << " would pass this test";
 }
 
+// Sinks later in the stream than the first key block (tokens 200 and 500, in the prefix and in the chunk): many
+// rows' scores jump there by far more than the 2^8 the softmax reference may lag behind a row's maximum, so the
+// reference moves and the output gathered so far is rescaled in the middle of the stream, not only at its start.
+TEST_P(PrefillTest, LateSinksMoveTheSoftmaxReference) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const auto& c = GetParam();
+  const uint32_t seed = test::test_seed();
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
+  const std::vector<ChunkSpec> specs = {{{256 / g, 10}, 400}, {{0, 0}, 520}};
+  const test::KvSource kv =
+      test::synthetic_kv_source(c.kv_heads, c.head_dim, {.sink_tokens = {0, 200, 500}, .seed = seed});
+  std::mt19937 rng(seed);
+  check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
+                random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Dtypes, PrefillTest,
     ::testing::Values(PrefillCase{"kvarn_k4v2_g128", 128, 8, 2}, PrefillCase{"kvarn_k4v2_g128", 128, 8, 1},
@@ -336,6 +352,18 @@ TEST(PrefillAttention, RefusesANegativePrefixTileCount) {
     ADD_FAILURE() << "a negative prefix tile count was accepted";
   } catch (const kvarn::Error& e) {
     EXPECT_NE(std::string(e.what()).find("num_prefix_tiles -1"), std::string::npos) << e.what();
+  }
+}
+
+// The grid has a CTA per q head and 128-row query block of the longest chunk; its second dimension holds 65535.
+TEST(PrefillAttention, RefusesAChunkOfMoreQueryBlocksThanTheGridHolds) {
+  PrefillAttentionArgs args = one_row_args(4);
+  args.max_chunk_len = 65535 * 128 + 1;
+  try {
+    prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
+    ADD_FAILURE() << "a chunk of 65536 query blocks was accepted";
+  } catch (const kvarn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("65536 query blocks"), std::string::npos) << e.what();
   }
 }
 
