@@ -13,9 +13,9 @@
 // keys/values form one stream
 //     [prefix tiles: num_tiles * G tokens][prefix tail: tail_len tokens][chunk: chunk_len tokens]
 // read in blocks of 64 tokens up to the CTA's last row, each copied by cp.async one block ahead into one of two
-// shared-memory buffers as fp16 K[64][D] and V[64][D] in the storage space; a warp skips the blocks past its own
-// rows. Every row's 16-byte chunks are XOR-swizzled by the row's low 3 bits so that the ldmatrix reads of a
-// fragment hit distinct banks.
+// shared-memory buffers as fp16 K[64][D] and V[64][D] in the storage space (see below for a sequence with nothing
+// cached); a warp skips the blocks past its own rows. Every row's 16-byte chunks are XOR-swizzled by the row's
+// low 3 bits so that the ldmatrix reads of a fragment hit distinct banks.
 // Per block and warp, on tensor cores: S = Q K^T (Q's fp16 fragments read from shared memory per k-block; the scale
 // applied to S in fp32 inside the exponent's FMA, as an fp16 product would shift a 100x sink's weight by ~1%),
 // causal mask on the chunk's diagonal, online softmax in fp32 (exp2) whose reference moves only when a row's
