@@ -1,7 +1,8 @@
 // Shape contract: see prefill_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
-// rotate_chunk_kernel (rotated dtypes): one warp per (row, kv-head, K|V), H_D in registers, fp16 into the
-// workspace [K|V][num_rows][H_kv][D]: the chunk's K/V in the space the tiles and tails are stored in.
+// rotate_chunk_kernel (rotated dtypes): grid (row blocks, sequences), one warp per (row, kv-head, K|V) of a sequence
+// with something cached, H_D in registers, fp16 into the workspace [K|V][num_rows][H_kv][D]: the chunk's K/V in
+// the space the tiles and tails are stored in (a sequence with nothing cached reads its chunk as given, below).
 // dequantize_prefix_tiles (code-tile caches, dequantize_prefix.cu): the prefix's tiles decoded once into fp16
 // tiles in the workspace, after the rotated chunk; the attention then reads them as an fp16 cache's tiles.
 //
@@ -68,22 +69,31 @@ struct PrefillParams {
   bool rotated;
 };
 
+// A sequence with nothing cached (no tiles, no tail) attends in the model space: H_D is orthogonal, so its scores
+// and outputs are the same in both, and the rotations of its chunk, queries and outputs are left out.
+__device__ __forceinline__ bool attends_in_storage_space(const PrefillSequence& seq, bool rotated_dtype) {
+  return rotated_dtype && seq.prefix.num_tiles + seq.prefix.tail_len > 0;
+}
+
 template <int D>
-__global__ void rotate_chunk_kernel(const __half* __restrict__ k, const __half* __restrict__ v, int num_rows,
-                                    int num_kv_heads, __half* __restrict__ rotated) {
+__global__ void rotate_chunk_kernel(const __half* __restrict__ k, const __half* __restrict__ v,
+                                    const PrefillSequence* __restrict__ seqs, int num_rows, int num_kv_heads,
+                                    __half* __restrict__ rotated) {
   constexpr int E = D / 32;
+  const PrefillSequence seq = seqs[blockIdx.y];
+  if (!attends_in_storage_space(seq, true)) return;
   const long warp = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
-  const long per_tensor = static_cast<long>(num_rows) * num_kv_heads;
+  const long per_tensor = static_cast<long>(seq.chunk_len) * num_kv_heads;
   if (warp >= 2 * per_tensor) return;
   const int which = static_cast<int>(warp / per_tensor);  // 0: key, 1: value
-  const long vec = warp % per_tensor;
+  const long vec = static_cast<long>(seq.chunk_begin) * num_kv_heads + warp % per_tensor;
   const __half* src = (which == 0 ? k : v) + vec * D + lane * E;
   float x[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
   hadamard_warp<D>(x);
-  __half* dst = rotated + (which * per_tensor + vec) * D + lane * E;
+  __half* dst = rotated + (which * static_cast<long>(num_rows) * num_kv_heads + vec) * D + lane * E;
 #pragma unroll
   for (int i = 0; i < E; ++i) dst[i] = __float2half_rn(x[i]);
 }
@@ -169,9 +179,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
   const int prefix_len = seq.prefix.num_tiles * F::G + seq.prefix.tail_len;
   const int warp_row0 = warp * kRowsPerWarp;
-  // A sequence with nothing cached attends in the model space: H_D is orthogonal, so its scores and outputs are the
-  // same in both, and the rotations of its queries and outputs are left out.
-  const bool rotated = p.rotated && prefix_len > 0;
+  const bool rotated = attends_in_storage_space(seq, p.rotated);
   const __half* chunk_k = rotated ? p.k_stored : p.k;
   const __half* chunk_v = rotated ? p.v_stored : p.v;
 
@@ -421,12 +429,10 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   p.rotated = cache.rotated();
   if (p.rotated && args.num_rows > 0) {
     auto* rotated = static_cast<__half*>(workspace);
-    const long warps = 2L * args.num_rows * cache.num_kv_heads;
-    const int blocks = static_cast<int>((warps * 32 + 255) / 256);
-    if (d == 128)
-      rotate_chunk_kernel<128><<<blocks, 256, 0, stream>>>(p.k, p.v, args.num_rows, cache.num_kv_heads, rotated);
-    else
-      rotate_chunk_kernel<64><<<blocks, 256, 0, stream>>>(p.k, p.v, args.num_rows, cache.num_kv_heads, rotated);
+    const long warps_per_seq = 2L * args.max_chunk_len * cache.num_kv_heads;
+    const dim3 grid(static_cast<unsigned>((warps_per_seq * 32 + 255) / 256), args.num_seqs);
+    const auto rotate = d == 128 ? rotate_chunk_kernel<128> : rotate_chunk_kernel<64>;
+    rotate<<<grid, 256, 0, stream>>>(p.k, p.v, args.seqs, args.num_rows, cache.num_kv_heads, rotated);
     KVARN_CUDA_CHECK(cudaGetLastError());
     p.k_stored = rotated;
     p.v_stored = rotated + static_cast<size_t>(args.num_rows) * cache.num_kv_heads * d;
