@@ -104,23 +104,37 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D * 2 + ((chunk ^ (row & 7)) << 4);
 }
 
+// Starts copying 64 rows of K and V into the swizzled K/V blocks, row t from k + t * stride and v + t * stride:
+// thread tid copies 16-byte chunk tid % kChunks of rows tid / kChunks + i kRowsPerPass, which share one swizzle
+// (kRowsPerPass is a multiple of 8), so that a row's addresses are a base and constant steps.
+template <int D>
+__device__ __forceinline__ void copy_rows(const __half* k, const __half* v, size_t stride, uint8_t* ks, uint8_t* vs) {
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  static_assert(kRowsPerPass % 8 == 0 && kBlock % kRowsPerPass == 0);
+  const int t0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks, dst = swizzled<D>(t0, c);
+  k += t0 * stride + 8 * c;
+  v += t0 * stride + 8 * c;
+#pragma unroll
+  for (int i = 0; i < kBlock / kRowsPerPass; ++i) {
+    cp_async_16(ks + dst + i * kRowsPerPass * D * 2, k + i * kRowsPerPass * stride);
+    cp_async_16(vs + dst + i * kRowsPerPass * D * 2, v + i * kRowsPerPass * stride);
+  }
+}
+
 // Starts loading stream tokens [64 b, 64 b + 64) of one (sequence, kv-head), a block of its prefix tiles (G is a
 // multiple of 64), into the K/V blocks. kDecodedPrefix: tile i of a sequence is slot prefix_tile_begin + i of
 // p.tiles (code tiles decoded into the workspace), not its block (fp16 caches).
 template <class F, bool kDecodedPrefix>
 __device__ void load_tile_block(const PrefillParams& p, const PrefillSequence& seq, int kv_head, int b,
                                 uint8_t* ks, uint8_t* vs) {
-  constexpr int D = F::D, G = F::G, kChunks = D / 8;
+  constexpr int D = F::D, G = F::G;
   const int first = b * kBlock, tile = first / G;
   const int32_t slot =
       kDecodedPrefix ? seq.prefix_tile_begin + tile : p.block_tables[seq.prefix.block_table_offset + tile];
   const uint8_t* tile_bytes = p.tiles + (static_cast<size_t>(slot) * p.num_kv_heads + kv_head) * F::L.bytes;
-  for (int w = threadIdx.x; w < kBlock * kChunks; w += kThreads) {
-    const int t = w / kChunks, c = w % kChunks;
-    const size_t src = static_cast<size_t>(first % G + t) * D * 2 + c * 16;
-    cp_async_16(ks + swizzled<D>(t, c), tile_bytes + F::L.key_codes + src);
-    cp_async_16(vs + swizzled<D>(t, c), tile_bytes + F::L.value_codes + src);
-  }
+  const size_t row = static_cast<size_t>(first % G) * D;
+  copy_rows<D>(reinterpret_cast<const __half*>(tile_bytes + F::L.key_codes) + row,
+               reinterpret_cast<const __half*>(tile_bytes + F::L.value_codes) + row, D, ks, vs);
 }
 
 // The same for a block past the prefix tiles: tail and chunk tokens (the chunk's from chunk_k / chunk_v);
@@ -131,6 +145,11 @@ __device__ void load_stream_block(const PrefillParams& p, const PrefillSequence&
   constexpr int D = F::D, G = F::G, kChunks = D / 8;
   const int first = b * kBlock, tile_tokens = seq.prefix.num_tiles * G;
   const int tail_end = tile_tokens + seq.prefix.tail_len, end = tail_end + seq.chunk_len;
+  if (first >= tail_end && first + kBlock <= end) {  // chunk rows only: most blocks of a long chunk
+    const size_t row = static_cast<size_t>(seq.chunk_begin + first - tail_end) * p.num_kv_heads + kv_head;
+    copy_rows<D>(chunk_k + row * D, chunk_v + row * D, static_cast<size_t>(p.num_kv_heads) * D, ks, vs);
+    return;
+  }
   const __half* tail_k =
       p.tails + (static_cast<size_t>(seq.prefix.tail_slot) * 2 * p.num_kv_heads + kv_head) * G * D;
   const __half* tail_v = tail_k + static_cast<size_t>(p.num_kv_heads) * G * D;
