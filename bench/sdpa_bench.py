@@ -6,7 +6,7 @@ T tokens attending to itself, [1, Hq, T, D]. Decode: per call in a CUDA graph of
 captured decode step, one call per layer), median of the replays timed after 0.5 s of the same replays (median_ms);
 prefill: the same with single calls.
 Several K/V copies are rotated when one is small enough to stay in L2. Writes CSV rows like kvarn_cuda_bench's.
-Usage: sdpa_bench.py [--csv FILE] [--quick]
+Usage: sdpa_bench.py [--csv FILE] [--quick] [--prefill-only]
 """
 import argparse
 import math
@@ -111,10 +111,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--csv")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill rows, as kvarn_cuda_bench's")
     args = parser.parse_args()
     print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}")
     rows = ["kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits,window_begin,window_end"]
-    batches = [8] if args.quick else [1, 8, 32, 128]
+    batches = [] if args.prefill_only else [8] if args.quick else [1, 8, 32, 128]
     contexts = [8192] if args.quick else [1024, 8192, 32768, 131072]
     for name, hq, hkv, d in SHAPES:
         for batch in batches:

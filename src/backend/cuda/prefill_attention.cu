@@ -104,21 +104,33 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D * 2 + ((chunk ^ (row & 7)) << 4);
 }
 
-// Starts copying 64 rows of K and V into the swizzled K/V blocks, row t from k + t * stride and v + t * stride:
-// thread tid copies 16-byte chunk tid % kChunks of rows tid / kChunks + i kRowsPerPass, which share one swizzle
-// (kRowsPerPass is a multiple of 8), so that a row's addresses are a base and constant steps.
+// Starts copying kCount rows into a swizzled [kCount][D] fp16 block, row t from src + t * stride; kChecked: rows
+// from `valid` on are zeros instead (without it no check is compiled). Thread tid copies 16-byte chunk
+// tid % kChunks of rows tid / kChunks + i kRowsPerPass, which share one swizzle (kRowsPerPass is a multiple of 8),
+// so that a row's addresses are a base and constant steps.
+template <int D, int kCount, bool kChecked = false>
+__device__ __forceinline__ void copy_rows(const __half* src, size_t stride, uint8_t* dst, int valid = kCount) {
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  static_assert(kRowsPerPass % 8 == 0 && kCount % kRowsPerPass == 0);
+  const int t0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  src += t0 * stride + 8 * c;
+  dst += swizzled<D>(t0, c);
+#pragma unroll
+  for (int i = 0; i < kCount / kRowsPerPass; ++i) {
+    uint8_t* to = dst + i * kRowsPerPass * D * 2;
+    if (!kChecked || t0 + i * kRowsPerPass < valid) {
+      cp_async_16(to, src + i * kRowsPerPass * stride);
+    } else {
+      *reinterpret_cast<uint4*>(to) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Starts copying 64 rows of K and V into the swizzled K/V blocks, row t from k + t * stride and v + t * stride.
 template <int D>
 __device__ __forceinline__ void copy_rows(const __half* k, const __half* v, size_t stride, uint8_t* ks, uint8_t* vs) {
-  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
-  static_assert(kRowsPerPass % 8 == 0 && kBlock % kRowsPerPass == 0);
-  const int t0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks, dst = swizzled<D>(t0, c);
-  k += t0 * stride + 8 * c;
-  v += t0 * stride + 8 * c;
-#pragma unroll
-  for (int i = 0; i < kBlock / kRowsPerPass; ++i) {
-    cp_async_16(ks + dst + i * kRowsPerPass * D * 2, k + i * kRowsPerPass * stride);
-    cp_async_16(vs + dst + i * kRowsPerPass * D * 2, v + i * kRowsPerPass * stride);
-  }
+  copy_rows<D, kBlock>(k, stride, ks);
+  copy_rows<D, kBlock>(v, stride, vs);
 }
 
 // Starts loading stream tokens [64 b, 64 b + 64) of one (sequence, kv-head), a block of its prefix tiles (G is a
@@ -174,6 +186,28 @@ __device__ void load_stream_block(const PrefillParams& p, const PrefillSequence&
   }
 }
 
+// Rotates a warp's 32 query rows in place by H_D once their copy (the cp.async group before the newest) landed.
+template <int D>
+__device__ __forceinline__ void rotate_query_rows(uint8_t* qs, int warp_row0) {
+  constexpr int E = D / 32;
+  const int byte = (threadIdx.x & 31) * E * 2;
+  cp_async_wait<1>();
+  __syncthreads();
+#pragma unroll 4
+  for (int r = warp_row0; r < warp_row0 + kRowsPerWarp; ++r) {
+    uint32_t* row = reinterpret_cast<uint32_t*>(qs + swizzled<D>(r, byte / 16) + byte % 16);
+    float x[E];
+#pragma unroll
+    for (int i = 0; i < E; i += 2) {
+      const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(row + i / 2));
+      x[i] = pair.x, x[i + 1] = pair.y;
+    }
+    hadamard_warp<D>(x);
+#pragma unroll
+    for (int i = 0; i < E; i += 2) row[i / 2] = pack_half2(x[i], x[i + 1]);
+  }
+}
+
 // Q and two buffers of K and V blocks; at the end the fp32 output rows (padded by 8 floats against bank
 // conflicts) reuse them.
 template <int D>
@@ -202,23 +236,12 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
   const __half* chunk_k = rotated ? p.k_stored : p.k;
   const __half* chunk_v = rotated ? p.v_stored : p.v;
 
-  // ---- this CTA's queries: rotated (as rotated says), fp16, swizzled in shared memory, read per k-block ----
-  for (int r = warp_row0; r < warp_row0 + kRowsPerWarp; ++r) {
-    float x[E] = {};
-    if (row0 + r < seq.chunk_len) {
-      const __half* src =
-          p.q + (static_cast<size_t>(seq.chunk_begin + row0 + r) * p.num_q_heads + head) * D + lane * E;
-#pragma unroll
-      for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
-      if (rotated) hadamard_warp<D>(x);
-    }
-    const int byte = lane * E * 2;
-#pragma unroll
-    for (int i = 0; i < E; i += 2)
-      *reinterpret_cast<uint32_t*>(qs + swizzled<D>(r, byte / 16) + byte % 16 + 2 * i) = pack_half2(x[i], x[i + 1]);
-  }
-  __syncthreads();
-
+  // ---- this CTA's queries: fp16, swizzled in shared memory, read per k-block. Copied by cp.async with the first
+  // K/V block (rows past the chunk: zeros), then rotated in place as rotated says: loaded into registers a row at a
+  // time, each row had waited for its global load (the top stall sites in Nsight Compute) ----
+  copy_rows<D, kRows, true>(p.q + (static_cast<size_t>(seq.chunk_begin + row0) * p.num_q_heads + head) * D,
+                            static_cast<size_t>(p.num_q_heads) * D, qs, seq.chunk_len - row0);
+  cp_async_commit();
   // Rows 16 mt + g and 16 mt + g + 8 of this warp: their stream positions bound the causal mask.
   const int warp_pos0 = prefix_len + row0 + warp_row0;  // the warp's first row's position
   const int last = prefix_len + min(row0 + kRows, seq.chunk_len);  // one past the CTA's last visible position
@@ -351,15 +374,21 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
     load_tile_block<F, kDecodedPrefix>(p, seq, kv_head, block, keys(block), values(block));
     cp_async_commit();
   };
+  if (tile_blocks > 0) {
+    load_tiles(0);
+  } else {
+    load_stream_block<F>(p, seq, kv_head, 0, chunk_k, chunk_v, keys(0), values(0));
+    cp_async_commit();
+  }
+  if (rotated) rotate_query_rows<D>(qs, warp_row0);
   int b = 0;
-  if (tile_blocks > 0) load_tiles(0);
   for (; b < tile_blocks; ++b) {
     cp_async_wait<0>();
     __syncthreads();  // block b landed; every warp is done with block b - 1, whose buffer block b + 1 fills
     if (b + 1 < tile_blocks) load_tiles(b + 1);
     attend_visible_block(b);
   }
-  if (b < num_blocks) {  // into the buffer of block b - 2, done at the last barrier
+  if (tile_blocks > 0 && b < num_blocks) {  // into the buffer of block b - 2, done at the last barrier
     load_stream_block<F>(p, seq, kv_head, b, chunk_k, chunk_v, keys(b), values(b));
     cp_async_commit();
   }
