@@ -9,9 +9,9 @@
 namespace kvarn::cuda::decode {
 
 // fp32 copies of the scales of the tile a warp reads, as its products read them: a_K, z_K (with centre codes
-// z_K + a_K x) and centre_K (x: the codes of the tile's largest-scale token as fp16 subnormal pairs, an mma's A
-// operand, in the first half of its D floats: the offsets after it stay put, with which the 1-head-per-lane loop
-// compiles 7 instructions shorter; see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
+// z_K + a_K x) and centre_K (x: the codes of the tile's largest-scale token as fp16 subnormal pairs, a lane's
+// four registers of an mma's A operand whose rows are all x, so that one 16-byte load fills the mma's register
+// quad; see fold_key_scales_rounded) in fragment order (stage_key_scales), then in
 // padded() order s_tok_K[t] * 2^24 or 2^20 (even / odd token: the code's bit in its byte, see the scores), a_V[t],
 // z_V[t], and s_ch_V[c] * 2^(24 - k) (k: the bit of channel c's code in its byte).
 template <class F>
@@ -188,7 +188,7 @@ __device__ __forceinline__ void stage_key_scales(const uint8_t* tile, float* sca
     float2 z0 = __half22float2(zk[c2]), z1 = __half22float2(zk[c2 + 4]);
     if constexpr (kCentreCodes) {
       const uint2 x = key_codes_of_token<F>(tile, 2 * c2, centre);
-      reinterpret_cast<uint2*>(scales + S::centre_k)[lane] = x;
+      reinterpret_cast<uint4*>(scales + S::centre_k)[lane] = make_uint4(x.x, x.x, x.y, x.y);
       z0.x = fmaf(a0.x, static_cast<float>(x.x & 0xffff), z0.x);
       z0.y = fmaf(a0.y, static_cast<float>(x.x >> 16), z0.y);
       z1.x = fmaf(a1.x, static_cast<float>(x.y & 0xffff), z1.x);
@@ -316,11 +316,11 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
   const int m4 = threadIdx.x % 4;
   const float4 av = reinterpret_cast<const float4*>(scales + TileScales<F>::a_k)[4 * kb + m4];
   const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
-  const uint2 x = reinterpret_cast<const uint2*>(scales + TileScales<F>::centre_k)[4 * kb + m4];
+  const uint4 x = reinterpret_cast<const uint4*>(scales + TileScales<F>::centre_k)[4 * kb + m4];
   const __half2 h01 = __floats2half2_rn(q.x * av.x, q.y * av.y), h23 = __floats2half2_rn(q.z * av.z, q.w * av.w);
   z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
   b[0] = *reinterpret_cast<const uint32_t*>(&h01), b[1] = *reinterpret_cast<const uint32_t*>(&h23);
-  const uint32_t a[4] = {x.x, x.x, x.y, x.y};
+  const uint32_t a[4] = {x.x, x.y, x.z, x.w};
   mma_m16n8k16_rows16(centre, a, b[0], b[1]);
 }
 
