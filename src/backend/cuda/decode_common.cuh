@@ -89,21 +89,30 @@ __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
 }
 
 // The group's queries, rotated into the storage space: store(h, c, x) for every head h < kMaxGroup and channel c
-// (heads past the group: zero).
+// (heads past the group: zero). A warp's heads are loaded before any is rotated, so that their loads overlap.
 template <int D, class Store>
 __device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, Store&& store) {
-  constexpr int E = D / 32;
+  constexpr int E = D / 32, kHeadsPerWarp = kMaxGroup / kWarps;
+  static_assert(kMaxGroup % kWarps == 0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  for (int h = warp; h < kMaxGroup; h += kWarps) {
-    float x[E] = {};
+  float x[kHeadsPerWarp][E] = {};
+#pragma unroll
+  for (int j = 0; j < kHeadsPerWarp; ++j) {
+    const int h = warp + j * kWarps;
     if (h < p.group) {
-      const __half* src = p.q + (partial_row + h) * D + lane * E;
+      const __half2* src = reinterpret_cast<const __half2*>(p.q + (partial_row + h) * D + lane * E);
 #pragma unroll
-      for (int i = 0; i < E; ++i) x[i] = __half2float(src[i]);
-      if (p.rotated) hadamard_warp<D>(x);
+      for (int i = 0; i < E; i += 2) {
+        const float2 pair = __half22float2(src[i / 2]);
+        x[j][i] = pair.x, x[j][i + 1] = pair.y;
+      }
     }
+  }
 #pragma unroll
-    for (int i = 0; i < E; ++i) store(h, lane * E + i, x[i]);
+  for (int j = 0; j < kHeadsPerWarp; ++j) {
+    if (p.rotated && warp + j * kWarps < p.group) hadamard_warp<D>(x[j]);
+#pragma unroll
+    for (int i = 0; i < E; ++i) store(warp + j * kWarps, lane * E + i, x[j][i]);
   }
 }
 
