@@ -343,22 +343,25 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   const int mine = num > warp ? (num - warp + kWarps - 1) / kWarps : 0;
   uint8_t* slot = shared + Layout::warp_regions + warp * Layout::warp_region;
   float* scales = reinterpret_cast<float*>(slot + Layout::slot_bytes);
-  auto tile_bytes = [&](int i) {
-    return p.blocks +
-           (static_cast<size_t>(table[work.first_tile + warp + i * kWarps]) * p.num_kv_heads + work.head) * F::L.bytes;
+  auto block_of = [&](int i) { return i < mine ? table[work.first_tile + warp + i * kWarps] : 0; };
+  auto tile_bytes = [&](int32_t block) {
+    return p.blocks + (static_cast<size_t>(block) * p.num_kv_heads + work.head) * F::L.bytes;
   };
   const WarpTileCopy<F> copy(lane);
   const bool keys_first = static_cast<int>(blockIdx.x) < p.first_wave_ctas;
-  if (mine > 0) copy.keys(slot, tile_bytes(0));
+  int32_t block = block_of(0);
+  if (mine > 0) copy.keys(slot, tile_bytes(block));
   cp_async_commit();
-  if (!keys_first && mine > 0) copy.values(slot, tile_bytes(0));
+  if (!keys_first && mine > 0) copy.values(slot, tile_bytes(block));
   cp_async_commit();
   wait_for_previous_kernel();
   stage_query_fragments<F>(p, work, shared);  // while the first keys stream in
   for (int it = 0; it < mine; ++it) {
+    // The next tile's block, asked for a tile ahead of its copies: read where they start, it stalled the warp.
+    const int32_t next = block_of(it + 1);
     if (it == 0 && keys_first) {
       cp_async_wait<0>();  // the first tile's keys; now its values
-      copy.values(slot, tile_bytes(0));
+      copy.values(slot, tile_bytes(block));
       cp_async_commit();
     } else {
       cp_async_wait<1>();  // this tile's keys (its values may still stream)
@@ -368,7 +371,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     scores(slot, it, scales);
     __syncwarp();  // the key half is read: the next tile's streams in
-    if (it + 1 < mine) copy.keys(slot, tile_bytes(it + 1));
+    if (it + 1 < mine) copy.keys(slot, tile_bytes(next));
     cp_async_commit();
     cp_async_wait<1>();  // this tile's values
     __syncwarp();
@@ -376,8 +379,9 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     values(slot, scales);
     __syncwarp();
-    if (it + 1 < mine) copy.values(slot, tile_bytes(it + 1));
+    if (it + 1 < mine) copy.values(slot, tile_bytes(next));
     cp_async_commit();
+    block = next;
   }
   cp_async_wait<0>();
   __syncthreads();
