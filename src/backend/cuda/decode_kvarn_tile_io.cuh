@@ -357,7 +357,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   wait_for_previous_kernel();
   stage_query_fragments<F>(p, work, shared);  // while the first keys stream in
   for (int it = 0; it < mine; ++it) {
-    // The next tile's block, asked for a tile ahead of its copies: read where they start, it stalled the warp.
+    // The next tile's block, read a tile before its copies need it (read at the copies, it stalled the warp).
     const int32_t next = block_of(it + 1);
     if (it == 0 && keys_first) {
       cp_async_wait<0>();  // the first tile's keys; now its values

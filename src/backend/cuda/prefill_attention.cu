@@ -237,8 +237,8 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
   const __half* chunk_v = rotated ? p.v_stored : p.v;
 
   // ---- this CTA's queries: fp16, swizzled in shared memory, read per k-block. Copied by cp.async with the first
-  // K/V block (rows past the chunk: zeros), then rotated in place as rotated says: loaded into registers a row at a
-  // time, each row had waited for its global load (the top stall sites in Nsight Compute) ----
+  // K/V block (rows past the chunk: zeros) and rotated there in place as rotated says, rather than loaded into
+  // registers a row at a time, each row waiting for its global load (the top stall sites in Nsight Compute) ----
   copy_rows<D, kRows, true>(p.q + (static_cast<size_t>(seq.chunk_begin + row0) * p.num_q_heads + head) * D,
                             static_cast<size_t>(p.num_q_heads) * D, qs, seq.chunk_len - row0);
   cp_async_commit();
@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
 
   // Block b + 1 streams in while block b is attended: the prefix tiles' blocks, then the tail's and the chunk's,
   // in two loops whose loads are compiled without each other's branches (2-4% faster than one loop over fp16 tiles,
-  // H200); the first stream block starts after the last tile block's barrier, without overlap.
+  // H200); the first block starts with the queries, the first stream block after a prefix's last tile block's
+  // barrier, without overlap.
   const int tile_blocks = seq.prefix.num_tiles * (F::G / kBlock);
   auto load_tiles = [&](int block) {
     load_tile_block<F, kDecodedPrefix>(p, seq, kv_head, block, keys(block), values(block));
