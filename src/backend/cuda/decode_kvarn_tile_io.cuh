@@ -349,10 +349,10 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   };
   const WarpTileCopy<F> copy(lane);
   const bool keys_first = static_cast<int>(blockIdx.x) < p.first_wave_ctas;
-  int32_t block = block_of(0);
-  if (mine > 0) copy.keys(slot, tile_bytes(block));
+  const int32_t first = block_of(0);
+  if (mine > 0) copy.keys(slot, tile_bytes(first));
   cp_async_commit();
-  if (!keys_first && mine > 0) copy.values(slot, tile_bytes(block));
+  if (!keys_first && mine > 0) copy.values(slot, tile_bytes(first));
   cp_async_commit();
   wait_for_previous_kernel();
   stage_query_fragments<F>(p, work, shared);  // while the first keys stream in
@@ -361,7 +361,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     const int32_t next = block_of(it + 1);
     if (it == 0 && keys_first) {
       cp_async_wait<0>();  // the first tile's keys; now its values
-      copy.values(slot, tile_bytes(block));
+      copy.values(slot, tile_bytes(first));
       cp_async_commit();
     } else {
       cp_async_wait<1>();  // this tile's keys (its values may still stream)
@@ -381,7 +381,6 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     if (it + 1 < mine) copy.values(slot, tile_bytes(next));
     cp_async_commit();
-    block = next;
   }
   cp_async_wait<0>();
   __syncthreads();
