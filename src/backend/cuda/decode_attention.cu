@@ -87,23 +87,35 @@ constexpr size_t shared_bytes() {
   return SharedLayout<F>::bytes;
 }
 
-// A pair of one split whose CTA also read the tail: its warps merge the two partials of each of its q heads (the
-// tiles' at split 0 where tiles is set, the tail's where tail is) and write the output, so that no combine follows.
+// A pair of one split whose CTA also read the tail: the states of each of its q heads, the tiles' merged one
+// (tiles_state, TailSharedLayout; none where null) and the tail's warps' (the merge buffer, where tail), merged,
+// rotated back and written as the output, so that no combine follows. Both stay in shared memory (written to
+// global partials and read back, they took ~10% of such a CTA's instructions and two round trips).
 template <int D>
-__device__ void write_pair_output(const DecodeParams& p, size_t partial_row, bool tiles, bool tail) {
+__device__ void write_pair_output(const DecodeParams& p, uint8_t* shared, const float* tiles_state, bool tail,
+                                  size_t partial_row) {
   constexpr int E = D / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   for (int h = warp; h < p.group; h += kWarps) {
-    const size_t base = (partial_row + h) * (p.num_splits + 1);
-    float2 ml[2] = {make_float2(-FLT_MAX, 0.0f), make_float2(-FLT_MAX, 0.0f)};
-    float x[2][E] = {};
-    if (tiles) ml[0] = p.partial_ml[base], load_floats(p.partial_o + base * D + lane * E, x[0]);
-    if (tail) ml[1] = p.partial_ml[base + 1], load_floats(p.partial_o + (base + 1) * D + lane * E, x[1]);
-    const float mx = fmaxf(ml[0].x, ml[1].x), f0 = exp2f(ml[0].x - mx), f1 = exp2f(ml[1].x - mx);
-    const float l = ml[0].y * f0 + ml[1].y * f1, inv = l > 0 ? 1.0f / l : 0.0f;
-    float acc[E];
+    const float* tiles = tiles_state ? tiles_state + h * (D + 4) : nullptr;
+    float mx = tiles ? tiles[D] : -FLT_MAX;
+    if (tail)
 #pragma unroll
-    for (int i = 0; i < E; ++i) acc[i] = (x[0][i] * f0 + x[1][i] * f1) * inv;
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
+    float l = 0, acc[E] = {};
+    auto add = [&](const float* state) {
+      const float f = exp2f(state[D] - mx);
+      l += state[D + 1] * f;
+#pragma unroll
+      for (int i = 0; i < E; ++i) acc[i] += state[lane * E + i] * f;
+    };
+    if (tiles) add(tiles);
+    if (tail)
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) add(warp_state<D>(shared, w, h));
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) acc[i] *= inv;
     if (p.rotated) hadamard_warp<D>(acc);
 #pragma unroll
     for (int i = 0; i < E; ++i) p.out[(partial_row + h) * D + lane * E + i] = __float2half_rn(acc[i]);
@@ -126,6 +138,7 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
     if (seq.tail_len == 0) return;
     const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
     attend_tail<F>(p, seq, head, partial_row, shared);
+    write_partial_from_warp_states<F::D>(p, shared, partial_row, p.num_splits);
     return;
   }
   const CtaWork work = cta_work(p, blockIdx.x - (p.tails_in_tile_ctas ? 0 : pairs));
@@ -137,18 +150,25 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
       attend_fp16_tiles<F>(p, work, shared);
     }
   }
+  if (!p.tails_in_tile_ctas) {
+    if (tiles) write_partial_from_warp_states<F::D>(p, shared, work.partial_row, work.split);
+    return;
+  }
   // Without tail CTAs, each pair's one split reads the tail after its tiles (alone where there are none). Its work
   // is read again rather than kept in registers through the tiles.
-  if (!p.tails_in_tile_ctas) return;
+  constexpr int E = F::D / 32;
   const CtaWork pair = cta_work(p, blockIdx.x);
   if (!tiles) wait_for_previous_kernel();  // the tail and the output may be the kernel before's to write
+  float* tiles_state = reinterpret_cast<float*>(shared + TailSharedLayout<F>::tiles_state);
+  if (tiles) merge_warp_states<F::D>(p, shared, [&](int h, const float (&o)[E], float m, float l) {
+    float* dst = tiles_state + h * (F::D + 4);
+    store_floats(dst + (threadIdx.x & 31) * E, o);
+    if ((threadIdx.x & 31) == 0) dst[F::D] = m, dst[F::D + 1] = l;
+  });
   const bool tail = pair.seq.tail_len > 0;
-  if (tail) {
-    __syncthreads();  // the tiles' merge buffer is read: the tail's rows replace it
-    attend_tail<F>(p, pair.seq, pair.head, pair.partial_row, shared);
-  }
-  __syncthreads();  // the partials are written
-  write_pair_output<F::D>(p, pair.partial_row, tiles, tail);
+  __syncthreads();  // the merge buffer is read (the tail's rows replace it) and the tiles' state written
+  if (tail) attend_tail<F>(p, pair.seq, pair.head, pair.partial_row, shared);
+  write_pair_output<F::D>(p, shared, tiles ? tiles_state : nullptr, tail, pair.partial_row);
 }
 
 // Warps of 32 lanes per combine CTA; a row's partials are shared by warps_per_row of them (1, 2, 4 or 8).

@@ -65,6 +65,18 @@ __device__ __forceinline__ void load_floats(const float* src, float (&out)[N]) {
   }
 }
 
+// n floats to a 4n-byte aligned address (n = 2, 4, 8, 16) in 8- or 16-byte stores.
+template <int N>
+__device__ __forceinline__ void store_floats(float* dst, const float (&x)[N]) {
+  if constexpr (N == 2) {
+    *reinterpret_cast<float2*>(dst) = make_float2(x[0], x[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i)
+      reinterpret_cast<float4*>(dst)[i] = make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+  }
+}
+
 // What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head) number
 // cta % pairs, its tiles [first_tile, end_tile). Split-major, so that the last split of every pair, the shortest,
 // is launched last: at one wave those are the CTAs that start late, when the tail CTAs free their slots.
@@ -128,32 +140,47 @@ __device__ __forceinline__ float* warp_state(uint8_t* shared, int warp, int head
   return reinterpret_cast<float*>(shared) + (warp * kMaxGroup + head) * (D + 2);
 }
 
-// After every warp has written its state (and a barrier): merges the 4 states and writes the CTA's partial.
-template <int D>
-__device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row,
-                                               int split) {
-  for (int idx = threadIdx.x; idx < p.group * D; idx += kThreads) {
-    const int h = idx / D, c = idx % D;
+// After every warp has written its state (and a barrier): the 4 states of each head of the group merged, warp w
+// taking heads w, w + 4 and each lane its D/32 channels l D/32 ..., handed to store(head, o, m, l) (m and l the
+// head's, in every lane). The factors are a head's, so a lane takes 4 exp2 per head, not per channel.
+template <int D, class Store>
+__device__ void merge_warp_states(const DecodeParams& p, uint8_t* shared, Store&& store) {
+  constexpr int E = D / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  for (int h = warp; h < p.group; h += kWarps) {
     float mx = -FLT_MAX;
+#pragma unroll
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
-    float l = 0, acc = 0;
+    float l = 0, o[E] = {};
+#pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float* src = warp_state<D>(shared, w, h);
       const float f = exp2f(src[D] - mx);
       l += src[D + 1] * f;
-      acc += src[c] * f;
+#pragma unroll
+      for (int i = 0; i < E; ++i) o[i] += src[lane * E + i] * f;
     }
-    const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
-    p.partial_o[slot * D + c] = acc;
-    if (c == 0) p.partial_ml[slot] = make_float2(mx, l);
+    store(h, o, mx, l);
   }
 }
 
-// Merges the 4 warps' softmax states (lane (g, m): head g, channels (2m + e) NV + i in o[i][e]; l over the
-// lane's own tokens) through shared memory and writes the CTA's partial. Every warp of the CTA calls it.
+// After every warp has written its state (and a barrier): the CTA's partial number `split` of each head.
 template <int D>
-__device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* shared, const float (&o)[D / 8][2],
-                                              float m_run, float l_run, size_t partial_row, int split) {
+__device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row,
+                                               int split) {
+  const int lane = threadIdx.x & 31;
+  merge_warp_states<D>(p, shared, [&](int h, const float (&o)[D / 32], float m, float l) {
+    const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
+    store_floats(p.partial_o + slot * D + lane * (D / 32), o);
+    if (lane == 0) p.partial_ml[slot] = make_float2(m, l);
+  });
+}
+
+// Writes a warp's softmax state (lane (g, m): head g, channels (2m + e) NV + i in o[i][e]; l over the lane's own
+// tokens) to the merge buffer and waits for every warp's. Every warp of the CTA calls it.
+template <int D>
+__device__ void store_warp_state(const DecodeParams& p, uint8_t* shared, const float (&o)[D / 8][2], float m_run,
+                                 float l_run) {
   constexpr int NV = D / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, m4 = lane % 4;
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
@@ -167,7 +194,6 @@ __device__ void merge_warps_and_write_partial(const DecodeParams& p, uint8_t* sh
     if (m4 == 0) dst[D] = m_run, dst[D + 1] = l_run;
   }
   __syncthreads();
-  write_partial_from_warp_states<D>(p, shared, partial_row, split);
 }
 
 }  // namespace kvarn::cuda::decode

@@ -147,7 +147,8 @@ __device__ __forceinline__ void attend_fp16_rows(const uint8_t* keys, const uint
   }
 }
 
-// Per tile, the 4 warps a quarter of its tokens each (attend_fp16_rows), the tiles through a cp.async ring.
+// Per tile, the 4 warps a quarter of its tokens each (attend_fp16_rows), the tiles through a cp.async ring; the
+// warps' states are left in the merge buffer (store_warp_state).
 template <class F>
 __device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   constexpr int D = F::D, G = F::G, NT = G / 32, KBLK = D / 16, NV = D / 8, S = fp16_stages<F>();
@@ -184,20 +185,24 @@ __device__ __forceinline__ void attend_fp16_tiles(const DecodeParams& p, const C
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring becomes the merge buffer
-  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, work.partial_row, work.split);
+  store_warp_state<D>(p, shared, o, m_run, l_run);
 }
 
-// Shared memory of a tail CTA: the tail's key rows, its value rows (G each, as an fp16 tile's), the queries.
+// Shared memory of a tail's read: the tail's key rows, its value rows (G each, as an fp16 tile's), the queries;
+// in a tile CTA that reads its pair's tail, then the tiles' merged state, [head][D + 4]: o[D], m, l (the merge
+// buffer, from 0, holds the tail's warps' states after its rows).
 template <class F>
 struct TailSharedLayout {
   static constexpr size_t keys = 0, values = size_t{2} * F::G * F::D, query = 2 * values;
-  static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
+  static constexpr size_t tiles_state = query + sizeof(float) * kMaxGroup * F::D;
+  static constexpr size_t bytes = tiles_state + sizeof(float) * kMaxGroup * (F::D + 4);
+  static_assert(sizeof(float) * kWarps * kMaxGroup * (F::D + 2) <= tiles_state, "the merge buffer would reach it");
 };
 
 // The fp16 tail (rotated like the tiles) of one (sequence, kv-head), 1 to G - 1 tokens, read like an fp16 tile:
 // its key and value rows copied into shared memory at once, the value rows up to the end of the last warp's
 // n-tiles zeroed (their weights are 0, but 0 * NaN is not), then each warp its quarter of the rows
-// (attend_fp16_rows) and the merge of the warps' states into partial number num_splits.
+// (attend_fp16_rows); their states are left in the merge buffer (store_warp_state).
 template <class F>
 __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, int head, size_t partial_row,
                             uint8_t* shared) {
@@ -227,7 +232,7 @@ __device__ void attend_tail(const DecodeParams& p, const SequenceKvView& seq, in
   float m_run = -FLT_MAX, l_run = 0;
   if (8 * NT * warp < n) attend_fp16_rows<F, NT>(keys, values, warp * NT, n, qa, p.scale_log2, o, m_run, l_run);
   __syncthreads();  // the rows are read: the merge buffer replaces them
-  merge_warps_and_write_partial<D>(p, shared, o, m_run, l_run, partial_row, p.num_splits);
+  store_warp_state<D>(p, shared, o, m_run, l_run);
 }
 
 }  // namespace kvarn::cuda::decode

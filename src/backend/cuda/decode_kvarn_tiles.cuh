@@ -46,7 +46,7 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[N][2], float tile
 // the B layout by movmatrix (an 8 x 8 transpose; p a_V in fp16, 2^-12 relative like FlashAttention's fp16 P, which
 // moves no score; with hi + lo columns the lo weights are zero); rows g and g + 8 of value m-tile (j, q') are
 // channels g NV + (2j) kCPB + q' and g NV + (2j + 1) kCPB + q' (fragment column g of the value rows, bytes 2j and
-// 2j + 1, code q' of each).
+// 2j + 1, code q' of each). The warps' states are left in the merge buffer (warp_state).
 template <class F, int kLaneHeads>
 __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
   static_assert(kLaneHeads == 1 || kLaneHeads == 2);
@@ -212,7 +212,6 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
     }
   }
   __syncthreads();
-  write_partial_from_warp_states<D>(p, shared, work.partial_row, work.split);
 }
 
 }  // namespace kvarn::cuda::decode
