@@ -89,8 +89,9 @@ constexpr size_t shared_bytes() {
 
 // A pair of one split whose CTA also read the tail: the states of each of its q heads, the tiles' merged one
 // (tiles_state, TailSharedLayout; none where null) and the tail's warps' (the merge buffer, where tail), merged,
-// rotated back and written as the output, so that no combine follows. Both stay in shared memory (written to
-// global partials and read back, they took ~10% of such a CTA's instructions and two round trips).
+// rotated back and written as the output, so that no combine follows. Both stay in shared memory: written to
+// global partials and read back they took two round trips (H200: 1.05-1.09x at batch 32-128 x 1K, where the
+// tail is a large part of a CTA's work; docs/benchmarks.md).
 template <int D>
 __device__ void write_pair_output(const DecodeParams& p, uint8_t* shared, const float* tiles_state, bool tail,
                                   size_t partial_row) {
