@@ -90,6 +90,8 @@ def main():
     parser.add_argument("--cuobjdump", default="cuobjdump")
     parser.add_argument("--nvdisasm", default="nvdisasm")
     args = parser.parse_args()
+    if min(args.ops, args.lines) < 0:
+        parser.error("--ops and --lines: expected a count >= 0")
     try:
         sass = subprocess.run([args.cuobjdump, "-sass", args.binary], check=True, capture_output=True, text=True).stdout
         lines = source_lines(args.binary, args.cuobjdump, args.nvdisasm) if args.lines else {}
