@@ -96,31 +96,15 @@ template <int D>
 __device__ void write_pair_output(const DecodeParams& p, uint8_t* shared, const float* tiles_state, bool tail,
                                   size_t partial_row) {
   constexpr int E = D / 32;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  for (int h = warp; h < p.group; h += kWarps) {
-    const float* tiles = tiles_state ? tiles_state + h * (D + 4) : nullptr;
-    float mx = tiles ? tiles[D] : -FLT_MAX;
-    if (tail)
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
-    float l = 0, acc[E] = {};
-    auto add = [&](const float* state) {
-      const float f = exp2f(state[D] - mx);
-      l += state[D + 1] * f;
-#pragma unroll
-      for (int i = 0; i < E; ++i) acc[i] += state[lane * E + i] * f;
-    };
-    if (tiles) add(tiles);
-    if (tail)
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) add(warp_state<D>(shared, w, h));
+  const int lane = threadIdx.x & 31;
+  merge_states<D>(p, shared, tail, tiles_state, [&](int h, float (&o)[E], float, float l) {
     const float inv = l > 0 ? 1.0f / l : 0.0f;
 #pragma unroll
-    for (int i = 0; i < E; ++i) acc[i] *= inv;
-    if (p.rotated) hadamard_warp<D>(acc);
+    for (int i = 0; i < E; ++i) o[i] *= inv;
+    if (p.rotated) hadamard_warp<D>(o);
 #pragma unroll
-    for (int i = 0; i < E; ++i) p.out[(partial_row + h) * D + lane * E + i] = __float2half_rn(acc[i]);
-  }
+    for (int i = 0; i < E; ++i) p.out[(partial_row + h) * D + lane * E + i] = __float2half_rn(o[i]);
+  });
 }
 
 // kLaneHeads: the KVarN path's heads per lane (attend_kvarn_tiles), a kernel each so that each path gets its own
@@ -161,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_
   const CtaWork pair = cta_work(p, blockIdx.x);
   if (!tiles) wait_for_previous_kernel();  // the tail and the output may be the kernel before's to write
   float* tiles_state = reinterpret_cast<float*>(shared + TailSharedLayout<F>::tiles_state);
-  if (tiles) merge_warp_states<F::D>(p, shared, [&](int h, const float (&o)[E], float m, float l) {
+  if (tiles) merge_states<F::D>(p, shared, true, nullptr, [&](int h, const float (&o)[E], float m, float l) {
     float* dst = tiles_state + h * (F::D + 4);
     store_floats(dst + (threadIdx.x & 31) * E, o);
     if ((threadIdx.x & 31) == 0) dst[F::D] = m, dst[F::D + 1] = l;

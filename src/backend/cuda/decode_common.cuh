@@ -1,5 +1,5 @@
 // Decode attention, the parts every CTA kind uses: launch parameters, the CTA's work, the group's rotated queries,
-// the merge of the 4 warps' softmax states, and small numeric helpers.
+// the merge of softmax states, and small numeric helpers.
 #pragma once
 #include "backend/cuda/exp2_approx.cuh"
 #include "backend/cuda/hadamard_warp.cuh"
@@ -140,26 +140,32 @@ __device__ __forceinline__ float* warp_state(uint8_t* shared, int warp, int head
   return reinterpret_cast<float*>(shared) + (warp * kMaxGroup + head) * (D + 2);
 }
 
-// After every warp has written its state (and a barrier): the 4 states of each head of the group merged, warp w
-// taking heads w, w + 4 and each lane its D/32 channels l D/32 ..., handed to store(head, o, m, l) (m and l the
-// head's, in every lane). The factors are a head's, so a lane takes 4 exp2 per head, not per channel.
+// The softmax states of each head of the group merged: the 4 warps' in the merge buffer (where `warps`: after every
+// warp has written its own, and a barrier) and, where `extra` is not null, one more per head at extra + head (D + 4)
+// (o[D], m, l). Warp w takes heads w, w + 4 and each lane its D/32 channels lane D/32 ...; the result goes to
+// store(head, o, m, l) (m and l the head's, in every lane). The factors are a head's, so a lane takes one exp2 per
+// state and head, not per channel.
 template <int D, class Store>
-__device__ void merge_warp_states(const DecodeParams& p, uint8_t* shared, Store&& store) {
+__device__ void merge_states(const DecodeParams& p, uint8_t* shared, bool warps, const float* extra, Store&& store) {
   constexpr int E = D / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   for (int h = warp; h < p.group; h += kWarps) {
-    float mx = -FLT_MAX;
+    const float* other = extra ? extra + h * (D + 4) : nullptr;
+    float mx = other ? other[D] : -FLT_MAX;
+    if (warps)
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_state<D>(shared, w, h)[D]);
     float l = 0, o[E] = {};
+    auto add = [&](const float* state) {
+      const float f = exp2f(state[D] - mx);
+      l += state[D + 1] * f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float* src = warp_state<D>(shared, w, h);
-      const float f = exp2f(src[D] - mx);
-      l += src[D + 1] * f;
+      for (int i = 0; i < E; ++i) o[i] += state[lane * E + i] * f;
+    };
+    if (other) add(other);
+    if (warps)
 #pragma unroll
-      for (int i = 0; i < E; ++i) o[i] += src[lane * E + i] * f;
-    }
+      for (int w = 0; w < kWarps; ++w) add(warp_state<D>(shared, w, h));
     store(h, o, mx, l);
   }
 }
@@ -169,7 +175,7 @@ template <int D>
 __device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row,
                                                int split) {
   const int lane = threadIdx.x & 31;
-  merge_warp_states<D>(p, shared, [&](int h, const float (&o)[D / 32], float m, float l) {
+  merge_states<D>(p, shared, true, nullptr, [&](int h, const float (&o)[D / 32], float m, float l) {
     const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
     store_floats(p.partial_o + slot * D + lane * (D / 32), o);
     if (lane == 0) p.partial_ml[slot] = make_float2(m, l);
