@@ -108,9 +108,9 @@ __device__ void write_pair_output(const DecodeParams& p, uint8_t* shared, const 
 }
 
 // kLaneHeads: the KVarN path's heads per lane (attend_kvarn_tiles), a kernel each so that each path gets its own
-// registers; 1 for fp16 tiles.
-template <class F, int kLaneHeads>
-__global__ void __launch_bounds__(kThreads, F::kCodes ? 3 : 1) decode_attention_kernel(const DecodeParams p) {
+// registers; 1 for fp16 tiles. kCtasPerSm: the CTAs per SM its registers are bounded for (launch_kernel).
+template <class F, int kLaneHeads, int kCtasPerSm>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
   release_next_kernel();  // the combine kernel (or the next call, without one) may launch once every CTA has started
   const int pairs = p.num_seqs * p.num_kv_heads;
@@ -300,10 +300,10 @@ struct AttentionKernel {
   SmSharedMemory dynamic_shared;
 };
 
-template <class F, int kLaneHeads>
+template <class F, int kLaneHeads, int kCtasPerSm>
 const AttentionKernel& attention_kernel() {
   static const AttentionKernel kernel = [] {
-    const auto attention = decode_attention_kernel<F, kLaneHeads>;
+    const auto attention = decode_attention_kernel<F, kLaneHeads, kCtasPerSm>;
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, attention));
     AttentionKernel k;
@@ -321,14 +321,29 @@ const AttentionKernel& attention_kernel() {
   return kernel;
 }
 
-// The attention kernel for groups of `group` q heads per kv head: a kernel per KVarN group path (attend_kvarn_tiles'
-// heads per lane), each with its own registers and so its own occupancy (at D = 64, 124 and 140 registers: 4 and 3
-// CTAs per SM).
+// The attention kernel the plan counts on for groups of `group` q heads per kv head: a kernel per KVarN group path
+// (attend_kvarn_tiles' heads per lane), each with its own registers and so its own occupancy, bounded for 3 CTAs per
+// SM (at most 168 registers); fp16 tiles, 1.
 template <class F>
 const AttentionKernel& attention_kernel(int group) {
-  if constexpr (F::kCodes)
-    if (group > 4) return attention_kernel<F, 2>();
-  return attention_kernel<F, 1>();
+  if constexpr (F::kCodes) {
+    if (group > 4) return attention_kernel<F, 2, 3>();
+    return attention_kernel<F, 1, 3>();
+  } else {
+    return attention_kernel<F, 1, 1>();
+  }
+}
+
+// The kernel a grid of `ctas` CTAs runs: the plan's, but where the grid fits at 2 CTAs per SM on the path of two heads
+// per lane at D = G = 128, the same code bounded for 2 CTAs per SM, whose registers are not capped at 168 (188-190
+// against 168 and a 16-32 byte stack). H200, Qwen shape, k4v2, one split at batch 30-32 x 4K-8K (2 CTAs per SM):
+// 1.013-1.019x (docs/benchmarks.md). The other paths take a few registers more or none unbounded (Llama's D = G =
+// 128 path 143 -> 145, 1.00-1.01x there; at G = 64 the two-head path 165 -> 163).
+template <class F>
+const AttentionKernel& launch_kernel(int group, long ctas) {
+  if constexpr (F::kCodes && F::D == 128 && F::G == 128)
+    if (group > 4 && ctas <= 2L * device_traits().multiprocessors) return attention_kernel<F, 2, 2>();
+  return attention_kernel<F>(group);
 }
 
 // The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
@@ -406,10 +421,10 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.out = reinterpret_cast<__half*>(args.out);
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
-    const AttentionKernel& attention = attention_kernel<F>(p.group);
-    p.first_wave_ctas = device_traits().multiprocessors * attention.blocks_per_sm;
+    p.first_wave_ctas = device_traits().multiprocessors * attention_kernel<F>(p.group).blocks_per_sm;
     p.tails_in_tile_ctas = tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
     const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
+    const AttentionKernel& attention = launch_kernel<F>(p.group, ctas);
     launch_with_overlap(attention.kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
                         launch_shared_bytes<F>(ctas, attention), stream, args.overlap_previous_kernel, p);
   });
