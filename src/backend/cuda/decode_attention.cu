@@ -23,8 +23,9 @@
 // of the split, each through its own slot, refilled by halves: the next keys while the values are read), so that
 // the fold of a_K into the query, the scales and the per-channel end of the values are paid per tile rather than
 // per quarter tile, and nothing but warp barriers separates tiles; ~73 KB of shared memory and <= 168 registers
-// leave 3 CTAs (12 warps) per SM. Values: channels as the mma's rows and the heads as its columns; scores: tokens
-// as the rows and the heads as the columns (all 16 rows work, and no lane works for an absent head). For groups of
+// leave 3 CTAs (12 warps) per SM (a grid that fits at 2 may run a twin with more registers: launch_kernel).
+// Values: channels as the mma's rows and the heads as its columns; scores: tokens as the rows and the heads as the
+// columns (all 16 rows work, and no lane works for an absent head). For groups of
 // up to 4 heads the folded query q' a_K is split into an fp16 high part and the fp16 rounding of the rest, in the
 // otherwise idle columns, so the two halves of the result add up to it with ~2^-22 instead of 2^-12 relative
 // rounding; for 5-8 heads it is one fp16 operand, its rounding centred on the tile's largest-scale token
