@@ -252,9 +252,9 @@ std::vector<SeqSpec> several_waves_batch(int tile_tokens) {
 // The KVarN CTAs of the launch's first wave ask for their first tile's values behind its keys, the later ones for
 // both halves at once. At 1 tile per split the tails have CTAs of their own; at 3, one split per pair, the grid
 // has none where they would take it past a wave (tails_in_tile_ctas; 2 kv heads do on every Hopper GPU), and each
-// pair's CTA reads its tail after its tiles (alone where there are none). For groups of 5-8 at D = 128 these are
-// the grids that run the kernel bounded for 3 CTAs per SM; the other tests' grids fit at 2 and run its twin bounded
-// for 2 (launch_kernel, decode_attention.cu).
+// pair's CTA reads its tail after its tiles (alone where there are none). For groups of 5-8 at D = G = 128 these
+// grids run the kernel bounded for 3 CTAs per SM; grids that fit at 2 per SM, as most others here, run its twin
+// bounded for 2 (launch_kernel, decode_attention.cu).
 TEST_P(DecodeTest, MatchesFloat64ReferenceOnAGridOfSeveralWaves) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
