@@ -335,15 +335,19 @@ const AttentionKernel& attention_kernel(int group) {
   }
 }
 
-// The kernel a grid of `ctas` CTAs runs: the plan's, but where the grid fits at 2 CTAs per SM on the path of two heads
-// per lane at D = G = 128, the same code bounded for 2 CTAs per SM, whose registers are not capped at 168 (188-190
-// against 168 and a 16-32 byte stack). H200, Qwen shape, k4v2, one split at batch 30-32 x 4K-8K (2 CTAs per SM):
-// 1.013-1.019x (docs/benchmarks.md). The other paths take a few registers more or none unbounded (Llama's D = G =
-// 128 path 143 -> 145, 1.00-1.01x there; at G = 64 the two-head path 165 -> 163).
+// The kernel a grid of `ctas` CTAs runs: the plan's, but on the path of two heads per lane at D = G = 128 its twin
+// bounded for 2 CTAs per SM wherever the grid fits in the twin's one wave: its registers are not capped at 168
+// (188-190 against 168 and a 16-32 byte stack). H200, Qwen shape, side by side: k4v2 1.01-1.12x at batch 1-32 x
+// 1K-8K, k4v4 1.02-1.025x (docs/benchmarks.md). The other paths take a few registers more or none unbounded (Llama's
+// D = G = 128 path 143 -> 145, 1.00-1.01x; at G = 64 the two-head path 165 -> 163).
 template <class F>
 const AttentionKernel& launch_kernel(int group, long ctas) {
-  if constexpr (F::kCodes && F::D == 128 && F::G == 128)
-    if (group > 4 && ctas <= 2L * device_traits().multiprocessors) return attention_kernel<F, 2, 2>();
+  if constexpr (F::kCodes && F::D == 128 && F::G == 128) {
+    if (group > 4) {
+      const AttentionKernel& twin = attention_kernel<F, 2, 2>();
+      if (ctas <= static_cast<long>(device_traits().multiprocessors) * twin.blocks_per_sm) return twin;
+    }
+  }
   return attention_kernel<F>(group);
 }
 
