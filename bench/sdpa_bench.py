@@ -6,7 +6,8 @@ T tokens attending to itself, [1, Hq, T, D]. Decode: per call in a CUDA graph of
 captured decode step, one call per layer), median of the replays timed after 0.5 s of the same replays (median_ms);
 prefill: the same with single calls.
 Several K/V copies are rotated when one is small enough to stay in L2. Writes CSV rows like kvarn_cuda_bench's.
-Usage: sdpa_bench.py [--csv FILE] [--quick] [--prefill-only]
+Usage: sdpa_bench.py [--csv FILE] [--quick] [--prefill-only | --decode-only] [--batches 1,8] [--contexts 1024,8192]
+    [--shapes llama3-8b,qwen3-32b]
 """
 import argparse
 import math
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [("llama3-8b", 32, 8, 128), ("qwen3-32b", 64, 8, 128)]
+# What a decode row needs beside its K/V (queries, output, the flash kernel's workspace): a row whose K/V does not
+# fit in the free memory less this is skipped.
+DECODE_HEADROOM = 2 << 30
 
 
 def median_ms(fn, reps=20, sustain_ms=500.0):
@@ -73,8 +77,9 @@ def graph_ms(fn, calls=32):
 def decode(rows, name, hq, hkv, d, batch, context):
     kv_bytes = 2 * batch * hkv * context * d * 2
     key = f"{name},sdpa_flash,{batch},{context}"
-    if kv_bytes > 40 * 2**30:
-        rows.append(f"decode,{key},skipped: {kv_bytes >> 30} GiB of K/V does not fit,,,,,,")
+    free_bytes = torch.cuda.mem_get_info()[0]
+    if kv_bytes + DECODE_HEADROOM > free_bytes:
+        rows.append(f"decode,{key},skipped: {kv_bytes >> 30} GiB of K/V; {free_bytes >> 30} GiB free,,,,,,")
         return
     copies = max(1, min(16, (512 << 20) // kv_bytes + 1))
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
@@ -107,23 +112,41 @@ def prefill(rows, name, hq, hkv, d, tokens):
     rows.append(f"prefill,{name},sdpa_flash,1,{tokens},{ms * 1e3:.3f},,,{flops / ms / 1e9:.1f},,{begin:.3f},{end:.3f}")
 
 
+def int_list(text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--csv")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prefill-only", action="store_true", help="only the prefill rows, as kvarn_cuda_bench's")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode rows, as kvarn_cuda_bench's")
+    parser.add_argument("--batches", type=int_list, default=[1, 8, 32, 128], help="decode batches, as kvarn_cuda_bench's")
+    parser.add_argument("--contexts", type=int_list, default=[1024, 8192, 32768, 131072], help="decode contexts")
+    parser.add_argument("--shapes", type=lambda text: text.split(","), default=[s[0] for s in SHAPES],
+                        help="attention shapes: " + ", ".join(s[0] for s in SHAPES))
     args = parser.parse_args()
+    unknown = set(args.shapes) - {s[0] for s in SHAPES}
+    if unknown:
+        parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; expected {', '.join(s[0] for s in SHAPES)}")
     print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}")
     rows = ["kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits,window_begin,window_end"]
-    batches = [] if args.prefill_only else [8] if args.quick else [1, 8, 32, 128]
-    contexts = [8192] if args.quick else [1024, 8192, 32768, 131072]
+    batches = [] if args.prefill_only else [8] if args.quick else args.batches
+    contexts = [8192] if args.quick else args.contexts
     for name, hq, hkv, d in SHAPES:
+        if name not in args.shapes:
+            continue
         for batch in batches:
             for context in contexts:
                 decode(rows, name, hq, hkv, d, batch, context)
                 torch.cuda.empty_cache()
-        for tokens in (2048, 8192):
-            prefill(rows, name, hq, hkv, d, tokens)
+        if not args.decode_only:
+            for tokens in (2048, 8192):
+                prefill(rows, name, hq, hkv, d, tokens)
     text = "\n".join(rows)
     print(text)
     if args.csv:
