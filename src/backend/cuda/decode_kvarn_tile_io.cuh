@@ -292,7 +292,7 @@ __device__ __forceinline__ void fold_key_scales(const uint8_t* shared, const flo
   const float2 q = fragments[2 * ((kb * kMaxGroup + g / 2) * 4 + m4) + odd];
   const float2 av = reinterpret_cast<const float2*>(scales + TileScales<F>::a_k)[pair];
   const float2 zv = reinterpret_cast<const float2*>(scales + TileScales<F>::z_k)[pair];
-  z_sum += q.x * zv.x + q.y * zv.y;
+  z_sum = fmaf(q.y, zv.y, fmaf(q.x, zv.x, z_sum));
   uint32_t hi, lo;
   split_half2(q.x * av.x, q.y * av.y, hi, lo);
   const uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? hi : lo, 4);
@@ -318,7 +318,9 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
   const float4 zv = reinterpret_cast<const float4*>(scales + TileScales<F>::z_k)[4 * kb + m4];
   const uint4 x = reinterpret_cast<const uint4*>(scales + TileScales<F>::centre_k)[4 * kb + m4];
   const __half2 h01 = __floats2half2_rn(q.x * av.x, q.y * av.y), h23 = __floats2half2_rn(q.z * av.z, q.w * av.w);
-  z_sum += q.x * zv.x + q.y * zv.y + q.z * zv.z + q.w * zv.w;
+  // One fma per channel into the running sum (a separate sum of products and an add issued one more per k-block,
+  // and its temporaries kept a 32-byte stack on the Qwen path's kernel bounded for 3 CTAs per SM).
+  z_sum = fmaf(q.w, zv.w, fmaf(q.z, zv.z, fmaf(q.y, zv.y, fmaf(q.x, zv.x, z_sum))));
   b[0] = *reinterpret_cast<const uint32_t*>(&h01), b[1] = *reinterpret_cast<const uint32_t*>(&h23);
   const uint32_t a[4] = {x.x, x.y, x.z, x.w};
   mma_m16n8k16_rows16(centre, a, b[0], b[1]);
@@ -371,7 +373,8 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     scores(slot, it, scales);
     __syncwarp();  // the key half is read: the next tile's streams in
-    if (it + 1 < mine) copy.keys(slot, tile_bytes(next));
+    const uint8_t* next_tile = tile_bytes(next);  // formed once for both halves' copies
+    if (it + 1 < mine) copy.keys(slot, next_tile);
     cp_async_commit();
     cp_async_wait<1>();  // this tile's values
     __syncwarp();
@@ -379,7 +382,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     values(slot, scales);
     __syncwarp();
-    if (it + 1 < mine) copy.values(slot, tile_bytes(next));
+    if (it + 1 < mine) copy.values(slot, next_tile);
     cp_async_commit();
   }
   cp_async_wait<0>();
