@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [("llama3-8b", 32, 8, 128), ("qwen3-32b", 64, 8, 128)]
+SHAPE_NAMES = [s[0] for s in SHAPES]
 # What a decode row needs beside its K/V (queries, output, the flash kernel's workspace): a row whose K/V does not
 # fit in the free memory less this is skipped.
 DECODE_HEADROOM = 2 << 30
@@ -127,12 +128,12 @@ def main():
     parser.add_argument("--decode-only", action="store_true", help="only the decode rows, as kvarn_cuda_bench's")
     parser.add_argument("--batches", type=int_list, default=[1, 8, 32, 128], help="decode batches, as kvarn_cuda_bench's")
     parser.add_argument("--contexts", type=int_list, default=[1024, 8192, 32768, 131072], help="decode contexts")
-    parser.add_argument("--shapes", type=lambda text: text.split(","), default=[s[0] for s in SHAPES],
-                        help="attention shapes: " + ", ".join(s[0] for s in SHAPES))
+    parser.add_argument("--shapes", type=lambda text: text.split(","), default=SHAPE_NAMES,
+                        help="attention shapes: " + ", ".join(SHAPE_NAMES))
     args = parser.parse_args()
-    unknown = set(args.shapes) - {s[0] for s in SHAPES}
+    unknown = set(args.shapes) - set(SHAPE_NAMES)
     if unknown:
-        parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; expected {', '.join(s[0] for s in SHAPES)}")
+        parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; expected {', '.join(SHAPE_NAMES)}")
     print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}")
     rows = ["kind,shape,dtype,batch,context,time_us,bytes,GB_per_s,TFLOP_per_s,splits,window_begin,window_end"]
     batches = [] if args.prefill_only else [8] if args.quick else args.batches
