@@ -337,9 +337,9 @@ const AttentionKernel& attention_kernel(int group) {
 
 // The kernel a grid of `ctas` CTAs runs: the plan's, but on the path of two heads per lane at D = G = 128 its twin
 // bounded for 2 CTAs per SM wherever the grid fits in the twin's one wave: its registers are not capped at 168
-// (k4v2 174 against 166, k4v4 192 against 168 and a 32-byte stack). H200, Qwen shape, side by side: k4v2 1.01-1.12x
-// at batch 1-32 x 1K-8K, k4v4 1.02-1.025x (docs/benchmarks.md; measured when the capped k4v2 kernel still kept a
-// stack, before 791719a). The other paths take a few registers more or none unbounded (Llama's D = G = 128 path
+// (k4v2 173 against 168, k4v4 190 against 168 and a 16-byte stack). H200, Qwen shape, side by side against the
+// capped kernel alone: k4v2 up to 1.12x (1 x 8K), k4v4 up to 1.04x, on the rows of batch 1-32 it runs, none below
+// 1.00x (docs/benchmarks.md, seventeenth session). The other paths take a few registers more or none unbounded (Llama's D = G = 128 path
 // 143 -> 145, 1.00-1.01x; at G = 64 the two-head path 165 -> 163).
 template <class F>
 const AttentionKernel& launch_kernel(int group, long ctas) {

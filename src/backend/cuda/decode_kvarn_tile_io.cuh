@@ -373,8 +373,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     scores(slot, it, scales);
     __syncwarp();  // the key half is read: the next tile's streams in
-    const uint8_t* next_tile = tile_bytes(next);  // formed once for both halves' copies
-    if (it + 1 < mine) copy.keys(slot, next_tile);
+    if (it + 1 < mine) copy.keys(slot, tile_bytes(next));
     cp_async_commit();
     cp_async_wait<1>();  // this tile's values
     __syncwarp();
@@ -382,7 +381,9 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
     __syncwarp();
     values(slot, scales);
     __syncwarp();
-    if (it + 1 < mine) copy.values(slot, next_tile);
+    // The address again, not kept from the keys' copy: held across values() it took the Llama path 3 registers
+    // more and ran it 0.991-0.996x at batch 8-32 (docs/benchmarks.md, seventeenth session).
+    if (it + 1 < mine) copy.values(slot, tile_bytes(next));
     cp_async_commit();
   }
   cp_async_wait<0>();
