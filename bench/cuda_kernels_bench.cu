@@ -20,7 +20,7 @@
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
 //                         [--tiles-per-split 16,32] [--ragged | --one-long] [--no-overlap] [--after-append]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
-//   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b), --dtypes (of the decode rows; default
+//   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b; or qwen3-235b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
 //   planner's choice (to time its alternatives); --ragged / --one-long: the decode rows' lengths (Lengths below),
 //   ragged as the full run's last decode rows are; --no-overlap: the decode rows' calls do not overlap (a call's
@@ -192,6 +192,8 @@ struct Shape {
   int q_heads, kv_heads, head_dim;
 };
 constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
+// What --shapes may name: also qwen3-235b's attention, 16 q heads per kv head (served in two blocks of 8).
+constexpr Shape kNamedShapes[] = {kShapes[0], kShapes[1], {"qwen3-235b", 64, 4, 128}};
 
 // The sequences' lengths in a decode row: every one the row's context (uniform, kind "decode"); sequence s of the
 // batch (s + 1) / batch of it (ragged, "decode_ragged": continuous batching leaves requests at every length up to
@@ -492,8 +494,8 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_commas(argv[++i]);
   }
   for (const std::string& name : shape_names)
-    if (std::none_of(std::begin(kShapes), std::end(kShapes), [&](const Shape& s) { return name == s.name; }))
-      throw std::runtime_error("--shapes: unknown shape '" + name + "'; expected llama3-8b or qwen3-32b");
+    if (std::none_of(std::begin(kNamedShapes), std::end(kNamedShapes), [&](const Shape& s) { return name == s.name; }))
+      throw std::runtime_error("--shapes: unknown shape '" + name + "'; expected llama3-8b, qwen3-32b or qwen3-235b");
   for (int tiles_per_split : splits)
     if (tiles_per_split < 0)
       throw std::runtime_error("--tiles-per-split: " + std::to_string(tiles_per_split) +
@@ -520,7 +522,7 @@ int run(int argc, char** argv) {
     return 0;
   }
   copy_bandwidth(csv);
-  for (const Shape& shape : kShapes)
+  for (const Shape& shape : kNamedShapes)
     if (std::find(shape_names.begin(), shape_names.end(), shape.name) != shape_names.end())
       for (const std::string& dtype : dtypes)
         for (int batch : batches)

@@ -1,9 +1,10 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
-// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
-// threads (4 warps). The first `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores;
-// short, and first so that they do not trail the launch); then split-major, CTA split s of pair (n, h) reads the
-// tiles [s*tps, (s+1)*tps) of sequence n, kv-head h through cp.async copies of whole tiles into shared memory
+// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs (a group
+// past 8 q heads per kv head in blocks of up to 8, a pair each: heads_per_block), 128 threads (4 warps). The first
+// `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores; short, and first so that they
+// do not trail the launch); then split-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
+// sequence n, kv-head h through cp.async copies of whole tiles into shared memory
 // (16-byte pieces, tiles in flight while others are read). Each CTA leaves one partial softmax state (m, l, o[D])
 // per q head; a tile CTA's 4 warps keep their own online softmax and merge at the end. Launched to overlap the
 // kernel before it (DecodeAttentionArgs::overlap_previous_kernel), a CTA reads its sequence's view and block table
@@ -114,17 +115,15 @@ template <class F, int kLaneHeads, int kCtasPerSm>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
   release_next_kernel();  // the combine kernel (or the next call, without one) may launch once every CTA has started
-  const int pairs = p.num_seqs * p.num_kv_heads;
+  const int pairs = p.num_seqs * p.num_kv_heads * p.head_blocks;
   if (!p.tails_in_tile_ctas && static_cast<int>(blockIdx.x) < pairs) {
-    const int head = blockIdx.x % p.num_kv_heads, seq_index = blockIdx.x / p.num_kv_heads;
-    const SequenceKvView seq = p.seqs[seq_index];
+    const CtaWork pair = cta_work(p, blockIdx.x);
     // The tail may be the kernel before's to write. Waiting also where there is none keeps this grid's end after
     // that kernel's even when no CTA has work, so that the combine, waiting for this grid, comes after it too.
     wait_for_previous_kernel();
-    if (seq.tail_len == 0) return;
-    const size_t partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + head * p.group;
-    attend_tail<F>(p, seq, head, partial_row, shared);
-    write_partial_from_warp_states<F::D>(p, shared, partial_row, p.num_splits);
+    if (pair.seq.tail_len == 0) return;
+    attend_tail<F>(p, pair.seq, pair.head, pair.partial_row, shared);
+    write_partial_from_warp_states<F::D>(p, shared, pair.partial_row, p.num_splits);
     return;
   }
   const CtaWork work = cta_work(p, blockIdx.x - (p.tails_in_tile_ctas ? 0 : pairs));
@@ -298,6 +297,7 @@ void launch_with_overlap(void (*kernel)(Params...), dim3 grid, dim3 block, size_
 struct AttentionKernel {
   void (*kernel)(DecodeParams) = nullptr;
   int blocks_per_sm = 1;
+  size_t shared_bytes = 0;  // the least dynamic shared memory a CTA asks for
   SmSharedMemory dynamic_shared;
 };
 
@@ -317,6 +317,7 @@ const AttentionKernel& attention_kernel() {
     KVARN_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, attention, kThreads, shared_bytes<F>()));
     k.blocks_per_sm = std::max(k.blocks_per_sm, 1);
+    k.shared_bytes = shared_bytes<F>();
     return k;
   }();
   return kernel;
@@ -335,17 +336,32 @@ const AttentionKernel& attention_kernel(int group) {
   }
 }
 
+// The path of two heads per lane at D = G = 128 compiled for 2 CTAs per SM, and held there: it asks for enough shared
+// memory that no third CTA fits (shared_bytes_to_cap), also where its registers would let one on. Its registers
+// alone had held it at 2 (173 for k4v2), until a change outside the tile loop took them to 165; at 3 per SM it lost
+// its gain at 1 x 8K (8.0 -> 8.7 us), a grid that then had to be spread to 115.7 KB per CTA.
+template <class F>
+const AttentionKernel& twin_kernel() {
+  static const AttentionKernel twin = [] {
+    AttentionKernel k = attention_kernel<F, 2, 2>();
+    k.blocks_per_sm = std::min(k.blocks_per_sm, 2);
+    k.shared_bytes = shared_bytes_to_cap(2, k.shared_bytes, k.dynamic_shared);
+    return k;
+  }();
+  return twin;
+}
+
 // The kernel a grid of `ctas` CTAs runs: the plan's, but on the path of two heads per lane at D = G = 128 its twin
-// bounded for 2 CTAs per SM wherever the grid fits in the twin's one wave: its registers are not capped at 168
-// (k4v2 173 against 168, k4v4 190 against 168 and a 16-byte stack). H200, Qwen shape, side by side against the
-// capped kernel alone: k4v2 up to 1.12x (1 x 8K), k4v4 up to 1.04x, on the rows of batch 1-32 it runs, none below
-// 1.00x (docs/benchmarks.md, seventeenth session). The other paths take a few registers more or none unbounded (Llama's D = G = 128 path
-// 143 -> 145, 1.00-1.01x; at G = 64 the two-head path 165 -> 163).
+// (twin_kernel) wherever the grid fits in the twin's one wave: its registers are not capped at 168 (k4v4 180 against
+// 167). H200, Qwen shape, side by side against the capped kernel alone: k4v2 up to 1.12x (1 x 8K), k4v4 up to 1.04x,
+// on the rows of batch 1-32 it runs, none below 1.00x (docs/benchmarks.md, seventeenth session). The other paths
+// take a few registers more or none unbounded (Llama's D = G = 128 path 143 -> 145, 1.00-1.01x; at G = 64 the
+// two-head path 165 -> 163).
 template <class F>
 const AttentionKernel& launch_kernel(int group, long ctas) {
   if constexpr (F::kCodes && F::D == 128 && F::G == 128) {
     if (group > 4) {
-      const AttentionKernel& twin = attention_kernel<F, 2, 2>();
+      const AttentionKernel& twin = twin_kernel<F>();
       if (ctas <= static_cast<long>(device_traits().multiprocessors) * twin.blocks_per_sm) return twin;
     }
   }
@@ -358,11 +374,28 @@ const AttentionKernel& launch_kernel(int group, long ctas) {
 // SM on the SMs free first, and the busiest SMs set its time. H200, k4v2 batch 1 x 16K / 32K (264 CTAs on 132 SMs
 // of 3 slots), overlapping against not: 0.94-1.005x launched as is, 1.09-1.14x spread; not overlapping, spreading
 // changes nothing (0.99-1.00x). Asking only for enough that one more CTA does not fit (76.9 KB instead of 115.7 KB
-// at 2 per SM) measured 1.07x at 1 x 8K and 0.98x at 1 x 32K; not kept.
-template <class F>
+// at 2 per SM) measured 1.07x at 1 x 8K and 0.98x at 1 x 32K for the kernel bounded for 3; the twin asks so
+// (twin_kernel).
 size_t launch_shared_bytes(long ctas, const AttentionKernel& kernel) {
-  return shared_bytes_to_spread(ctas, device_traits().multiprocessors, kernel.blocks_per_sm, shared_bytes<F>(),
+  return shared_bytes_to_spread(ctas, device_traits().multiprocessors, kernel.blocks_per_sm, kernel.shared_bytes,
                                 kernel.dynamic_shared);
+}
+
+// The q heads per kv head, checked: a positive multiple of the kv heads.
+int query_group(const KvCacheLayer& cache, int num_q_heads, const char* who) {
+  if (num_q_heads <= 0 || num_q_heads % cache.num_kv_heads != 0)
+    throw_error(std::string(who) + ": " + std::to_string(num_q_heads) + " q heads over " +
+                std::to_string(cache.num_kv_heads) + " kv heads; expected a positive multiple");
+  return num_q_heads / cache.num_kv_heads;
+}
+
+// The q heads of a block (DecodeParams::head_blocks): the group's largest divisor of at most kMaxGroup, so that the
+// blocks are alike (16 -> 2 x 8, 12 -> 2 x 6, 9 -> 3 x 3; a prime past 8 in blocks of 1). Each block's CTAs read the
+// kv head's tiles: a group of 16 reads them twice, as often as 8 + 8 would.
+int heads_per_block(int group) {
+  int heads = std::min(group, kMaxGroup);
+  while (group % heads != 0) --heads;
+  return heads;
 }
 
 }  // namespace
@@ -377,11 +410,11 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
   int per_sm = 1;
-  const int group = num_q_heads / cache.num_kv_heads;  // groups past 8 are refused by decode_attention
+  const int group = query_group(cache, num_q_heads, "plan_decode_attention"), block = heads_per_block(group);
   with_tile_format(cache, "decode_attention",
-                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(group).blocks_per_sm; });
+                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(block).blocks_per_sm; });
   DecodeGridShape grid;
-  grid.kv_heads = cache.num_kv_heads;
+  grid.kv_heads = cache.num_kv_heads * (group / block);
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
   grid.sms = device_traits().multiprocessors;
@@ -397,14 +430,13 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream) {
   if (args.num_seqs == 0) return;
-  if (args.num_q_heads % cache.num_kv_heads != 0 || args.num_q_heads / cache.num_kv_heads > kMaxGroup)
-    throw_error("decode_attention: " + std::to_string(args.num_q_heads) + " q heads over " +
-                std::to_string(cache.num_kv_heads) + " kv heads; expected a multiple with at most 8 per kv head");
+  const int group = query_group(cache, args.num_q_heads, "decode_attention"), block = heads_per_block(group);
   if (args.num_seqs != plan.num_seqs || args.num_q_heads != plan.num_q_heads)
     throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
                 std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
                 std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
-  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads, tile_ctas = pairs * plan.num_splits;
+  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * (group / block);
+  const long tile_ctas = pairs * plan.num_splits;
   if (tile_ctas + pairs > 0x7fffffffL)
     throw_error("decode_attention: " + std::to_string(tile_ctas + pairs) + " CTAs exceed the grid limit (2^31 - 1)");
   const int d = cache.head_dim();
@@ -419,7 +451,8 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.partial_ml = reinterpret_cast<float2*>(p.partial_o + rows * d);
   p.num_seqs = args.num_seqs;
   p.num_kv_heads = cache.num_kv_heads;
-  p.group = args.num_q_heads / cache.num_kv_heads;
+  p.group = block;
+  p.head_blocks = group / block;
   p.tiles_per_split = plan.tiles_per_split;
   p.num_splits = plan.num_splits;
   p.scale_log2 = args.scale * kLog2e;
@@ -432,7 +465,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
     const AttentionKernel& attention = launch_kernel<F>(p.group, ctas);
     launch_with_overlap(attention.kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
-                        launch_shared_bytes<F>(ctas, attention), stream, args.overlap_previous_kernel, p);
+                        launch_shared_bytes(ctas, attention), stream, args.overlap_previous_kernel, p);
   });
   if (p.tails_in_tile_ctas) return;  // each pair's CTA wrote its output
   const int num_rows = args.num_seqs * args.num_q_heads;

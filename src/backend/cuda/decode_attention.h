@@ -1,7 +1,8 @@
 #pragma once
 // Decode attention: one query token per sequence over its full tiles (read packed, dequantized in registers)
 // plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are the rows of one tensor-core tile,
-// so every byte of a tile is read once per kv-head. Split-K over tiles, then a reduction kernel that combines
+// so every byte of a tile is read once per kv-head (a group past 8 heads, as Llama-3.1-405B's or Qwen3-235B's 16,
+// once per block of up to 8). Split-K over tiles, then a reduction kernel that combines
 // the partial softmax states and rotates the output back to the model's space (where a pair's tiles are one CTA's
 // and the grid is large, that CTA reads the tail too and writes the output: no reduction kernel).
 #include "backend/cuda/kv_layout.h"
@@ -20,7 +21,7 @@ struct DecodeAttentionArgs {
   const SequenceKvView* seqs = nullptr;    // [num_seqs], device
   const int32_t* block_tables = nullptr;   // device; indexed through SequenceKvView::block_table_offset
   int num_seqs = 0;
-  int num_q_heads = 0;                     // a multiple of num_kv_heads, at most 8 per kv-head
+  int num_q_heads = 0;                     // a positive multiple of num_kv_heads
   float scale = 0;                         // softmax scale, 1/sqrt(D) for the Llama family
   // Start reading the tiles while the kernel before this call in the stream is still running (Hopper's
   // programmatic dependent launch; a decode step's attention follows the kernel that appends its K/V and writes

@@ -38,7 +38,10 @@ struct DecodeParams {
   float* partial_o;     // [num_seqs * num_q_heads][num_splits + 1][D]
   float2* partial_ml;   // [num_seqs * num_q_heads][num_splits + 1]
   __half* out;          // [num_seqs * num_q_heads][D], written here only where tails_in_tile_ctas
-  int num_seqs, num_kv_heads, group, tiles_per_split, num_splits;
+  int num_seqs, num_kv_heads, tiles_per_split, num_splits;
+  // A kv head's q heads are served in head_blocks blocks of `group` (<= kMaxGroup) heads, each block a pair of its
+  // own (sequence, kv-head block) that reads the kv head's tiles: one block for groups of up to kMaxGroup.
+  int group, head_blocks;
   int first_wave_ctas;  // CTAs resident at the launch (SMs x CTAs per SM): they ask for their first tiles at once
   float scale_log2;
   bool rotated;
@@ -77,26 +80,26 @@ __device__ __forceinline__ void store_floats(float* dst, const float (&x)[N]) {
   }
 }
 
-// What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head) number
+// What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head block) number
 // cta % pairs, its tiles [first_tile, end_tile). Split-major, so that the last split of every pair, the shortest,
-// is launched last: at one wave those are the CTAs that start late, when the tail CTAs free their slots.
+// is launched last: at one wave those are the CTAs that start late, when the tail CTAs free their slots. A tail
+// CTA's pair is its own number (split 0).
 struct CtaWork {
   SequenceKvView seq;
-  int head, split, first_tile, end_tile;
-  size_t partial_row;  // the partials of the group's first q head
+  int head, split, first_tile, end_tile;  // head: the kv head
+  size_t partial_row;                     // the partials of the block's first q head
 };
 
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
   CtaWork w;
-  const int pairs = p.num_seqs * p.num_kv_heads;
+  const int pairs_per_seq = p.num_kv_heads * p.head_blocks, pairs = p.num_seqs * pairs_per_seq;
   const int pair = cta % pairs;
   w.split = cta / pairs;
-  w.head = pair % p.num_kv_heads;
-  const int seq_index = pair / p.num_kv_heads;
-  w.seq = p.seqs[seq_index];
+  w.head = pair % pairs_per_seq / p.head_blocks;
+  w.seq = p.seqs[pair / pairs_per_seq];
   w.first_tile = w.split * p.tiles_per_split;
   w.end_tile = min(w.first_tile + p.tiles_per_split, w.seq.num_tiles);
-  w.partial_row = static_cast<size_t>(seq_index) * p.num_kv_heads * p.group + w.head * p.group;
+  w.partial_row = static_cast<size_t>(pair) * p.group;  // q heads: sequence-major, then kv head, then block
   return w;
 }
 

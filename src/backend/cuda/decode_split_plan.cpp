@@ -133,4 +133,11 @@ size_t shared_bytes_to_spread(long ctas, int sms, int ctas_per_sm, size_t needed
   return static_cast<size_t>(std::max(static_cast<long>(needed), std::min(spread, shared.max_per_cta)));
 }
 
+size_t shared_bytes_to_cap(int ctas_per_sm, size_t needed, const SmSharedMemory& shared) {
+  const long unit = std::max(shared.allocation_unit, 1L);
+  const long more = std::max(ctas_per_sm, 1) + 1L;  // this many must not fit: each takes more than per_sm / more
+  const long cap = (shared.per_sm / more / unit + 1) * unit - shared.reserved_per_cta;
+  return static_cast<size_t>(std::max(static_cast<long>(needed), std::min(cap, shared.max_per_cta)));
+}
+
 }  // namespace kvarn::cuda

@@ -55,4 +55,8 @@ struct SmSharedMemory {
 // what it gains: decode_attention.cu, launch_shared_bytes.
 size_t shared_bytes_to_spread(long ctas, int sms, int ctas_per_sm, size_t needed, const SmSharedMemory& shared);
 
+// The fewest bytes, at least `needed`, that a CTA asks for so that no more than `ctas_per_sm` of them fit on an SM:
+// a kernel whose registers would let more on holds to its bound and leaves the rest to other kernels' CTAs.
+size_t shared_bytes_to_cap(int ctas_per_sm, size_t needed, const SmSharedMemory& shared);
+
 }  // namespace kvarn::cuda

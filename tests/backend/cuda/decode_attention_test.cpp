@@ -7,7 +7,8 @@
 // fp16 (2^-12); fp16 tiles use the fp16 query and fp16 weights p (2^-12); the fp16 tail is read in fp32; the output
 // is fp16 (2^-12). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty
 // one, one-tile sequences with a 100x and a 3x attention sink, long sequences split over many CTAs, GQA groups of 1,
-// 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles), head_dim 64 and 128, every
+// 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles) and past 8, served in blocks
+// (9 as 3 x 3, 12 as 2 x 6, 16 as 2 x 8), head_dim 64 and 128, every
 // KVarN preset, the rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured
 // K/V (groups of 4 and 8); the launch overlapping a kernel that writes the queries and tails late, and overlapping
 // append_to_tails, which writes each sequence's last tail row. Outputs are
@@ -385,7 +386,9 @@ INSTANTIATE_TEST_SUITE_P(
                       DecodeCase{"kvarn_k4v4_g64", 64, 4, 1}, DecodeCase{"rtn_k4v2_g128", 128, 8, 2},
                       DecodeCase{"fp16", 128, 8, 2}, DecodeCase{"fp16", 128, 16, 2}, DecodeCase{"fp16", 64, 8, 2},
                       DecodeCase{"kvarn_k4v2_g128", 128, 6, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 10, 2},
-                      DecodeCase{"kvarn_k4v2_g128", 64, 14, 2}),
+                      DecodeCase{"kvarn_k4v2_g128", 64, 14, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 32, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 128, 24, 2}, DecodeCase{"fp16", 128, 32, 2},
+                      DecodeCase{"kvarn_k4v4_g64", 64, 18, 2}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
@@ -410,20 +413,27 @@ TEST(DecodePlan, TakesAFixedSplitSize) {
 }
 
 // Argument checks that throw before anything is launched (so they run without a GPU): the q heads must be a
-// multiple of the kv heads, at most 8 per kv head (the kernels' mma columns).
-TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeadsOrMoreThan8PerKvHead) {
+// positive multiple of the kv heads, for the plan as for the call.
+TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAPositiveMultipleOfKvHeads) {
   const KvCacheLayer layer =
       make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
-  for (const int q_heads : {3, 18}) {
+  const std::vector<int> seq_tiles = {1};
+  for (const int q_heads : {3, 0}) {
     DecodeAttentionArgs args;
     args.num_seqs = 1;
     args.num_q_heads = q_heads;
-    try {
-      decode_attention(layer, args, DecodeAttentionPlan{}, nullptr, nullptr);
-      ADD_FAILURE() << q_heads << " q heads over 2 kv heads were accepted";
-    } catch (const kvarn::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(std::to_string(q_heads) + " q heads over 2 kv heads"), std::string::npos)
-          << e.what();
+    for (const bool plan : {true, false}) {
+      try {
+        if (plan) {
+          plan_decode_attention(layer, seq_tiles, q_heads);
+        } else {
+          decode_attention(layer, args, DecodeAttentionPlan{}, nullptr, nullptr);
+        }
+        ADD_FAILURE() << q_heads << " q heads over 2 kv heads were accepted" << (plan ? " by the plan" : "");
+      } catch (const kvarn::Error& e) {
+        const std::string expected = std::to_string(q_heads) + " q heads over 2 kv heads; expected a positive multiple";
+        EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+      }
     }
   }
 }

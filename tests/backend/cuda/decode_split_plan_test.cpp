@@ -186,5 +186,18 @@ TEST(SpreadGrid, FitsCeilCtasOverSmsOnEverySm) {
     }
 }
 
+// The 2-CTA twin of the KVarN kernel (launch_kernel) at 165 registers would fit 3 per SM: it asks for the fewest
+// bytes that keep it at 2 (77 KB on Hopper, leaving ~75 KB to other kernels' CTAs), never less than it needs.
+TEST(CappedCtas, AskForTheFewestBytesThatKeepOneMoreOff) {
+  for (const auto& sm : {kHopperShared, kA100Shared})
+    for (const int per_sm : {1, 2, 3, 4}) {
+      const size_t bytes = shared_bytes_to_cap(per_sm, 16 * 1024, sm);
+      EXPECT_EQ(fitting(bytes, sm), per_sm) << sm.per_sm << " bytes per SM, " << per_sm << " CTAs";
+      EXPECT_GT(fitting(bytes - sm.allocation_unit, sm), per_sm) << "one unit less lets one more on";
+    }
+  EXPECT_EQ(shared_bytes_to_cap(2, kKvarnShared, kHopperShared), 609u * 128 - 1024);
+  EXPECT_EQ(shared_bytes_to_cap(2, 100 * 1024, kHopperShared), 100u * 1024) << "what it needs, where that is more";
+}
+
 }  // namespace
 }  // namespace kvarn::cuda
