@@ -1,7 +1,7 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs (a group
-// past 8 q heads per kv head in blocks of up to 8, a pair each: heads_per_block), 128 threads (4 warps). The first
+// past 8 q heads per kv head in blocks of up to 8, a pair each: head_blocks), 128 threads (4 warps). The first
 // `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores; short, and first so that they
 // do not trail the launch); then split-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
 // sequence n, kv-head h through cp.async copies of whole tiles into shared memory
@@ -381,21 +381,22 @@ size_t launch_shared_bytes(long ctas, const AttentionKernel& kernel) {
                                 kernel.dynamic_shared);
 }
 
-// The q heads per kv head, checked: a positive multiple of the kv heads.
-int query_group(const KvCacheLayer& cache, int num_q_heads, const char* who) {
+// How a kv head's q heads are served (DecodeParams::group, head_blocks): `count` blocks of `size` heads, the size
+// the group's largest divisor of at most kMaxGroup, so that the blocks are alike (16 -> 2 x 8, 12 -> 2 x 6, 9 -> 3 x
+// 3; a prime past 8 in blocks of 1). Each block's CTAs read the kv head's tiles: a group of 16 reads them twice, as
+// often as 8 + 8 would. The q heads must be a positive multiple of the kv heads.
+struct HeadBlocks {
+  int size, count;
+};
+
+HeadBlocks head_blocks(const KvCacheLayer& cache, int num_q_heads, const char* who) {
   if (num_q_heads <= 0 || num_q_heads % cache.num_kv_heads != 0)
     throw_error(std::string(who) + ": " + std::to_string(num_q_heads) + " q heads over " +
                 std::to_string(cache.num_kv_heads) + " kv heads; expected a positive multiple");
-  return num_q_heads / cache.num_kv_heads;
-}
-
-// The q heads of a block (DecodeParams::head_blocks): the group's largest divisor of at most kMaxGroup, so that the
-// blocks are alike (16 -> 2 x 8, 12 -> 2 x 6, 9 -> 3 x 3; a prime past 8 in blocks of 1). Each block's CTAs read the
-// kv head's tiles: a group of 16 reads them twice, as often as 8 + 8 would.
-int heads_per_block(int group) {
-  int heads = std::min(group, kMaxGroup);
-  while (group % heads != 0) --heads;
-  return heads;
+  const int group = num_q_heads / cache.num_kv_heads;
+  int size = std::min(group, kMaxGroup);
+  while (group % size != 0) --size;
+  return {size, group / size};
 }
 
 }  // namespace
@@ -410,11 +411,11 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
   int per_sm = 1;
-  const int group = query_group(cache, num_q_heads, "plan_decode_attention"), block = heads_per_block(group);
+  const HeadBlocks blocks = head_blocks(cache, num_q_heads, "plan_decode_attention");
   with_tile_format(cache, "decode_attention",
-                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(block).blocks_per_sm; });
+                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(blocks.size).blocks_per_sm; });
   DecodeGridShape grid;
-  grid.kv_heads = cache.num_kv_heads * (group / block);
+  grid.kv_heads = cache.num_kv_heads * blocks.count;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
   grid.sms = device_traits().multiprocessors;
@@ -430,12 +431,12 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream) {
   if (args.num_seqs == 0) return;
-  const int group = query_group(cache, args.num_q_heads, "decode_attention"), block = heads_per_block(group);
+  const HeadBlocks blocks = head_blocks(cache, args.num_q_heads, "decode_attention");
   if (args.num_seqs != plan.num_seqs || args.num_q_heads != plan.num_q_heads)
     throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
                 std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
                 std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
-  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * (group / block);
+  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * blocks.count;
   const long tile_ctas = pairs * plan.num_splits;
   if (tile_ctas + pairs > 0x7fffffffL)
     throw_error("decode_attention: " + std::to_string(tile_ctas + pairs) + " CTAs exceed the grid limit (2^31 - 1)");
@@ -451,8 +452,8 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.partial_ml = reinterpret_cast<float2*>(p.partial_o + rows * d);
   p.num_seqs = args.num_seqs;
   p.num_kv_heads = cache.num_kv_heads;
-  p.group = block;
-  p.head_blocks = group / block;
+  p.group = blocks.size;
+  p.head_blocks = blocks.count;
   p.tiles_per_split = plan.tiles_per_split;
   p.num_splits = plan.num_splits;
   p.scale_log2 = args.scale * kLog2e;

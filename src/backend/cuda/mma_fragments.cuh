@@ -14,7 +14,7 @@
 namespace kvarn::cuda {
 
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  // Rows 8-15 of A are zero here (at most 8 query heads in a block: heads_per_block), so a[1] = a[3] = 0.
+  // Rows 8-15 of A are zero here (at most 8 query heads in a block: head_blocks), so a[1] = a[3] = 0.
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
