@@ -1,5 +1,5 @@
 """bench/report.py: the targets judged on a run name the rows that miss them, with a miss never shown rounded onto
-its target."""
+its target, and the rows that meet them by less than two runs of one build differ."""
 import subprocess
 import sys
 import tempfile
@@ -37,6 +37,21 @@ class ReportTargetsTest(unittest.TestCase):
         copy = lines["k4v2_g128 decode >= 80% of copy bandwidth at >= 8K context, batch >= 8"]
         self.assertIn("**met on every row** (worst llama3-8b 32 x 32K 85%)", copy)
 
+    def test_names_the_rows_that_meet_a_target_by_less_than_a_run_to_run_spread(self):
+        lines = judged(["decode,qwen3-32b,kvarn_k4v2_g128,32,8192,1x63,71,3300,123",
+                        "decode,qwen3-32b,kvarn_k4v2_g128,32,32768,3x88,253,3633,135"])
+        copy = lines["k4v2_g128 decode >= 80% of copy bandwidth at >= 8K context, batch >= 8"]
+        self.assertIn("**met on every row** (worst qwen3-32b 32 x 8K 82%); met by less than 5%: qwen3-32b 32 x 8K 82%",
+                      copy)
+        self.assertNotIn("32K", copy.split("met by less")[1])
+
+    def test_counts_the_margin_of_a_target_bounded_above_upward(self):
+        lines = judged(["flush,,,32,,,100,,2.5e6",
+                        "decode,llama3-8b,kvarn_k4v2_g128,128,1024,1x7,61,3400,50",
+                        "decode,llama3-8b,kvarn_k4v2_g128,128,8192,1x63,300,4000,70"])
+        flush = lines["flush share of a decode step at batch 128 <= 5%"]
+        self.assertIn("**met on every row** (worst 1K 4.9%); met by less than 5%: 1K 4.9%", flush)
+        self.assertNotIn("8K", flush.split("met by less")[1])
 
 if __name__ == "__main__":
     unittest.main()
