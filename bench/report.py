@@ -159,7 +159,7 @@ def main():
 # How far apart two device runs can time a row with the same kernels: the H200's clock under its power cap moves with
 # what ran before (docs/benchmarks.md: Qwen k4v2 32 x 8K took 68.3-73.0 us in the runs of two sessions, of kernels
 # within 2% of each other side by side).
-kRunToRun = 0.05
+RUN_TO_RUN = 0.05
 
 
 def print_targets(decode, copy, shares):
@@ -182,10 +182,10 @@ def print_targets(decode, copy, shares):
 
     def judge(target, results, meets, fmt, worst=min):
         """results: [(value, row)]; meets(value) says whether a row meets the target. Rows that meet it by less than
-        kRunToRun are named too: another run of the same build may miss there."""
+        RUN_TO_RUN are named too: another run of the same build may miss there."""
         if results:
             missed = [f"{label} {shown(value, fmt, meets)}" for value, label in results if not meets(value)]
-            toward_miss = 1 - kRunToRun if worst is min else 1 + kRunToRun
+            toward_miss = 1 - RUN_TO_RUN if worst is min else 1 + RUN_TO_RUN
             close = [f"{label} {fmt.format(value)}" for value, label in results
                      if meets(value) and not meets(value * toward_miss)]
             value, label = worst(results, key=lambda r: r[0])
@@ -193,7 +193,7 @@ def print_targets(decode, copy, shares):
                        f"**missed on {len(missed)} of {len(results)} rows**: " + ", ".join(missed))
             verdict += f" (worst {label} {shown(value, fmt, meets)})"
             if close:
-                verdict += f"; met by less than {kRunToRun:.0%}: " + ", ".join(close)
+                verdict += f"; met by less than {RUN_TO_RUN:.0%}: " + ", ".join(close)
         else:
             verdict = "not measured"
         print(f"| {target} | {verdict} |")

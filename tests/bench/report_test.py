@@ -53,5 +53,6 @@ class ReportTargetsTest(unittest.TestCase):
         self.assertIn("**met on every row** (worst 1K 4.9%); met by less than 5%: 1K 4.9%", flush)
         self.assertNotIn("8K", flush.split("met by less")[1])
 
+
 if __name__ == "__main__":
     unittest.main()
