@@ -18,11 +18,13 @@
 // are rotated so that L2 cannot serve it.
 // Usage: kvarn_cuda_bench [--csv FILE] [--quick] [--decode-only | --flush-only | --prefill-only] [--batches 8,32]
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
-//                         [--tiles-per-split 16,32] [--ragged | --one-long] [--no-overlap] [--after-append]
+//                         [--tiles-per-split 16,32] [--tile-heads 8,16] [--ragged | --one-long] [--no-overlap]
+//                         [--after-append]
 //   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
 //   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b; or qwen3-235b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
-//   planner's choice (to time its alternatives); --ragged / --one-long: the decode rows' lengths (Lengths below),
+//   planner's choice (to time its alternatives); --tile-heads: likewise the q heads one read of a tile serves
+//   (plan_decode_attention; rows of groups past 8 show it after their splits, "8x32 16/read"); --ragged / --one-long: the decode rows' lengths (Lengths below),
 //   ragged as the full run's last decode rows are; --no-overlap: the decode rows' calls do not overlap (a call's
 //   attention starts once the call before has ended; see bench_decode); --after-append: each decode call comes
 //   after an append_to_tails of one K/V row per sequence, which it overlaps, as in a decode step (kinds
@@ -192,7 +194,7 @@ struct Shape {
   int q_heads, kv_heads, head_dim;
 };
 constexpr Shape kShapes[] = {{"llama3-8b", 32, 8, 128}, {"qwen3-32b", 64, 8, 128}};
-// What --shapes may name: also qwen3-235b's attention, 16 q heads per kv head (served in two blocks of 8).
+// What --shapes may name: also qwen3-235b's attention, 16 q heads per kv head.
 constexpr Shape kNamedShapes[] = {kShapes[0], kShapes[1], {"qwen3-235b", 64, 4, 128}};
 
 // The sequences' lengths in a decode row: every one the row's context (uniform, kind "decode"); sequence s of the
@@ -205,13 +207,13 @@ enum class Lengths { uniform, ragged, one_long };
 // graph and cuBLAS keep: a row whose cache does not fit in the free memory less this is skipped.
 constexpr size_t kDecodeHeadroom = size_t{2} << 30;
 
-// tiles_per_split: 0 for the planner's choice. overlap: each call's attention starts reading its tiles while the
+// tiles_per_split, tile_heads: 0 for the planner's choice. overlap: each call's attention starts reading its tiles while the
 // kernel before it runs, the call before's combine or the append (DecodeAttentionArgs::overlap_previous_kernel);
 // false: it starts once that has ended. after_append: each call is an append_to_tails of one K/V row per sequence
 // (over its tail's last row) and the attention.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
-                  int tiles_per_split = 0, Lengths lengths = Lengths::uniform, bool overlap = true,
-                  bool after_append = false) {
+                  int tiles_per_split = 0, int tile_heads = 0, Lengths lengths = Lengths::uniform,
+                  bool overlap = true, bool after_append = false) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, d = shape.head_dim, tail = g / 2;
   std::vector<int> seq_tiles(batch);
@@ -269,7 +271,8 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   KVARN_CUDA_CHECK(cudaMemcpy(dviews, views.data(), sizeof(SequenceKvView) * views.size(), cudaMemcpyHostToDevice));
 
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, shape.kv_heads, blocks, tails);
-  const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, shape.q_heads, tiles_per_split);
+  const DecodeAttentionPlan plan =
+      plan_decode_attention(layer, seq_tiles, shape.q_heads, tiles_per_split, tile_heads);
   void* workspace;
   KVARN_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
   uint16_t *new_k, *new_v;  // the rows appended: [batch][kv_heads][D]
@@ -297,7 +300,8 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const double flops = 4.0 * shape.q_heads * d * (static_cast<double>(total_tiles) * g + batch * tail);
   csv.row(key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
               std::to_string(bytes / (t.ms * 1e-3) / 1e9) + "," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
-              std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split),
+              std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split) +
+              (shape.q_heads > 8 * shape.kv_heads ? " " + std::to_string(plan.tile_heads) + "/read" : ""),
           &t);
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
                   static_cast<void*>(tables), static_cast<void*>(dviews), workspace,
@@ -470,7 +474,7 @@ int run(int argc, char** argv) {
   Csv csv;
   bool decode_only = false, flush_only = false, prefill_only = false, overlap = true, after_append = false;
   Lengths lengths = Lengths::uniform;
-  std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0};
+  std::vector<int> batches = {1, 8, 32, 128}, contexts = {1024, 8192, 32768, 131072}, splits = {0}, tile_heads = {0};
   std::vector<std::string> shape_names = {"llama3-8b", "qwen3-32b"}, dtypes = {"kvarn_k4v2_g128", "fp16"};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv.file = std::fopen(argv[++i], "w");
@@ -490,6 +494,7 @@ int run(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) batches = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--contexts") && i + 1 < argc) contexts = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--tiles-per-split") && i + 1 < argc) splits = parse_list(argv[++i]);
+    if (!std::strcmp(argv[i], "--tile-heads") && i + 1 < argc) tile_heads = parse_list(argv[++i]);
     if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_names = split_commas(argv[++i]);
     if (!std::strcmp(argv[i], "--dtypes") && i + 1 < argc) dtypes = split_commas(argv[++i]);
   }
@@ -500,6 +505,10 @@ int run(int argc, char** argv) {
     if (tiles_per_split < 0)
       throw std::runtime_error("--tiles-per-split: " + std::to_string(tiles_per_split) +
                                "; expected split sizes in tiles (0: the planner's choice)");
+  for (int heads : tile_heads)
+    if (heads < 0)
+      throw std::runtime_error("--tile-heads: " + std::to_string(heads) +
+                               "; expected q heads per read of a tile (0: the planner's choice)");
   const std::vector<std::string>& known = codec::cache_dtype_names();
   for (const std::string& name : dtypes)
     if (std::find(known.begin(), known.end(), name) == known.end()) {
@@ -528,7 +537,9 @@ int run(int argc, char** argv) {
         for (int batch : batches)
           for (int context : contexts)
             for (int tiles_per_split : splits)
-              bench_decode(csv, shape, dtype, batch, context, tiles_per_split, lengths, overlap, after_append);
+              for (int heads : tile_heads)
+                bench_decode(csv, shape, dtype, batch, context, tiles_per_split, heads, lengths, overlap,
+                             after_append);
   if (decode_only) {
     if (csv.file) std::fclose(csv.file);
     return 0;
@@ -538,7 +549,7 @@ int run(int argc, char** argv) {
   for (const Shape& shape : kShapes)
     for (const char* dtype : {"kvarn_k4v2_g128", "fp16"})
       for (int batch : {8, 32})
-        for (int context : {8192, 32768}) bench_decode(csv, shape, dtype, batch, context, 0, Lengths::ragged);
+        for (int context : {8192, 32768}) bench_decode(csv, shape, dtype, batch, context, 0, 0, Lengths::ragged);
   bench_flushes(csv);
   bench_prefills(csv);
   if (csv.file) std::fclose(csv.file);

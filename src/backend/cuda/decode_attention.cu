@@ -1,7 +1,8 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
-// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs (a group
-// past 8 q heads per kv head in blocks of up to 8, a pair each: head_blocks), 128 threads (4 warps). The first
+// decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
+// threads (4 warps). A group past 8 q heads per kv head is a pair per block of up to 8 for the tails and for fp16
+// tiles, and one pair of up to 16 heads for KVarN tiles (head_blocks), so that its tile CTAs are fewer. The first
 // `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores; short, and first so that they
 // do not trail the launch); then split-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
 // sequence n, kv-head h through cp.async copies of whole tiles into shared memory
@@ -63,7 +64,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_common.cuh"
 #include "backend/cuda/decode_fp16_tiles.cuh"
-#include "backend/cuda/decode_kvarn_tiles.cuh"
+#include "backend/cuda/decode_kvarn_tiles_wide.cuh"
 #include "backend/cuda/decode_split_plan.h"
 #include "backend/cuda/tile_formats.cuh"
 
@@ -80,13 +81,14 @@ namespace {
 
 using namespace decode;
 
-template <class F>
-using SharedLayout = std::conditional_t<F::kCodes, KvarnSharedLayout<F>, Fp16SharedLayout<F>>;
+template <class F, int kHeads>  // the paths of up to 8 heads stage 8 heads' queries
+using SharedLayout =
+    std::conditional_t<F::kCodes, KvarnSharedLayout<F, std::max(kHeads, kMaxGroup)>, Fp16SharedLayout<F>>;
 
-template <class F>
+template <class F, int kHeads>
 constexpr size_t shared_bytes() {
-  static_assert(TailSharedLayout<F>::bytes <= SharedLayout<F>::bytes, "a tail CTA would lower the CTAs per SM");
-  return SharedLayout<F>::bytes;
+  static_assert(TailSharedLayout<F>::bytes <= SharedLayout<F, kHeads>::bytes, "a tail CTA would lower the CTAs per SM");
+  return SharedLayout<F, kHeads>::bytes;
 }
 
 // A pair of one split whose CTA also read the tail: the states of each of its q heads, the tiles' merged one
@@ -99,7 +101,7 @@ __device__ void write_pair_output(const DecodeParams& p, uint8_t* shared, const 
                                   size_t partial_row) {
   constexpr int E = D / 32;
   const int lane = threadIdx.x & 31;
-  merge_states<D>(p, shared, tail, tiles_state, [&](int h, float (&o)[E], float, float l) {
+  merge_states<D>(shared, p.group, tail, tiles_state, [&](int h, float (&o)[E], float, float l) {
     const float inv = l > 0 ? 1.0f / l : 0.0f;
 #pragma unroll
     for (int i = 0; i < E; ++i) o[i] *= inv;
@@ -109,43 +111,48 @@ __device__ void write_pair_output(const DecodeParams& p, uint8_t* shared, const 
   });
 }
 
-// kLaneHeads: the KVarN path's heads per lane (attend_kvarn_tiles), a kernel each so that each path gets its own
-// registers; 1 for fp16 tiles. kCtasPerSm: the CTAs per SM its registers are bounded for (launch_kernel).
-template <class F, int kLaneHeads, int kCtasPerSm>
+// kHeads: the most q heads a tile CTA serves, which picks the KVarN path (4: attend_kvarn_tiles with the folded query
+// as hi + lo, 8: two heads per lane, 16: attend_kvarn_tiles_wide), a kernel each so that each path gets its own
+// registers; 8 for fp16 tiles. kCtasPerSm: the CTAs per SM its registers are bounded for (launch_kernel).
+template <class F, int kHeads, int kCtasPerSm>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) decode_attention_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) uint8_t shared[];
   release_next_kernel();  // the combine kernel (or the next call, without one) may launch once every CTA has started
   const int pairs = p.num_seqs * p.num_kv_heads * p.head_blocks;
   if (!p.tails_in_tile_ctas && static_cast<int>(blockIdx.x) < pairs) {
-    const CtaWork pair = cta_work(p, blockIdx.x);
+    const CtaWork pair = cta_work(p, blockIdx.x, 1);
     // The tail may be the kernel before's to write. Waiting also where there is none keeps this grid's end after
     // that kernel's even when no CTA has work, so that the combine, waiting for this grid, comes after it too.
     wait_for_previous_kernel();
     if (pair.seq.tail_len == 0) return;
     attend_tail<F>(p, pair.seq, pair.head, pair.partial_row, shared);
-    write_partial_from_warp_states<F::D>(p, shared, pair.partial_row, p.num_splits);
+    write_partial_from_warp_states<F::D>(p, shared, pair.partial_row, pair.heads, p.num_splits);
     return;
   }
-  const CtaWork work = cta_work(p, blockIdx.x - (p.tails_in_tile_ctas ? 0 : pairs));
+  const CtaWork work = cta_work(p, blockIdx.x - (p.tails_in_tile_ctas ? 0 : pairs), p.tile_blocks);
   const bool tiles = work.first_tile < work.end_tile;
   if (tiles) {
     if constexpr (F::kCodes) {
-      attend_kvarn_tiles<F, kLaneHeads>(p, work, shared);
+      if constexpr (kHeads == kMaxTileGroup) {
+        attend_kvarn_tiles_wide<F>(p, work, shared);
+      } else {
+        attend_kvarn_tiles<F, kHeads == 4 ? 1 : 2>(p, work, shared);
+      }
     } else {
       attend_fp16_tiles<F>(p, work, shared);
     }
   }
   if (!p.tails_in_tile_ctas) {
-    if (tiles) write_partial_from_warp_states<F::D>(p, shared, work.partial_row, work.split);
+    if (tiles) write_partial_from_warp_states<F::D>(p, shared, work.partial_row, work.heads, work.split);
     return;
   }
-  // Without tail CTAs, each pair's one split reads the tail after its tiles (alone where there are none). Its work
-  // is read again rather than kept in registers through the tiles.
+  // Without tail CTAs (only where a tile CTA serves one block), each pair's one split reads the tail after its tiles
+  // (alone where there are none). Its work is read again rather than kept in registers through the tiles.
   constexpr int E = F::D / 32;
-  const CtaWork pair = cta_work(p, blockIdx.x);
+  const CtaWork pair = cta_work(p, blockIdx.x, 1);
   if (!tiles) wait_for_previous_kernel();  // the tail and the output may be the kernel before's to write
   float* tiles_state = reinterpret_cast<float*>(shared + TailSharedLayout<F>::tiles_state);
-  if (tiles) merge_states<F::D>(p, shared, true, nullptr, [&](int h, const float (&o)[E], float m, float l) {
+  if (tiles) merge_states<F::D>(shared, p.group, true, nullptr, [&](int h, const float (&o)[E], float m, float l) {
     float* dst = tiles_state + h * (F::D + 4);
     store_floats(dst + (threadIdx.x & 31) * E, o);
     if ((threadIdx.x & 31) == 0) dst[F::D] = m, dst[F::D + 1] = l;
@@ -301,10 +308,10 @@ struct AttentionKernel {
   SmSharedMemory dynamic_shared;
 };
 
-template <class F, int kLaneHeads, int kCtasPerSm>
+template <class F, int kHeads, int kCtasPerSm>
 const AttentionKernel& attention_kernel() {
   static const AttentionKernel kernel = [] {
-    const auto attention = decode_attention_kernel<F, kLaneHeads, kCtasPerSm>;
+    const auto attention = decode_attention_kernel<F, kHeads, kCtasPerSm>;
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, attention));
     AttentionKernel k;
@@ -314,25 +321,26 @@ const AttentionKernel& attention_kernel() {
     k.dynamic_shared.max_per_cta -= static_cast<long>(compiled.sharedSizeBytes);
     KVARN_CUDA_CHECK(cudaFuncSetAttribute(attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(k.dynamic_shared.max_per_cta)));
+    k.shared_bytes = shared_bytes<F, kHeads>();
     KVARN_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, attention, kThreads, shared_bytes<F>()));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, attention, kThreads, k.shared_bytes));
     k.blocks_per_sm = std::max(k.blocks_per_sm, 1);
-    k.shared_bytes = shared_bytes<F>();
     return k;
   }();
   return kernel;
 }
 
-// The attention kernel the plan counts on for groups of `group` q heads per kv head: a kernel per KVarN group path
-// (attend_kvarn_tiles' heads per lane), each with its own registers and so its own occupancy, bounded for 3 CTAs per
-// SM (at most 168 registers); fp16 tiles, 1.
+// The attention kernel the plan counts on for tile CTAs of `heads` q heads: a kernel per KVarN path, each with its own
+// registers and so its own occupancy, bounded for 3 CTAs per SM (at most 168 registers) up to 8 heads, for 2 past 8
+// (the queries of 16 heads and 4 slots take ~80 KB of shared memory, so 3 would not fit); fp16 tiles, 1.
 template <class F>
-const AttentionKernel& attention_kernel(int group) {
+const AttentionKernel& attention_kernel(int heads) {
   if constexpr (F::kCodes) {
-    if (group > 4) return attention_kernel<F, 2, 3>();
-    return attention_kernel<F, 1, 3>();
+    if (heads > kMaxGroup) return attention_kernel<F, kMaxTileGroup, 2>();
+    if (heads > 4) return attention_kernel<F, kMaxGroup, 3>();
+    return attention_kernel<F, 4, 3>();
   } else {
-    return attention_kernel<F, 1, 1>();
+    return attention_kernel<F, kMaxGroup, 1>();
   }
 }
 
@@ -343,7 +351,7 @@ const AttentionKernel& attention_kernel(int group) {
 template <class F>
 const AttentionKernel& twin_kernel() {
   static const AttentionKernel twin = [] {
-    AttentionKernel k = attention_kernel<F, 2, 2>();
+    AttentionKernel k = attention_kernel<F, kMaxGroup, 2>();
     k.blocks_per_sm = std::min(k.blocks_per_sm, 2);
     k.shared_bytes = shared_bytes_to_cap(2, k.shared_bytes, k.dynamic_shared);
     return k;
@@ -358,14 +366,14 @@ const AttentionKernel& twin_kernel() {
 // take a few registers more or none unbounded (Llama's D = G = 128 path 143 -> 145, 1.00-1.01x; at G = 64 the
 // two-head path 165 -> 163).
 template <class F>
-const AttentionKernel& launch_kernel(int group, long ctas) {
+const AttentionKernel& launch_kernel(int heads, long ctas) {
   if constexpr (F::kCodes && F::D == 128 && F::G == 128) {
-    if (group > 4) {
+    if (heads > 4 && heads <= kMaxGroup) {
       const AttentionKernel& twin = twin_kernel<F>();
       if (ctas <= static_cast<long>(device_traits().multiprocessors) * twin.blocks_per_sm) return twin;
     }
   }
-  return attention_kernel<F>(group);
+  return attention_kernel<F>(heads);
 }
 
 // The shared memory a launch of `ctas` attention CTAs asks for: a grid that fits at fewer CTAs per SM than the kernel
@@ -381,28 +389,47 @@ size_t launch_shared_bytes(long ctas, const AttentionKernel& kernel) {
                                 kernel.dynamic_shared);
 }
 
-// How a kv head's q heads are served (DecodeParams::group, head_blocks): `count` blocks of `size` heads, the size
-// the group's largest divisor of at most kMaxGroup, so that the blocks are alike (16 -> 2 x 8, 12 -> 2 x 6, 9 -> 3 x
-// 3; a prime past 8 in blocks of 1). Each block's CTAs read the kv head's tiles: a group of 16 reads them twice, as
-// often as 8 + 8 would. The q heads must be a positive multiple of the kv heads.
-struct HeadBlocks {
-  int size, count;
-};
-
-HeadBlocks head_blocks(const KvCacheLayer& cache, int num_q_heads, const char* who) {
+// The q heads per kv head; they must be a positive multiple of the kv heads.
+int group_size(const KvCacheLayer& cache, int num_q_heads, const char* who) {
   if (num_q_heads <= 0 || num_q_heads % cache.num_kv_heads != 0)
     throw_error(std::string(who) + ": " + std::to_string(num_q_heads) + " q heads over " +
                 std::to_string(cache.num_kv_heads) + " kv heads; expected a positive multiple");
-  const int group = num_q_heads / cache.num_kv_heads;
-  int size = std::min(group, kMaxGroup);
-  while (group % size != 0) --size;
-  return {size, group / size};
+  return num_q_heads / cache.num_kv_heads;
 }
+
+// How a kv head's q heads are served (DecodeParams::group, head_blocks, tile_blocks): a tile CTA serves a run of the
+// group, the group's largest divisor of at most `most` heads (DecodeAttentionPlan::tile_heads), and a tail CTA a
+// block of that run's largest divisor of at most kMaxGroup (16 -> 2 x 8, 12 -> 2 x 6, 9 -> 3 x 3), so that all are
+// alike; a prime past `most` in runs of 1. Every run's tile CTAs read the kv head's tiles.
+struct HeadBlocks {
+  int size, count, tile_blocks;  // a block's heads, blocks per kv head, blocks per tile CTA
+  int tile_heads() const { return size * tile_blocks; }
+};
+
+HeadBlocks head_blocks(int group, int most) {
+  const auto largest_divisor = [](int n, int m) {
+    int d = std::min(n, m);
+    while (n % d != 0) --d;
+    return d;
+  };
+  const int tile_heads = largest_divisor(group, most);
+  const int size = largest_divisor(tile_heads, kMaxGroup);
+  return {size, group / size, tile_heads / size};
+}
+
+// A group past 8 q heads per kv head over code tiles is read once for up to 16 heads (attend_kvarn_tiles_wide) where
+// that kernel's wave gives each warp at least this many tiles; in smaller grids blocks of up to 8 finish first, each
+// block's CTAs reading the tiles again: twice the warps per tile and 3 CTAs per SM (the wide kernel's registers and
+// shared memory allow 2) shorten what is a chain of latencies there. Measured on the H200 (qwen3-235b shape, 4 kv
+// heads, k4v2, blocks / wide, each at its planner's splits, side by side): warps of 0.5-2 tiles (batch 1-8 x 8K,
+// 1-2 x 32K, 4 x 16K) 0.79-0.97x, of 4 tiles (4 x 32K, 16 x 8K) 1.11x and 1.01x, of 8 or more 1.15-1.32x
+// (docs/benchmarks.md).
+constexpr long kWideTilesPerWarp = 3;
 
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
-                                          int tiles_per_split) {
+                                          int tiles_per_split, int tile_heads) {
   for (size_t s = 0; s < seq_tiles.size(); ++s)
     if (seq_tiles[s] < 0)
       throw_error("plan_decode_attention: sequence " + std::to_string(s) + " has " + std::to_string(seq_tiles[s]) +
@@ -410,12 +437,31 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   DecodeAttentionPlan plan;
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
+  const int group = group_size(cache, num_q_heads, "plan_decode_attention");
+  const HeadBlocks blocks_of_8 = head_blocks(group, kMaxGroup);
+  const HeadBlocks wide = head_blocks(group, cache.layout.code_tile ? kMaxTileGroup : kMaxGroup);
+  if (tile_heads != 0 && tile_heads != blocks_of_8.tile_heads() && tile_heads != wide.tile_heads())
+    throw_error("plan_decode_attention: " + std::to_string(tile_heads) + " q heads per tile CTA for groups of " +
+                std::to_string(group) + "; expected " + std::to_string(blocks_of_8.tile_heads()) +
+                (wide.tile_heads() != blocks_of_8.tile_heads() ? " or " + std::to_string(wide.tile_heads()) : "") +
+                " (or 0: the planner's choice)");
+  bool read_once = tile_heads == wide.tile_heads();
+  if (tile_heads == 0 && wide.tile_heads() > blocks_of_8.tile_heads()) {
+    long tiles = 0;
+    for (int t : seq_tiles) tiles += t;
+    with_tile_format(cache, "decode_attention", [&](auto f) {
+      const long warps = static_cast<long>(device_traits().multiprocessors) *
+                         attention_kernel<decltype(f)>(wide.tile_heads()).blocks_per_sm * kWarps;
+      read_once = tiles * cache.num_kv_heads * wide.count / wide.tile_blocks >= kWideTilesPerWarp * warps;
+    });
+  }
+  const HeadBlocks blocks = read_once ? wide : blocks_of_8;
+  plan.tile_heads = blocks.tile_heads();
   int per_sm = 1;
-  const HeadBlocks blocks = head_blocks(cache, num_q_heads, "plan_decode_attention");
   with_tile_format(cache, "decode_attention",
-                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(blocks.size).blocks_per_sm; });
+                   [&](auto f) { per_sm = attention_kernel<decltype(f)>(blocks.tile_heads()).blocks_per_sm; });
   DecodeGridShape grid;
-  grid.kv_heads = cache.num_kv_heads * blocks.count;
+  grid.kv_heads = cache.num_kv_heads * blocks.count / blocks.tile_blocks;
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
   grid.sms = device_traits().multiprocessors;
@@ -431,13 +477,14 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream) {
   if (args.num_seqs == 0) return;
-  const HeadBlocks blocks = head_blocks(cache, args.num_q_heads, "decode_attention");
+  const int group = group_size(cache, args.num_q_heads, "decode_attention");
   if (args.num_seqs != plan.num_seqs || args.num_q_heads != plan.num_q_heads)
     throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
                 std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
                 std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
-  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * blocks.count;
-  const long tile_ctas = pairs * plan.num_splits;
+  const HeadBlocks blocks = head_blocks(group, plan.tile_heads);
+  const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * blocks.count;  // of a tail CTA each
+  const long tile_ctas = pairs / blocks.tile_blocks * plan.num_splits;
   if (tile_ctas + pairs > 0x7fffffffL)
     throw_error("decode_attention: " + std::to_string(tile_ctas + pairs) + " CTAs exceed the grid limit (2^31 - 1)");
   const int d = cache.head_dim();
@@ -454,6 +501,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.num_kv_heads = cache.num_kv_heads;
   p.group = blocks.size;
   p.head_blocks = blocks.count;
+  p.tile_blocks = blocks.tile_blocks;
   p.tiles_per_split = plan.tiles_per_split;
   p.num_splits = plan.num_splits;
   p.scale_log2 = args.scale * kLog2e;
@@ -461,10 +509,11 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   p.out = reinterpret_cast<__half*>(args.out);
   with_tile_format(cache, "decode_attention", [&](auto f) {
     using F = decltype(f);
-    p.first_wave_ctas = device_traits().multiprocessors * attention_kernel<F>(p.group).blocks_per_sm;
-    p.tails_in_tile_ctas = tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
+    p.first_wave_ctas = device_traits().multiprocessors * attention_kernel<F>(blocks.tile_heads()).blocks_per_sm;
+    p.tails_in_tile_ctas =
+        blocks.tile_blocks == 1 && tails_in_tile_ctas(plan.num_splits, pairs, p.first_wave_ctas);
     const long ctas = p.tails_in_tile_ctas ? tile_ctas : tile_ctas + pairs;
-    const AttentionKernel& attention = launch_kernel<F>(p.group, ctas);
+    const AttentionKernel& attention = launch_kernel<F>(blocks.tile_heads(), ctas);
     launch_with_overlap(attention.kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
                         launch_shared_bytes(ctas, attention), stream, args.overlap_previous_kernel, p);
   });

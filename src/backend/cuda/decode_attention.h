@@ -1,10 +1,10 @@
 #pragma once
 // Decode attention: one query token per sequence over its full tiles (read packed, dequantized in registers)
-// plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are the rows of one tensor-core tile,
-// so every byte of a tile is read once per kv-head (a group past 8 heads, as Llama-3.1-405B's or Qwen3-235B's 16,
-// once per block of up to 8). Split-K over tiles, then a reduction kernel that combines
-// the partial softmax states and rotates the output back to the model's space (where a pair's tiles are one CTA's
-// and the grid is large, that CTA reads the tail too and writes the output: no reduction kernel).
+// plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are served from one read of a tile (up to
+// 16 of them over code tiles, 8 over fp16 tiles; a group past 8 heads in a small grid, where a second read finishes
+// sooner, per block of up to 8: DecodeAttentionPlan::tile_heads). Split-K over tiles, then a reduction kernel that
+// combines the partial softmax states and rotates the output back to the model's space (where a pair's tiles are
+// one CTA's and the grid is large, that CTA reads the tail too and writes the output: no reduction kernel).
 #include "backend/cuda/kv_layout.h"
 
 #include <cuda_runtime.h>
@@ -37,6 +37,7 @@ struct DecodeAttentionArgs {
 // states.
 struct DecodeAttentionPlan {
   int num_seqs = 0, num_q_heads = 0;
+  int tile_heads = 1;  // q heads of a kv head's group that one read of a tile serves
   int tiles_per_split = 1;
   int num_splits = 0;  // over tiles; one more partial per sequence holds its tail
   size_t workspace_bytes = 0;
@@ -44,9 +45,11 @@ struct DecodeAttentionPlan {
 
 // seq_tiles: every sequence's full tiles, as the scheduler knows them on the host (one plan per step serves every
 // layer). tiles_per_split: 0 for the split planner's choice (decode_split_plan.h); a positive value fixes it (the
-// benchmark's --tiles-per-split, which times the planner's alternatives).
+// benchmark's --tiles-per-split, which times the planner's alternatives). tile_heads: 0 for the planner's choice; a
+// positive value fixes it, for groups past 8 over code tiles the group's largest divisor of at most 16 or of at most
+// 8 (the tests and the benchmark's --tile-heads time both).
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
-                                          int tiles_per_split = 0);
+                                          int tiles_per_split = 0, int tile_heads = 0);
 
 // plan: made for these sequences (a sequence longer than the plan's longest would lose its last tiles).
 // workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets

@@ -16,7 +16,10 @@
 
 namespace kvarn::cuda::decode {
 
-constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8;
+// kMaxGroup: the q heads of a block (head_blocks): an fp16 CTA's and a tail CTA's mma rows hold 8 heads and the
+// rest of their rounding. kMaxTileGroup: the most q heads a KVarN tile CTA serves from one read of a tile (the heads
+// as the mma's 16 rows: attend_kvarn_tiles_wide).
+constexpr int kThreads = 128, kWarps = 4, kMaxGroup = 8, kMaxTileGroup = 16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kSubnormalScale = 16777216.0f;  // 2^24: a code c in the low bits of an fp16 is c * 2^-24
 
@@ -40,8 +43,9 @@ struct DecodeParams {
   __half* out;          // [num_seqs * num_q_heads][D], written here only where tails_in_tile_ctas
   int num_seqs, num_kv_heads, tiles_per_split, num_splits;
   // A kv head's q heads are served in head_blocks blocks of `group` (<= kMaxGroup) heads, each block a pair of its
-  // own (sequence, kv-head block) that reads the kv head's tiles: one block for groups of up to kMaxGroup.
-  int group, head_blocks;
+  // own (sequence, kv-head block) for the tail CTAs; a tile CTA serves tile_blocks of them (<= kMaxTileGroup heads,
+  // a divisor of head_blocks), its pair the (sequence, run of tile_blocks blocks).
+  int group, head_blocks, tile_blocks;
   int first_wave_ctas;  // CTAs resident at the launch (SMs x CTAs per SM): they ask for their first tiles at once
   float scale_log2;
   bool rotated;
@@ -80,41 +84,44 @@ __device__ __forceinline__ void store_floats(float* dst, const float (&x)[N]) {
   }
 }
 
-// What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, kv-head block) number
-// cta % pairs, its tiles [first_tile, end_tile). Split-major, so that the last split of every pair, the shortest,
-// is launched last: at one wave those are the CTAs that start late, when the tail CTAs free their slots. A tail
-// CTA's pair is its own number (split 0).
+// What tile CTA number `cta` (after the tail CTAs) reads: split `split` of the pair (sequence, run of `blocks` kv-head
+// blocks) number cta % pairs, its tiles [first_tile, end_tile), for `heads` q heads. Split-major, so that the last
+// split of every pair, the shortest, is launched last: at one wave those are the CTAs that start late, when the tail
+// CTAs free their slots. A tail CTA's pair is its own number (split 0, one block).
 struct CtaWork {
   SequenceKvView seq;
   int head, split, first_tile, end_tile;  // head: the kv head
-  size_t partial_row;                     // the partials of the block's first q head
+  int heads;                              // q heads served: group * blocks
+  size_t partial_row;                     // the partials of the first of them
 };
 
-__device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta) {
+__device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta, int blocks) {
   CtaWork w;
-  const int pairs_per_seq = p.num_kv_heads * p.head_blocks, pairs = p.num_seqs * pairs_per_seq;
-  const int pair = cta % pairs;
+  const int runs_per_head = p.head_blocks / blocks, pairs_per_seq = p.num_kv_heads * runs_per_head;
+  const int pairs = p.num_seqs * pairs_per_seq, pair = cta % pairs;
   w.split = cta / pairs;
-  w.head = pair % pairs_per_seq / p.head_blocks;
+  w.head = pair % pairs_per_seq / runs_per_head;
   w.seq = p.seqs[pair / pairs_per_seq];
   w.first_tile = w.split * p.tiles_per_split;
   w.end_tile = min(w.first_tile + p.tiles_per_split, w.seq.num_tiles);
-  w.partial_row = static_cast<size_t>(pair) * p.group;  // q heads: sequence-major, then kv head, then block
+  w.heads = p.group * blocks;
+  w.partial_row = static_cast<size_t>(pair) * w.heads;  // q heads: sequence-major, then kv head, then block
   return w;
 }
 
-// The group's queries, rotated into the storage space: store(h, c, x) for every head h < kMaxGroup and channel c
-// (heads past the group: zero). A warp's heads are loaded before any is rotated, so that their loads overlap.
-template <int D, class Store>
-__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, Store&& store) {
-  constexpr int E = D / 32, kHeadsPerWarp = kMaxGroup / kWarps;
-  static_assert(kMaxGroup % kWarps == 0);
+// The queries of `heads` q heads from partial_row on, rotated into the storage space: store(h, c, x) for every head
+// h < kHeads and channel c (heads past `heads`: zero). A warp's heads are loaded before any is rotated, so that
+// their loads overlap.
+template <int D, int kHeads = kMaxGroup, class Store>
+__device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, int heads, Store&& store) {
+  constexpr int E = D / 32, kHeadsPerWarp = kHeads / kWarps;
+  static_assert(kHeads % kWarps == 0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   float x[kHeadsPerWarp][E] = {};
 #pragma unroll
   for (int j = 0; j < kHeadsPerWarp; ++j) {
     const int h = warp + j * kWarps;
-    if (h < p.group) {
+    if (h < heads) {
       const __half2* src = reinterpret_cast<const __half2*>(p.q + (partial_row + h) * D + lane * E);
 #pragma unroll
       for (int i = 0; i < E; i += 2) {
@@ -125,34 +132,35 @@ __device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, 
   }
 #pragma unroll
   for (int j = 0; j < kHeadsPerWarp; ++j) {
-    if (p.rotated && warp + j * kWarps < p.group) hadamard_warp<D>(x[j]);
+    if (p.rotated && warp + j * kWarps < heads) hadamard_warp<D>(x[j]);
 #pragma unroll
     for (int i = 0; i < E; ++i) store(warp + j * kWarps, lane * E + i, x[j][i]);
   }
 }
 
-// The same as fp32 rows qs[kMaxGroup][D].
+// A block's queries (p.group heads) as fp32 rows qs[kMaxGroup][D].
 template <int D>
 __device__ void load_rotated_queries(const DecodeParams& p, size_t partial_row, float* qs) {
-  load_rotated_queries<D>(p, partial_row, [&](int h, int c, float x) { qs[h * D + c] = x; });
+  load_rotated_queries<D>(p, partial_row, p.group, [&](int h, int c, float x) { qs[h * D + c] = x; });
 }
 
-// The merge buffer in shared memory, [warp][head][D + 2]: each warp's o[D], m, l for the heads of the group.
+// The merge buffer in shared memory, [warp][kMaxTileGroup][D + 2]: each warp's o[D], m, l for the heads it serves.
 template <int D>
 __device__ __forceinline__ float* warp_state(uint8_t* shared, int warp, int head) {
-  return reinterpret_cast<float*>(shared) + (warp * kMaxGroup + head) * (D + 2);
+  return reinterpret_cast<float*>(shared) + (warp * kMaxTileGroup + head) * (D + 2);
 }
+constexpr size_t merge_buffer_bytes(int d) { return sizeof(float) * kWarps * kMaxTileGroup * (d + 2); }
 
-// The softmax states of each head of the group merged: the 4 warps' in the merge buffer (where `warps`: after every
+// The softmax states of each of `heads` heads merged: the 4 warps' in the merge buffer (where `warps`: after every
 // warp has written its own, and a barrier) and, where `extra` is not null, one more per head at extra + head (D + 4)
 // (o[D], m, l). Warp w takes heads w, w + 4 and each lane its D/32 channels lane D/32 ...; the result goes to
 // store(head, o, m, l) (m and l the head's, in every lane). The factors are a head's, so a lane takes one exp2 per
 // state and head, not per channel.
 template <int D, class Store>
-__device__ void merge_states(const DecodeParams& p, uint8_t* shared, bool warps, const float* extra, Store&& store) {
+__device__ void merge_states(uint8_t* shared, int heads, bool warps, const float* extra, Store&& store) {
   constexpr int E = D / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  for (int h = warp; h < p.group; h += kWarps) {
+  for (int h = warp; h < heads; h += kWarps) {
     const float* other = extra ? extra + h * (D + 4) : nullptr;
     float mx = other ? other[D] : -FLT_MAX;
     if (warps)
@@ -173,12 +181,12 @@ __device__ void merge_states(const DecodeParams& p, uint8_t* shared, bool warps,
   }
 }
 
-// After every warp has written its state (and a barrier): the CTA's partial number `split` of each head.
+// After every warp has written its state (and a barrier): the CTA's partial number `split` of each of its heads.
 template <int D>
-__device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row,
+__device__ void write_partial_from_warp_states(const DecodeParams& p, uint8_t* shared, size_t partial_row, int heads,
                                                int split) {
   const int lane = threadIdx.x & 31;
-  merge_states<D>(p, shared, true, nullptr, [&](int h, const float (&o)[D / 32], float m, float l) {
+  merge_states<D>(shared, heads, true, nullptr, [&](int h, const float (&o)[D / 32], float m, float l) {
     const size_t slot = (partial_row + h) * (p.num_splits + 1) + split;
     store_floats(p.partial_o + slot * D + lane * (D / 32), o);
     if (lane == 0) p.partial_ml[slot] = make_float2(m, l);

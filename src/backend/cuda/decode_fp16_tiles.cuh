@@ -41,8 +41,7 @@ __device__ __forceinline__ void copy_fp16_tile(uint8_t* stage, const uint8_t* __
 // then the group's rotated queries.
 template <class F>
 struct Fp16SharedLayout {
-  static constexpr size_t query = std::max(fp16_stages<F>() * F::L.bytes,
-                                           sizeof(float) * kWarps * kMaxGroup * (F::D + 2));  // after the ring
+  static constexpr size_t query = std::max(fp16_stages<F>() * F::L.bytes, merge_buffer_bytes(F::D));  // after the ring
   static constexpr size_t bytes = query + sizeof(float) * kMaxGroup * F::D;
 };
 
@@ -196,7 +195,7 @@ struct TailSharedLayout {
   static constexpr size_t keys = 0, values = size_t{2} * F::G * F::D, query = 2 * values;
   static constexpr size_t tiles_state = query + sizeof(float) * kMaxGroup * F::D;
   static constexpr size_t bytes = tiles_state + sizeof(float) * kMaxGroup * (F::D + 4);
-  static_assert(sizeof(float) * kWarps * kMaxGroup * (F::D + 2) <= tiles_state, "the merge buffer would reach it");
+  static_assert(merge_buffer_bytes(F::D) <= tiles_state, "the merge buffer would reach it");
 };
 
 // The fp16 tail (rotated like the tiles) of one (sequence, kv-head), 1 to G - 1 tokens, read like an fp16 tile:

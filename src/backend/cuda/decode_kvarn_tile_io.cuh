@@ -21,17 +21,17 @@ struct TileScales {
   static_assert(s_tok % 4 == 0 && a_v % 4 == 0 && z_v % 4 == 0 && s_ch % 4 == 0, "float4 rows");
 };
 
-// Shared memory of a KVarN CTA: the group's queries in fragment order (for the whole CTA), then per warp one tile
-// slot and its TileScales. One slot per warp, refilled in two halves (keys while the values are read, values while
-// the next keys are), keeps a CTA at ~73 KB, so that 3 CTAs (12 warps) fit on an SM. The final merge reuses it all.
-template <class F>
+// Shared memory of a KVarN CTA: the queries of its kHeads heads in fragment order (for the whole CTA), then per warp
+// one tile slot and its TileScales. One slot per warp, refilled in two halves (keys while the values are read,
+// values while the next keys are), keeps a CTA of 8 heads at ~73 KB, so that 3 CTAs (12 warps) fit on an SM. The
+// final merge reuses it all.
+template <class F, int kHeads = kMaxGroup>
 struct KvarnSharedLayout {
   static constexpr size_t query = 0;
-  static constexpr size_t warp_regions = sizeof(float) * kMaxGroup * F::D;
+  static constexpr size_t warp_regions = sizeof(float) * kHeads * F::D;
   static constexpr size_t slot_bytes = (F::L.bytes + 15) / 16 * 16;
   static constexpr size_t warp_region = slot_bytes + sizeof(float) * TileScales<F>::floats;
-  static constexpr size_t bytes =
-      std::max(warp_regions + kWarps * warp_region, sizeof(float) * kWarps * kMaxGroup * (F::D + 2));
+  static constexpr size_t bytes = std::max(warp_regions + kWarps * warp_region, merge_buffer_bytes(F::D));
 };
 
 // Value-code rows (token-major, D*VB/8 bytes each) are placed permuted: the lanes m = 0..3 of a fragment column
@@ -243,25 +243,25 @@ __device__ __forceinline__ int key_row_offset(int lane) {
   return (8 * h + r) * (F::G / 2) + 16 * (s ^ ((r / (8 / kKeyRowChunks)) & (kKeyRowChunks - 1)));
 }
 
-// Stages the group's rotated queries times scale_log2 (log2 units) in fragment order, for the whole CTA: float4
-// (kb, head, m) holds the head's channels 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9 (heads past the group: zero), so
-// that the 8 heads' fragments of a k-block are 512 consecutive bytes. Kept in shared memory rather than in 32
-// registers per thread, which would not leave 3 CTAs per SM.
-template <class F>
+// Stages the rotated queries of the CTA's heads times scale_log2 (log2 units) in fragment order, for the whole CTA:
+// float4 (kb, head, m) holds the head's channels 16 kb + 2m, 2m + 1, 2m + 8, 2m + 9 (heads past work.heads: zero), so
+// that 8 heads' fragments of a k-block are 512 consecutive bytes. Kept in shared memory rather than in 32 registers
+// per thread, which would not leave 3 CTAs per SM.
+template <class F, int kHeads = kMaxGroup>
 __device__ __forceinline__ void stage_query_fragments(const DecodeParams& p, const CtaWork& work, uint8_t* shared) {
-  float* fragments = reinterpret_cast<float*>(shared + KvarnSharedLayout<F>::query);
-  load_rotated_queries<F::D>(p, work.partial_row, [&](int h, int c, float x) {
+  float* fragments = reinterpret_cast<float*>(shared + KvarnSharedLayout<F, kHeads>::query);
+  load_rotated_queries<F::D, kHeads>(p, work.partial_row, work.heads, [&](int h, int c, float x) {
     const int r = c % 16, m = (r % 8) / 2, e = (r & 1) + 2 * (r / 8);
-    fragments[(((c / 16) * kMaxGroup + h) * 4 + m) * 4 + e] = x * p.scale_log2;
+    fragments[(((c / 16) * kHeads + h) * 4 + m) * 4 + e] = x * p.scale_log2;
   });
   __syncthreads();
 }
 
 // This lane's query fragment of k-block kb for `head` (stage_query_fragments).
-template <class F>
+template <class F, int kHeads = kMaxGroup>
 __device__ __forceinline__ float4 query_fragment(const uint8_t* shared, int kb, int head) {
-  return reinterpret_cast<const float4*>(shared + KvarnSharedLayout<F>::query)[(kb * kMaxGroup + head) * 4 +
-                                                                               threadIdx.x % 4];
+  return reinterpret_cast<const float4*>(shared + KvarnSharedLayout<F, kHeads>::query)[(kb * kHeads + head) * 4 +
+                                                                                       threadIdx.x % 4];
 }
 
 // Offsets of this lane's value codes in a slot: token 32 s + 8 m + 4 e + u (u = 0..3), fragment column g's bytes,
@@ -326,7 +326,8 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
   mma_m16n8k16_rows16(centre, a, b[0], b[1]);
 }
 
-// Stages the queries (stage_query_fragments) while the first tile's keys stream in, then runs scores(tile, it,
+// Stages the queries of the CTA's heads (stage_query_fragments, room for kHeads) while the first tile's keys stream
+// in, then runs scores(tile, it,
 // scales) and values(tile, scales) over this warp's tiles of the CTA's split (tiles w, w + 4, ... for warp w) in the
 // warp's one slot: the next tile's key half streams in while this tile's values are read, its value half while the
 // next keys are; each half's scales are staged as TileScales before its phase. In the CTAs of the launch's first
@@ -335,10 +336,10 @@ __device__ __forceinline__ void fold_key_scales_rounded(const float4 q, const fl
 // Side by side (docs/benchmarks.md): 1.01-1.06x at batch 8 x 8K and 1 x 8K-32K, on H100 and H200. Later CTAs start
 // one by one as slots free up and ask for both halves at once (values behind the keys would wait in the open).
 // Then waits for every warp (the slots become the merge buffer).
-template <class F, bool kCentreCodes, class Scores, class Values>
+template <class F, bool kCentreCodes, int kHeads, class Scores, class Values>
 __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const CtaWork& work, uint8_t* shared,
                                                    Scores&& scores, Values&& values) {
-  using Layout = KvarnSharedLayout<F>;
+  using Layout = KvarnSharedLayout<F, kHeads>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int32_t* table = p.block_tables + work.seq.block_table_offset;
   const int num = work.end_tile - work.first_tile;
@@ -357,7 +358,7 @@ __device__ __forceinline__ void for_each_warp_tile(const DecodeParams& p, const 
   if (!keys_first && mine > 0) copy.values(slot, tile_bytes(first));
   cp_async_commit();
   wait_for_previous_kernel();
-  stage_query_fragments<F>(p, work, shared);  // while the first keys stream in
+  stage_query_fragments<F, kHeads>(p, work, shared);  // while the first keys stream in
   for (int it = 0; it < mine; ++it) {
     // The next tile's block, read a tile before its copies need it (read at the copies, it stalled the warp).
     const int32_t next = block_of(it + 1);

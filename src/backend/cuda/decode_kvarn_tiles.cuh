@@ -198,13 +198,13 @@ __device__ __forceinline__ void attend_kvarn_tiles(const DecodeParams& p, const 
         }
     }
   };
-  for_each_warp_tile<F, !kHiLo>(p, work, shared, scores, values);
+  for_each_warp_tile<F, !kHiLo, kMaxGroup>(p, work, shared, scores, values);
 #pragma unroll
   for (int h = 0; h < kLaneHeads; ++h) {
 #pragma unroll
     for (int o2 = 4; o2 < 32; o2 *= 2) l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], o2);
     const int head = kLaneHeads * m4 + h;
-    if (head < p.group) {
+    if (head < work.heads) {
       float* dst = warp_state<D>(shared, warp, head);
 #pragma unroll
       for (int c2 = 0; c2 < NV; ++c2) dst[g * NV + c2] = o[h][c2];

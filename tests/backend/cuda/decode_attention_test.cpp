@@ -2,15 +2,16 @@
 // (storage space), the fp16 tail, the query rotated in float64, softmax in float64, output rotated back.
 // Budget: per sequence, ||out - ref|| / ||ref|| <= kRelErrorBudgetCodes (code tiles) or kRelErrorBudgetFp16. What
 // the kernel rounds on the way: code tiles, for GQA groups of up to 4 q heads, split the folded query
-// q'*a_K*scale into fp16 hi + lo tensor-core operands (~2^-22 relative), for groups of 5-8 round it to fp16 once,
+// q'*a_K*scale into fp16 hi + lo tensor-core operands (~2^-22 relative), for groups of 5-16 round it to fp16 once,
 // centred on each tile's largest-scale token (an fp16 query's error; none in a sink's score), and give p*a_V as
 // fp16 (2^-12); fp16 tiles use the fp16 query and fp16 weights p (2^-12); the fp16 tail is read in fp32; the output
 // is fp16 (2^-12). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty
 // one, one-tile sequences with a 100x and a 3x attention sink, long sequences split over many CTAs, GQA groups of 1,
-// 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles) and past 8, served in blocks
-// (9 as 3 x 3, 12 as 2 x 6, 16 as 2 x 8), head_dim 64 and 128, every
+// 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles) and past 8 (the KVarN
+// tiles read once for the whole group of 9, 10, 12 or 16 with the heads as the mma's rows, every tile shape; the
+// tails and fp16 tiles in blocks: 9 as 3 x 3, 10 as 2 x 5, 12 as 2 x 6, 16 as 2 x 8), head_dim 64 and 128, every
 // KVarN preset, the rtn ablation (unrotated codes) and the fp16 baseline; random K/V with outliers and real captured
-// K/V (groups of 4 and 8); the launch overlapping a kernel that writes the queries and tails late, and overlapping
+// K/V (groups of 4, 8 and 16); the launch overlapping a kernel that writes the queries and tails late, and overlapping
 // append_to_tails, which writes each sequence's last tail row. Outputs are
 // poisoned (NaN) before each run; tail positions past tail_len hold NaN so that reading them fails the test.
 #include "backend/cuda/append_to_tails.h"
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 
 namespace kvarn::cuda {
@@ -59,10 +61,11 @@ enum class Before {
 
 // kv(s): keys and values of sequence s, [tokens][kv_heads][D], model space. q: [seqs][q_heads][D]. scale_shift:
 // the largest relative distance between the float64 reference and the same with the scale times kScaleError.
-// tiles_per_split: 0 for the planner's choice. before: the kernel the attention is launched to overlap, if any.
-void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
-                  const KvSource& kv, const std::vector<float>& q_model, uint32_t seed,
-                  double* scale_shift = nullptr, int tiles_per_split = 0, Before before = Before::nothing) {
+// tiles_per_split, tile_heads: as plan_decode_attention takes them. before: the kernel the attention is launched to
+// overlap, if any.
+void check_decode_plan(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
+                       const KvSource& kv, const std::vector<float>& q_model, uint32_t seed, double* scale_shift,
+                       int tiles_per_split, int tile_heads, Before before) {
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
   std::mt19937 rng(seed);
   test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
@@ -79,7 +82,7 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
   const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, kv_heads, dblocks.get(), dtails.get());
   std::vector<int> seq_tiles;
   for (const SeqSpec& spec : specs) seq_tiles.push_back(spec.tiles);
-  const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, q_heads, tiles_per_split);
+  const DecodeAttentionPlan plan = plan_decode_attention(layer, seq_tiles, q_heads, tiles_per_split, tile_heads);
   DeviceBuffer<uint8_t> workspace(plan.workspace_bytes);
   workspace.poison();
   dout.poison();
@@ -197,11 +200,32 @@ void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_head
         << dtype_name << " seq " << s << " (" << specs[s].tiles << " tiles, tail " << specs[s].tail << "), seed "
         << seed;
   }
-  std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e over %d sequences (%d splits of %d tiles); a scale "
-              "off by 0.5%% moves the reference by up to %.2e\n",
-              dtype_name.c_str(), d, q_heads, kv_heads, worst, num_seqs, plan.num_splits, plan.tiles_per_split,
-              largest_shift);
+  std::printf("  %s D=%d q/kv %d/%d (%d per tile CTA): worst relative error %.2e over %d sequences (%d splits of %d "
+              "tiles); a scale off by 0.5%% moves the reference by up to %.2e\n",
+              dtype_name.c_str(), d, q_heads, kv_heads, plan.tile_heads, worst, num_seqs, plan.num_splits,
+              plan.tiles_per_split, largest_shift);
   if (scale_shift) *scale_shift = largest_shift;
+}
+
+// check_decode_plan with each way of serving the group that a plan may choose: past 8 q heads per kv head over code
+// tiles, one read of each tile for up to 16 heads and a read per block of up to 8 (the planner picks by the grid).
+void check_decode(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
+                  const KvSource& kv, const std::vector<float>& q_model, uint32_t seed,
+                  double* scale_shift = nullptr, int tiles_per_split = 0, Before before = Before::nothing) {
+  const int group = q_heads / kv_heads;
+  auto largest_divisor = [&](int most) {
+    int h = std::min(group, most);
+    while (group % h != 0) --h;
+    return h;
+  };
+  std::vector<int> choices = {0};
+  if (codec::parse_cache_dtype(dtype_name).code_tile() && largest_divisor(16) > largest_divisor(8))
+    choices = {largest_divisor(16), largest_divisor(8)};
+  for (const int tile_heads : choices) {
+    SCOPED_TRACE("q heads per tile CTA " + std::to_string(tile_heads));
+    check_decode_plan(dtype_name, d, q_heads, kv_heads, specs, kv, q_model, seed, scale_shift, tiles_per_split,
+                      tile_heads, before);
+  }
 }
 
 struct DecodeCase {
@@ -388,7 +412,9 @@ INSTANTIATE_TEST_SUITE_P(
                       DecodeCase{"kvarn_k4v2_g128", 128, 6, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 10, 2},
                       DecodeCase{"kvarn_k4v2_g128", 64, 14, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 32, 2},
                       DecodeCase{"kvarn_k4v2_g128", 128, 24, 2}, DecodeCase{"fp16", 128, 32, 2},
-                      DecodeCase{"kvarn_k4v4_g64", 64, 18, 2}),
+                      DecodeCase{"kvarn_k4v4_g64", 64, 18, 2}, DecodeCase{"kvarn_k4v4_g128", 128, 32, 2},
+                      DecodeCase{"kvarn_k4v2_g64", 128, 32, 2}, DecodeCase{"kvarn_k4v2_g128", 64, 32, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 128, 20, 2}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
@@ -410,6 +436,42 @@ TEST(DecodePlan, TakesAFixedSplitSize) {
   EXPECT_EQ(whole.tiles_per_split, 255);
   EXPECT_EQ(whole.num_splits, 1);
   EXPECT_EQ(plan_decode_attention(layer, seq_tiles, 64, 0).tiles_per_split, chosen.tiles_per_split);
+}
+
+// A group past 8 q heads per kv head over code tiles (Qwen3-235B: 64 q heads over 4 kv heads) is read once per tile
+// for all 16 where the grid gives each warp of the wave a few tiles, and per block of 8 in a small grid, where twice
+// the warps per tile finish sooner; fp16 tiles always in blocks of 8. A fixed choice is taken as given.
+TEST(DecodePlan, ReadsATileOnceForAGroupOf16WhereTheGridIsLarge) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const KvCacheLayer codes =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 4, nullptr, nullptr);
+  const KvCacheLayer fp16 = make_kv_cache_layer(codec::parse_cache_dtype("fp16"), 128, 128, 4, nullptr, nullptr);
+  const std::vector<int> small(1, 63), large(32, 255);
+  EXPECT_EQ(plan_decode_attention(codes, small, 64).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(codes, large, 64).tile_heads, 16);
+  EXPECT_EQ(plan_decode_attention(codes, small, 64, 0, 16).tile_heads, 16);
+  EXPECT_EQ(plan_decode_attention(codes, large, 64, 0, 8).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(fp16, large, 64).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(codes, large, 16).tile_heads, 4);
+}
+
+// Argument checks that throw before anything is launched (so they run without a GPU): the q heads per tile CTA that
+// a plan is asked for must be one of the ways it can serve the group.
+TEST(DecodePlan, RefusesQueryHeadsPerTileCtaThatDoNotServeTheGroup) {
+  const KvCacheLayer codes =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 4, nullptr, nullptr);
+  const KvCacheLayer fp16 = make_kv_cache_layer(codec::parse_cache_dtype("fp16"), 128, 128, 4, nullptr, nullptr);
+  const std::vector<int> seq_tiles = {3};
+  for (const auto& [layer, tile_heads, expected] :
+       {std::tuple{&codes, 12, "12 q heads per tile CTA for groups of 16; expected 8 or 16"},
+        std::tuple{&fp16, 16, "16 q heads per tile CTA for groups of 16; expected 8 (or 0"}}) {
+    try {
+      plan_decode_attention(*layer, seq_tiles, 64, 0, tile_heads);
+      ADD_FAILURE() << tile_heads << " q heads per tile CTA were accepted";
+    } catch (const kvarn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+  }
 }
 
 // Argument checks that throw before anything is launched (so they run without a GPU): the q heads must be a
@@ -484,7 +546,7 @@ TEST(DecodeCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
     const int kv_heads = ck.shape[0], d = ck.shape[2];
     const KvSource kv = test::captured_kv_source(ck, cv);
     const std::vector<SeqSpec> specs = {{16, 0}, {7, 104}, {1, 1}, {0, 127}};
-    for (const int group : {4, 8}) {  // the KVarN kernels' hi + lo query and fp16 query
+    for (const int group : {4, 8, 16}) {  // the KVarN kernels' hi + lo query, fp16 query, heads as rows
       const int q_heads = group * kv_heads;
       std::mt19937 rng(seed);
       const std::vector<float> q = test::captured_queries(ck, static_cast<int>(specs.size()), q_heads, rng);
