@@ -31,7 +31,9 @@
 // up to 4 heads the folded query q' a_K is split into an fp16 high part and the fp16 rounding of the rest, in the
 // otherwise idle columns, so the two halves of the result add up to it with ~2^-22 instead of 2^-12 relative
 // rounding; for 5-8 heads it is one fp16 operand, its rounding centred on the tile's largest-scale token
-// (fold_key_scales_rounded): an fp16 query's error, none in an attention sink's score. The weights p a_V
+// (fold_key_scales_rounded): an fp16 query's error, none in an attention sink's score. Groups of 9-16 in a large
+// grid (decode_kvarn_tiles_wide.cuh): the heads as the rows of both products, the query rounded likewise, ~80 KB
+// and <= 255 registers, 2 CTAs per SM; each code unpacked once for the whole group. The weights p a_V
 // are plain fp16 (2^-12, as FlashAttention's P). Codes enter as the raw bits of fp16 subnormals, code * 2^k * 2^-24
 // for a code at bit k of a 16-bit half (exact; the tensor cores take subnormal fp16 inputs), and 2^(24-k) comes off
 // in fp32; no dequantized copy is ever written. Key codes are read with ldmatrix.trans (a register: two channels'
