@@ -467,6 +467,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   grid.slots = static_cast<long>(device_traits().multiprocessors) * per_sm;
   grid.tiles_at_once = cache.layout.code_tile ? kWarps : 1;  // KVarN CTAs read one tile per warp
   grid.sms = device_traits().multiprocessors;
+  grid.tails_fold = blocks.tile_blocks == 1;  // as decode_attention decides tails_in_tile_ctas
   const int max_tiles = seq_tiles.empty() ? 0 : *std::max_element(seq_tiles.begin(), seq_tiles.end());
   plan.tiles_per_split = tiles_per_split > 0 ? std::min(tiles_per_split, std::max(max_tiles, 1))
                                              : choose_tiles_per_split(seq_tiles, grid);

@@ -115,7 +115,7 @@ int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape
   const int longest = sequences_of_length.empty() ? 0 : sequences_of_length.rbegin()->first;
   if (sequences_of_length.size() <= 1)
     return fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once,
-                         folds_evenly(pairs, slots, std::max(1, grid.sms)));
+                         grid.tails_fold && folds_evenly(pairs, slots, std::max(1, grid.sms)));
   const int uniform = fastest_split({{longest, seqs}}, kv_heads, pairs, slots, at_once, false);
   const long uniform_ctas = pairs * ((std::max(longest, 1) + uniform - 1) / uniform + 1);
   if (uniform_ctas > kRaggedWaves * slots) return uniform;

@@ -18,6 +18,9 @@ struct DecodeGridShape {
   long slots = 1;         // CTAs resident at once: SMs x CTAs per SM
   int tiles_at_once = 1;  // tiles a CTA reads at once: 4 for KVarN (a tile per warp), 1 for fp16
   int sms = 1;            // multiprocessors, slots / sms CTAs each
+  // Whether a grid of one split per pair may go without tail CTAs (tails_in_tile_ctas): not where a tile CTA serves
+  // a group that the tails serve in several blocks (decode_attention.cu).
+  bool tails_fold = true;
 };
 
 // Tiles per split (>= 1) for sequences of seq_tiles full tiles each. Every split size is tried, not only the
@@ -27,8 +30,9 @@ struct DecodeGridShape {
 // holds sequences of every length) the short ones take few, and the longest ones' splits finish the grid; no
 // longer than in the uniform batch of the longest sequence, and as that batch where its plan takes more than four
 // waves (the model's CTA times hold at one wave, not where waves share the bandwidth; measured in
-// decode_split_plan.cpp). A uniform batch whose one split per pair would go without tail CTAs in one wave spread
-// evenly over the SMs gets that grid's time with the combine it saves (batch 29-33 at 4K-8K: one split, 1.01-1.15x).
+// decode_split_plan.cpp). A uniform batch whose one split per pair would go without tail CTAs (where they may fold)
+// in one wave spread evenly over the SMs gets that grid's time with the combine it saves (batch 29-33 at 4K-8K: one
+// split, 1.01-1.15x).
 int choose_tiles_per_split(std::span<const int> seq_tiles, const DecodeGridShape& grid);
 
 // Whether a grid of `num_splits` tile CTAs per pair goes without tail CTAs, each pair's one CTA reading its tail

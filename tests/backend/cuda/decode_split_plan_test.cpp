@@ -103,6 +103,16 @@ TEST(DecodeSplitPlan, TakesOneSplitWhereTheTailsFoldAndTheSmsShareItEvenly) {
   EXPECT_EQ(choose_tiles_per_split(uniform(40, 255), kKvarnGrid), 44);
 }
 
+// A grid whose tails cannot fold into its tile CTAs (a tile CTA serving a group of 16 that the tails serve in two
+// blocks of 8) is planned with its tail CTAs and the combine, as the model times any other grid: at batch 29-33 x
+// 8K the 3 splits of 24 that the model alone takes (above), not the one split of a fold.
+TEST(DecodeSplitPlan, PlansTheTailCtasWhereTheTailsCannotFold) {
+  DecodeGridShape grid = kKvarnGrid;
+  grid.tails_fold = false;
+  for (int batch : {29, 32, 33})
+    EXPECT_EQ(choose_tiles_per_split(uniform(batch, 63), grid), 24) << "batch " << batch;
+}
+
 TEST(DecodeSplitPlan, SplitsStayWithinTheTilesAndTheSplitBound) {
   for (int batch : {1, 8, 32, 128, 1024})
     for (int max_tiles : {1, 7, 63, 255, 1023})
