@@ -24,11 +24,11 @@
 //   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b; or qwen3-235b), --dtypes (of the decode rows; default
 //   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
 //   planner's choice (to time its alternatives); --tile-heads: likewise the q heads one read of a tile serves
-//   (plan_decode_attention; rows of groups past 8 show it after their splits, "8x32 16/read"); --ragged / --one-long: the decode rows' lengths (Lengths below),
-//   ragged as the full run's last decode rows are; --no-overlap: the decode rows' calls do not overlap (a call's
-//   attention starts once the call before has ended; see bench_decode); --after-append: each decode call comes
-//   after an append_to_tails of one K/V row per sequence, which it overlaps, as in a decode step (kinds
-//   decode_after_append, ...: the time and bytes of both).
+//   (plan_decode_attention; rows of groups past 8 show it after their splits, "8x32 16/read"); --ragged /
+//   --one-long: the decode rows' lengths (Lengths below), ragged as the full run's last decode rows are;
+//   --no-overlap: the decode rows' calls do not overlap (a call's attention starts once the call before has ended;
+//   see bench_decode); --after-append: each decode call comes after an append_to_tails of one K/V row per
+//   sequence, which it overlaps, as in a decode step (kinds decode_after_append, ...: the time and bytes of both).
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -207,10 +207,10 @@ enum class Lengths { uniform, ragged, one_long };
 // graph and cuBLAS keep: a row whose cache does not fit in the free memory less this is skipped.
 constexpr size_t kDecodeHeadroom = size_t{2} << 30;
 
-// tiles_per_split, tile_heads: 0 for the planner's choice. overlap: each call's attention starts reading its tiles while the
-// kernel before it runs, the call before's combine or the append (DecodeAttentionArgs::overlap_previous_kernel);
-// false: it starts once that has ended. after_append: each call is an append_to_tails of one K/V row per sequence
-// (over its tail's last row) and the attention.
+// tiles_per_split, tile_heads: 0 for the planner's choice. overlap: each call's attention starts reading its tiles
+// while the kernel before it runs, the call before's combine or the append
+// (DecodeAttentionArgs::overlap_previous_kernel); false: it starts once that has ended. after_append: each call is
+// an append_to_tails of one K/V row per sequence (over its tail's last row) and the attention.
 void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, int batch, int context,
                   int tiles_per_split = 0, int tile_heads = 0, Lengths lengths = Lengths::uniform,
                   bool overlap = true, bool after_append = false) {

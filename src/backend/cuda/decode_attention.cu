@@ -1,8 +1,9 @@
 // Shape contract: see decode_attention.h; cache layout: kv_layout.h; tile layout: codec/tile_layout.h.
 //
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
-// threads (4 warps). A group past 8 q heads per kv head is a pair per block of up to 8 for the tails and for fp16
-// tiles, and one pair of up to 16 heads for KVarN tiles (head_blocks), so that its tile CTAs are fewer. The first
+// threads (4 warps). A group past 8 q heads per kv head is a pair per block of up to 8 for the tails, for fp16 tiles
+// and in small grids, and for KVarN tiles in large ones one pair of up to 16 heads (head_blocks, tile_blocks), whose
+// tile CTAs read each tile once for all of them. The first
 // `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores; short, and first so that they
 // do not trail the launch); then split-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
 // sequence n, kv-head h through cp.async copies of whole tiles into shared memory

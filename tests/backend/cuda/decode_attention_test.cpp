@@ -63,9 +63,9 @@ enum class Before {
 // the largest relative distance between the float64 reference and the same with the scale times kScaleError.
 // tiles_per_split, tile_heads: as plan_decode_attention takes them. before: the kernel the attention is launched to
 // overlap, if any.
-void check_decode_plan(const std::string& dtype_name, int d, int q_heads, int kv_heads, const std::vector<SeqSpec>& specs,
-                       const KvSource& kv, const std::vector<float>& q_model, uint32_t seed, double* scale_shift,
-                       int tiles_per_split, int tile_heads, Before before) {
+void check_decode_plan(const std::string& dtype_name, int d, int q_heads, int kv_heads,
+                       const std::vector<SeqSpec>& specs, const KvSource& kv, const std::vector<float>& q_model,
+                       uint32_t seed, double* scale_shift, int tiles_per_split, int tile_heads, Before before) {
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
   std::mt19937 rng(seed);
   test::TestCache cache = test::build_test_cache(dtype_name, d, kv_heads, specs, kv, rng);
