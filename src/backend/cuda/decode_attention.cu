@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
   int used = 0, parts = 0;  // rows past the end take no part, but reach the barrier
   if (row < num_rows) {
     const SequenceKvView seq = seqs[row / num_q_heads];
-    used = (seq.num_tiles + tiles_per_split - 1) / tiles_per_split;
+    used = min((seq.num_tiles + tiles_per_split - 1) / tiles_per_split, num_splits);  // the last may hold more
     parts = used + (seq.tail_len > 0);  // part `used` is the tail's, stored at index num_splits
   }
   const size_t base = static_cast<size_t>(row) * (num_splits + 1);
@@ -472,7 +472,8 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   const int max_tiles = seq_tiles.empty() ? 0 : *std::max_element(seq_tiles.begin(), seq_tiles.end());
   plan.tiles_per_split = tiles_per_split > 0 ? std::min(tiles_per_split, std::max(max_tiles, 1))
                                              : choose_tiles_per_split(seq_tiles, grid);
-  plan.num_splits = (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
+  // At least one, so that a plan kept from a step when every sequence was in its tail still reads the tiles since.
+  plan.num_splits = std::max(1, (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split);
   const size_t rows = static_cast<size_t>(plan.num_seqs) * num_q_heads * (plan.num_splits + 1);
   plan.workspace_bytes = rows * (sizeof(float) * cache.head_dim() + sizeof(float2));
   return plan;

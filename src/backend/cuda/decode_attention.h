@@ -51,7 +51,8 @@ struct DecodeAttentionPlan {
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
                                           int tiles_per_split = 0, int tile_heads = 0);
 
-// plan: made for these sequences (a sequence longer than the plan's longest would lose its last tiles).
+// plan: made for these sequences. A sequence with more full tiles than the plan's splits cover (a plan kept from an
+// earlier step) still gets its attention: the last split reads the tiles past the plan's, in a longer CTA.
 // workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets
 // zeros. Throws kvarn::Error for unsupported shapes.
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,

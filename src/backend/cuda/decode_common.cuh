@@ -103,7 +103,10 @@ __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int cta, int 
   w.head = pair % pairs_per_seq / runs_per_head;
   w.seq = p.seqs[pair / pairs_per_seq];
   w.first_tile = w.split * p.tiles_per_split;
-  w.end_tile = min(w.first_tile + p.tiles_per_split, w.seq.num_tiles);
+  // The last split also takes any tiles past the plan's splits (a plan kept from a step when the sequence was
+  // shorter): slower, but the attention over all of them.
+  const bool last = w.split + 1 == p.num_splits;
+  w.end_tile = last ? w.seq.num_tiles : min(w.first_tile + p.tiles_per_split, w.seq.num_tiles);
   w.heads = p.group * blocks;
   w.partial_row = static_cast<size_t>(pair) * w.heads;  // q heads: sequence-major, then kv head, then block
   return w;

@@ -18,9 +18,15 @@
 
 namespace kvarn::cuda::test {
 
+// Whether a CUDA device can be used. Where KVARN_REQUIRE_GPU is set (scripts/gpu-check.sh sets it), a GPU test
+// without one fails with the reason instead of being skipped, so that a broken driver cannot pass a GPU run.
 inline bool have_gpu() {
   int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (std::getenv("KVARN_REQUIRE_GPU") && (status != cudaSuccess || count == 0))
+    ADD_FAILURE() << "KVARN_REQUIRE_GPU is set, but no CUDA device can be used: "
+                  << (status != cudaSuccess ? cudaGetErrorString(status) : "none found");
+  return status == cudaSuccess && count > 0;
 }
 
 #define KVARN_SKIP_WITHOUT_GPU() \

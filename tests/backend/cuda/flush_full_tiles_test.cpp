@@ -6,8 +6,9 @@
 // imbalance has scales that differ by a factor that cancels): the spec's "Conformance" tolerance, which the
 // kernel no longer needs.
 // Inputs: fresh random normal K/V, synthetic K/V with a 100x sink token and 30x channels, an all-zero tile,
-// constant tiles, and real K/V captured from kvarn-test-lm. Blocks are poisoned before each flush and the blocks
-// no job names must stay poisoned.
+// constant tiles, and real K/V captured from kvarn-test-lm. The tails are poisoned before the append, which writes
+// the rows in a shuffled order over two launches, and a slot no row names must stay poisoned; blocks are poisoned
+// before each flush and the blocks no job names must stay poisoned.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/flush_full_tiles.h"
 #include "backend/cuda/kv_layout.h"
@@ -20,8 +21,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 
 namespace kvarn::cuda {
 namespace {
@@ -115,22 +118,35 @@ void compare_tiles(const codec::TileCodec& codec, const uint8_t* gpu, const uint
   }
 }
 
-// Fills `jobs` full tails (slot j) with the given per-job K/V [G][heads][D], flushes them into blocks
-// block_of[j] and checks every tile, and that the other blocks stay poisoned.
+// Fills `jobs` full tails (slot j) with the given per-job K/V [G][heads][D], appended row by row in an order shuffled
+// by `seed` over two launches; flushes them into blocks block_of[j] and checks every tile, that the tail slot after
+// the jobs' stays poisoned and so do the blocks no job names.
 void flush_and_check(const std::string& dtype_name, int d, int heads, const std::vector<std::vector<float>>& keys,
-                     const std::vector<std::vector<float>>& values, const std::vector<int>& block_of, int num_blocks) {
+                     const std::vector<std::vector<float>>& values, const std::vector<int>& block_of, int num_blocks,
+                     uint32_t seed) {
+  SCOPED_TRACE("seed " + std::to_string(seed));
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128;
   const int jobs = static_cast<int>(keys.size());
-  DeviceLayer layer(dtype, d, g, heads, num_blocks, jobs);
-  std::vector<float> k, v;
-  std::vector<TailAppendRow> targets;
-  for (int j = 0; j < jobs; ++j) {
-    k.insert(k.end(), keys[j].begin(), keys[j].end());
-    v.insert(v.end(), values[j].begin(), values[j].end());
-    for (int t = 0; t < g; ++t) targets.push_back({j, t});
+  DeviceLayer layer(dtype, d, g, heads, num_blocks, jobs + 1);
+  layer.tails.poison();
+  std::vector<std::pair<int, int>> order;  // (job, token)
+  for (int j = 0; j < jobs; ++j)
+    for (int t = 0; t < g; ++t) order.push_back({j, t});
+  std::mt19937 rng(seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  const size_t row = static_cast<size_t>(heads) * d, first_launch = order.size() / 3;
+  for (const auto& [begin, end] : {std::pair{size_t{0}, first_launch}, std::pair{first_launch, order.size()}}) {
+    std::vector<float> k, v;
+    std::vector<TailAppendRow> targets;
+    for (size_t i = begin; i < end; ++i) {
+      const auto [j, t] = order[i];
+      k.insert(k.end(), keys[j].begin() + t * row, keys[j].begin() + (t + 1) * row);
+      v.insert(v.end(), values[j].begin() + t * row, values[j].begin() + (t + 1) * row);
+      targets.push_back({j, t});
+    }
+    append(layer, k, v, targets);
   }
-  append(layer, k, v, targets);
 
   // The tail must be the CPU's rotation, rounded to fp16, bit for bit.
   const auto tails = layer.tails.download();
@@ -147,6 +163,9 @@ void flush_and_check(const std::string& dtype_name, int d, int heads, const std:
           for (int c = 0; c < d; ++c)
             ASSERT_EQ(got[c], float_to_half(row[c])) << "tail slot " << j << " token " << t << " channel " << c;
         }
+  const size_t slot_elements = layer.view.tail_slot_elements();
+  for (size_t i = 0; i < slot_elements; ++i)
+    ASSERT_EQ(tails[jobs * slot_elements + i], 0xffff) << "the tail slot no row names was written at " << i;
 
   layer.blocks.poison();
   std::vector<TileFlushJob> flush_jobs;
@@ -203,7 +222,8 @@ TEST_P(FlushTest, MatchesCpuCodecOnRandomAndEdgeTiles) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(name);
   const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, heads = 2;
   const size_t n = static_cast<size_t>(g) * heads * d;
-  std::mt19937 rng(std::random_device{}());
+  const uint32_t seed = test::test_seed();
+  std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   std::vector<std::vector<float>> keys, values;
   // 0-1: random normal with a per-channel spread.
@@ -233,7 +253,7 @@ TEST_P(FlushTest, MatchesCpuCodecOnRandomAndEdgeTiles) {
     for (size_t i = 0; i < n; ++i) k[i] = normal(rng), v[i] = static_cast<float>(i / (heads * d)) * 0.01f;
     keys.push_back(k), values.push_back(v);
   }
-  flush_and_check(name, d, heads, keys, values, {7, 2, 0, 5, 3, 6}, 9);
+  flush_and_check(name, d, heads, keys, values, {7, 2, 0, 5, 3, 6}, 9, seed);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FlushTest,
@@ -249,6 +269,7 @@ TEST(FlushCapturedKv, MatchesCpuCodecOnRealKeysAndValues) {
   const auto captured =
       test::load_captured_kv((kvarn::test::shared_dir() / "golden/kvarn-test-lm/kv_capture.safetensors").string());
   if (captured.empty()) GTEST_SKIP() << "kv_capture.safetensors not found under " << kvarn::test::shared_dir();
+  const uint32_t seed = test::test_seed();
   for (const std::string layer : {"layer0", "layer4", "layer7"}) {
     const auto& ck = captured.at(layer + ".k");
     const auto& cv = captured.at(layer + ".v");
@@ -266,8 +287,8 @@ TEST(FlushCapturedKv, MatchesCpuCodecOnRealKeysAndValues) {
           }
       block_of.push_back(tiles - 1 - j);
     }
-    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128"}) flush_and_check(dtype, d, heads, keys, values,
-                                                                                       block_of, tiles + 1);
+    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128"})
+      flush_and_check(dtype, d, heads, keys, values, block_of, tiles + 1, seed);
   }
 }
 

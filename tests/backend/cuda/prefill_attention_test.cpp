@@ -1,7 +1,8 @@
 // prefill_attention against float64 causal attention over what the cache holds plus the chunk: prefix tiles
 // decoded by codec::TileCodec::decode and the fp16 tail (storage space), the chunk's K/V and the queries rotated
 // in float64, softmax in float64, output rotated back. Chunk row i sees the whole prefix and chunk rows 0..i.
-// Criterion, per sequence over its chunk rows and q heads, the one FlashAttention's tests use: the kernel's
+// Criterion, per sequence and q head over its chunk rows (per head, so that heads a sink dominates cannot hide an
+// error in the others'), the one FlashAttention's tests use: the kernel's
 // relative error ||out - ref|| / ||ref|| is at most twice that of an fp16-operand reference, plus kRelErrorFloor,
 // and the kernel is within kRelDistanceCap of that reference. The fp16-operand reference is the same float64
 // attention over the operands the kernel gives its tensor cores, rounded to fp16 as it rounds them: the rotated
@@ -12,7 +13,8 @@
 // Shapes: ragged batches of chunks of 1 to 700 rows (not multiples of the 128-row query blocks or the 64-token
 // key blocks) after prefixes of 0 to 16 tiles and tails of 0, 1, 5, 33 and G-1 tokens, an empty chunk, GQA groups
 // of 1, 2, 3, 4, 7, 8 and 16, head_dim 64 and 128, every KVarN preset, the rtn ablation and fp16; synthetic K/V
-// with sinks and outlier channels, and real captured K/V. Outputs and the workspace are poisoned (NaN) before each run.
+// with sinks and outlier channels, and real captured K/V; fp16 at its default block size and at 64 tokens. Outputs,
+// the workspace and the block after each sequence's block table are poisoned (NaN) before each run.
 #include "backend/cuda/prefill_attention.h"
 #include "codec/hadamard.h"
 #include "cuda_test_support.h"
@@ -42,6 +44,12 @@ using test::SeqSpec;
 // kRelDistanceCap: the kernel against the fp16-operand reference itself, so that a wrong reference (a large
 // error) cannot hide a wrong kernel; a cap on the error against float64 would fail those rare seeds.
 constexpr double kRelErrorFloor = 1e-3, kRelDistanceCap = 1e-2;
+
+struct PrefillCase {
+  std::string dtype;
+  int head_dim, q_heads, kv_heads;
+  int block_size = 0;  // fp16 tiles' tokens (0: the engine's default); code tiles have their own
+};
 
 struct ChunkSpec {
   SeqSpec prefix;
@@ -94,11 +102,12 @@ constexpr double kScaleError = 1.005;
 // q: [chunk rows of all sequences][q_heads][D], model space. scale_margin (when asked): the largest ratio, over
 // the sequences, of the float64 reference's distance to the same with the scale times kScaleError to the error
 // against float64 the criterion allows (> 1: a kernel with that scale error fails).
-void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_heads,
-                   const std::vector<ChunkSpec>& specs, const test::KvSource& kv, const std::vector<float>& q_model,
-                   uint32_t seed, double* scale_margin = nullptr) {
+void check_prefill(const PrefillCase& pc, const std::vector<ChunkSpec>& specs, const test::KvSource& kv,
+                   const std::vector<float>& q_model, uint32_t seed, double* scale_margin = nullptr) {
+  const std::string& dtype_name = pc.dtype;
+  const int d = pc.head_dim, q_heads = pc.q_heads, kv_heads = pc.kv_heads;
   const int num_seqs = static_cast<int>(specs.size()), group = q_heads / kv_heads;
-  const int g = test::tile_tokens_for(codec::parse_cache_dtype(dtype_name), d);
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(dtype_name), pc.block_size);
   std::vector<std::pair<std::vector<float>, std::vector<float>>> full(num_seqs);
   std::vector<SeqSpec> prefixes;
   for (int s = 0; s < num_seqs; ++s) {
@@ -116,7 +125,7 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
         return std::pair{std::vector<float>(full[s].first.begin(), full[s].first.begin() + n),
                          std::vector<float>(full[s].second.begin(), full[s].second.begin() + n)};
       },
-      rng);
+      rng, pc.block_size);
 
   // The chunks, back to back: rows [chunk_begin, chunk_begin + chunk) of k/v/q/out.
   std::vector<PrefillSequence> seqs;
@@ -177,10 +186,10 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
           to16.insert(to16.end(), row16.begin(), row16.end());
         }
     }
-    double err2 = 0, err16_2 = 0, dist2 = 0, shift2 = 0, ref2 = 0;
-    for (int i = 0; i < specs[s].chunk; ++i) {
-      const int visible = prefix + i + 1;
-      for (int h = 0; h < q_heads; ++h) {
+    for (int h = 0; h < q_heads; ++h) {
+      double err2 = 0, err16_2 = 0, dist2 = 0, shift2 = 0, ref2 = 0;
+      for (int i = 0; i < specs[s].chunk; ++i) {
+        const int visible = prefix + i + 1;
         const size_t at = (static_cast<size_t>(seqs[s].chunk_begin + i) * q_heads + h) * d;
         std::vector<float> q(d);  // as uploaded
         for (int c = 0; c < d; ++c) q[c] = round_to_half(q_model[at + c]);
@@ -196,29 +205,30 @@ void check_prefill(const std::string& dtype_name, int d, int q_heads, int kv_hea
         for (int c = 0; c < d; ++c) {
           const double got = out[at + c];
           ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " row " << i << " head " << h << " channel " << c
-                                          << " not written";
+                                          << " not written, seed " << seed;
           err2 += (got - o[c]) * (got - o[c]);
           err16_2 += (o16[c] - o[c]) * (o16[c] - o[c]);
           dist2 += (got - o16[c]) * (got - o16[c]);
           ref2 += o[c] * o[c];
         }
       }
+      const double rel = std::sqrt(err2 / ref2), rel16 = std::sqrt(err16_2 / ref2), dist = std::sqrt(dist2 / ref2);
+      worst = std::max(worst, rel);
+      worst_fp16_operands = std::max(worst_fp16_operands, rel16);
+      worst_distance = std::max(worst_distance, dist);
+      std::ostringstream where;
+      where << dtype_name << " G=" << g << " seq " << s << " (" << specs[s].prefix.tiles << " tiles, tail "
+            << specs[s].prefix.tail << ", chunk " << specs[s].chunk << ") q head " << h << ", seed " << seed
+            << ": fp16-operand reference error " << rel16 << ", kernel to fp16-operand reference " << dist;
+      EXPECT_LE(rel, 2 * rel16 + kRelErrorFloor) << where.str();
+      EXPECT_LE(dist, kRelDistanceCap) << where.str();
+      if (scale_margin)
+        *scale_margin = std::max(*scale_margin, std::sqrt(shift2 / ref2) / (2 * rel16 + kRelErrorFloor));
     }
-    const double rel = std::sqrt(err2 / ref2), rel16 = std::sqrt(err16_2 / ref2), dist = std::sqrt(dist2 / ref2);
-    worst = std::max(worst, rel);
-    worst_fp16_operands = std::max(worst_fp16_operands, rel16);
-    worst_distance = std::max(worst_distance, dist);
-    std::ostringstream where;
-    where << dtype_name << " seq " << s << " (" << specs[s].prefix.tiles << " tiles, tail " << specs[s].prefix.tail
-          << ", chunk " << specs[s].chunk << "), seed " << seed << ": fp16-operand reference error " << rel16
-          << ", kernel to fp16-operand reference " << dist;
-    EXPECT_LE(rel, 2 * rel16 + kRelErrorFloor) << where.str();
-    EXPECT_LE(dist, kRelDistanceCap) << where.str();
-    if (scale_margin) *scale_margin = std::max(*scale_margin, std::sqrt(shift2 / ref2) / (2 * rel16 + kRelErrorFloor));
   }
-  std::printf("  %s D=%d q/kv %d/%d: worst relative error %.2e (fp16-operand reference %.2e, kernel to it %.2e) "
-              "over %d sequences (%d rows)\n",
-              dtype_name.c_str(), d, q_heads, kv_heads, worst, worst_fp16_operands, worst_distance, num_seqs,
+  std::printf("  %s D=%d G=%d q/kv %d/%d: worst relative error of a q head %.2e (fp16-operand reference %.2e, kernel "
+              "to it %.2e) over %d sequences (%d rows)\n",
+              dtype_name.c_str(), d, g, q_heads, kv_heads, worst, worst_fp16_operands, worst_distance, num_seqs,
               num_rows);
 }
 
@@ -229,25 +239,19 @@ std::vector<float> random_queries(const std::vector<ChunkSpec>& specs, int q_hea
   return test::normal_values(rows * q_heads * d, scale, rng);
 }
 
-struct PrefillCase {
-  std::string dtype;
-  int head_dim, q_heads, kv_heads;
-};
-
 class PrefillTest : public ::testing::TestWithParam<PrefillCase> {};
 
 TEST_P(PrefillTest, MatchesFloat64ReferenceOnRaggedBatch) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = test::test_seed();
-  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
-  const std::vector<ChunkSpec> specs = {{{0, 0}, 1},      {{0, 0}, 200}, {{2, 0}, 64},  {{1, 5}, 130},
-                                        {{3, g - 1}, 1},  {{0, 1}, 65},  {{1, 0}, 0},   {{4, 33}, 257}};
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.block_size);
+  const std::vector<ChunkSpec> specs = {{{0, 0}, 1},     {{0, 0}, 200}, {{2, 0}, 64}, {{1, 5}, 130},  {{3, g - 1}, 1},
+                                        {{0, 1}, 65},    {{1, 0}, 0},   {{4, 33}, 257}, {{1, 3}, 127}, {{0, 0}, 128}};
   // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
   const test::KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
-  check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-                random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
+  check_prefill(c, specs, kv, random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
 }
 
 // Spread attention (scores with a standard deviation of ~2): also where a wrong softmax scale shows, which the
@@ -260,8 +264,7 @@ TEST_P(PrefillTest, LongChunkOverLongPrefix) {
   const test::KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
   const std::vector<ChunkSpec> specs = {{{16, 7}, 700}};
   double scale_margin = 0;
-  check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-                random_queries(specs, c.q_heads, c.head_dim, rng, 2.0f), seed, &scale_margin);
+  check_prefill(c, specs, kv, random_queries(specs, c.q_heads, c.head_dim, rng, 2.0f), seed, &scale_margin);
   EXPECT_GT(scale_margin, 1.0) << "a softmax scale off by " << kScaleError << " would pass this test";
 }
 
@@ -272,13 +275,12 @@ TEST_P(PrefillTest, LateSinksMoveTheSoftmaxReference) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = test::test_seed();
-  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.head_dim);
+  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.block_size);
   const std::vector<ChunkSpec> specs = {{{256 / g, 10}, 400}, {{0, 0}, 520}};
   const test::KvSource kv =
       test::synthetic_kv_source(c.kv_heads, c.head_dim, {.sink_tokens = {0, 200, 500}, .seed = seed});
   std::mt19937 rng(seed);
-  check_prefill(c.dtype, c.head_dim, c.q_heads, c.kv_heads, specs, kv,
-                random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
+  check_prefill(c, specs, kv, random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -288,10 +290,12 @@ INSTANTIATE_TEST_SUITE_P(
                       PrefillCase{"kvarn_k4v4_g64", 64, 4, 1}, PrefillCase{"kvarn_k4v2_g128", 64, 2, 2},
                       PrefillCase{"rtn_k4v2_g128", 128, 4, 2}, PrefillCase{"fp16", 128, 8, 2},
                       PrefillCase{"fp16", 64, 4, 2}, PrefillCase{"kvarn_k4v2_g128", 128, 6, 2},
-                      PrefillCase{"fp16", 128, 7, 1}, PrefillCase{"kvarn_k4v2_g128", 64, 16, 1}),
+                      PrefillCase{"fp16", 128, 7, 1}, PrefillCase{"kvarn_k4v2_g128", 64, 16, 1},
+                      PrefillCase{"fp16", 64, 4, 2, 64}, PrefillCase{"fp16", 128, 8, 2, 64}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
-             std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads);
+             std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads) +
+             (info.param.block_size ? "_block" + std::to_string(info.param.block_size) : "");
     });
 
 TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
@@ -309,7 +313,7 @@ TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
     std::mt19937 rng(seed);
     const std::vector<float> q = test::captured_queries(ck, 128 + 97, q_heads, rng);
     for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "fp16"})
-      check_prefill(dtype, d, q_heads, kv_heads, specs, kv, q, seed);
+      check_prefill({dtype, d, q_heads, kv_heads}, specs, kv, q, seed);
   }
 }
 

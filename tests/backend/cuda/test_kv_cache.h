@@ -112,9 +112,10 @@ inline void hadamard_double(double* x, int d) {
   for (int i = 0; i < d; ++i) x[i] /= std::sqrt(static_cast<double>(d));
 }
 
-// The tile size the kernels use for a dtype: its own G, or for fp16 the block size of the head_dim.
-inline int tile_tokens_for(const codec::CacheDtype& dtype, int head_dim) {
-  return dtype.tile_tokens ? dtype.tile_tokens : (head_dim == 64 ? 64 : 128);
+// The tile size the kernels use for a dtype: its own G, or for fp16 the block size asked for (0: the engine's
+// default, codec::resolve_block_size).
+inline int tile_tokens_for(const codec::CacheDtype& dtype, int block_size = 0) {
+  return codec::resolve_block_size(dtype, block_size);
 }
 
 struct TestCache {
@@ -122,17 +123,21 @@ struct TestCache {
   int head_dim = 0, tile_tokens = 0, kv_heads = 0;
   std::vector<uint8_t> blocks;
   std::vector<uint16_t> tails;
-  std::vector<int32_t> tables;  // never empty, so that it can be uploaded
+  // Each sequence's entries, then a poisoned block's, so that a kernel reading past a sequence's tiles reads NaN
+  // scales and fp16 rows, not the next sequence's tiles.
+  std::vector<int32_t> tables;
   std::vector<SequenceKvView> views;
   // stored_k[s][h]: [tokens][D] of sequence s, kv-head h, storage space; stored_v likewise.
   std::vector<std::vector<std::vector<double>>> stored_k, stored_v;
 };
 
+// block_size: as tile_tokens_for takes it.
 inline TestCache build_test_cache(const std::string& dtype_name, int d, int kv_heads,
-                                  const std::vector<SeqSpec>& specs, const KvSource& kv, std::mt19937& rng) {
+                                  const std::vector<SeqSpec>& specs, const KvSource& kv, std::mt19937& rng,
+                                  int block_size = 0) {
   TestCache cache;
   cache.dtype = codec::parse_cache_dtype(dtype_name);
-  const int g = tile_tokens_for(cache.dtype, d), num_seqs = static_cast<int>(specs.size());
+  const int g = tile_tokens_for(cache.dtype, block_size), num_seqs = static_cast<int>(specs.size());
   cache.head_dim = d, cache.tile_tokens = g, cache.kv_heads = kv_heads;
   const codec::TileCodec codec(cache.dtype, d, g);
   const codec::TileLayout& l = codec.layout();
@@ -142,6 +147,8 @@ inline TestCache build_test_cache(const std::string& dtype_name, int d, int kv_h
   std::vector<int32_t> free_blocks(num_blocks);
   std::iota(free_blocks.begin(), free_blocks.end(), 0);
   std::shuffle(free_blocks.begin(), free_blocks.end(), rng);
+  const int32_t poisoned_block = free_blocks.back();
+  free_blocks.pop_back();
 
   const KvCacheLayer shape = make_kv_cache_layer(cache.dtype, d, g, kv_heads, nullptr, nullptr);
   cache.blocks.assign(shape.block_bytes() * num_blocks, 0xff);
@@ -184,8 +191,9 @@ inline TestCache build_test_cache(const std::string& dtype_name, int d, int kv_h
             (which == 0 ? cache.stored_k : cache.stored_v)[s][h].push_back(half_to_float(dst[c]));
           }
         }
+    cache.tables.push_back(poisoned_block);
   }
-  if (cache.tables.empty()) cache.tables.push_back(0);
+  if (cache.tables.empty()) cache.tables.push_back(poisoned_block);
   return cache;
 }
 
