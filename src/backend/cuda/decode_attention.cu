@@ -69,6 +69,7 @@
 #include "backend/cuda/decode_fp16_tiles.cuh"
 #include "backend/cuda/decode_kvarn_tiles_wide.cuh"
 #include "backend/cuda/decode_split_plan.h"
+#include "backend/cuda/per_device.h"
 #include "backend/cuda/tile_formats.cuh"
 
 #include <cuda_fp16.h>
@@ -250,7 +251,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4)
   for (int i = 0; i < E; ++i) out[static_cast<size_t>(row) * D + lane * E + i] = __float2half_rn(acc[i]);
 }
 
-// The current device's properties the launches depend on, read once.
+// The current device's properties the launches depend on, read once per device.
 struct DeviceTraits {
   int multiprocessors = 0;
   SmSharedMemory shared;
@@ -260,7 +261,7 @@ struct DeviceTraits {
 };
 
 const DeviceTraits& device_traits() {
-  static const DeviceTraits traits = [] {
+  return once_per_device<DeviceTraits>([] {
     int device = 0;
     DeviceTraits t;
     KVARN_CUDA_CHECK(cudaGetDevice(&device));
@@ -279,8 +280,7 @@ const DeviceTraits& device_traits() {
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, decode_combine_kernel<128>));
     t.programmatic_launch = major >= 9 && compiled.ptxVersion >= 90;
     return t;
-  }();
-  return traits;
+  });
 }
 
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), where the GPU allows and `overlap` asks for it
@@ -313,7 +313,7 @@ struct AttentionKernel {
 
 template <class F, int kHeads, int kCtasPerSm>
 const AttentionKernel& attention_kernel() {
-  static const AttentionKernel kernel = [] {
+  return once_per_device<AttentionKernel>([] {
     const auto attention = decode_attention_kernel<F, kHeads, kCtasPerSm>;
     cudaFuncAttributes compiled;
     KVARN_CUDA_CHECK(cudaFuncGetAttributes(&compiled, attention));
@@ -329,8 +329,7 @@ const AttentionKernel& attention_kernel() {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k.blocks_per_sm, attention, kThreads, k.shared_bytes));
     k.blocks_per_sm = std::max(k.blocks_per_sm, 1);
     return k;
-  }();
-  return kernel;
+  });
 }
 
 // The attention kernel the plan counts on for tile CTAs of `heads` q heads: a kernel per KVarN path, each with its own
@@ -353,13 +352,12 @@ const AttentionKernel& attention_kernel(int heads) {
 // its gain at 1 x 8K (8.0 -> 8.7 us), a grid that then had to be spread to 115.7 KB per CTA.
 template <class F>
 const AttentionKernel& twin_kernel() {
-  static const AttentionKernel twin = [] {
+  return once_per_device<AttentionKernel>([] {
     AttentionKernel k = attention_kernel<F, kMaxGroup, 2>();
     k.blocks_per_sm = std::min(k.blocks_per_sm, 2);
     k.shared_bytes = shared_bytes_to_cap(2, k.shared_bytes, k.dynamic_shared);
     return k;
-  }();
-  return twin;
+  });
 }
 
 // The kernel a grid of `ctas` CTAs runs: the plan's, but on the path of two heads per lane at D = G = 128 its twin

@@ -35,6 +35,7 @@
 #include "backend/cuda/exp2_approx.cuh"
 #include "backend/cuda/hadamard_warp.cuh"
 #include "backend/cuda/mma_fragments.cuh"
+#include "backend/cuda/per_device.h"
 #include "backend/cuda/tile_formats.cuh"
 
 #include <cuda_fp16.h>
@@ -496,12 +497,11 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
     using F = Fp16Tile<decltype(f)::D, decltype(f)::G>;  // code tiles are read decoded
     constexpr bool kDecoded = decltype(f)::kCodes;
     constexpr size_t bytes = shared_bytes<F::D>();
-    static const bool configured = [] {
+    once_per_device<bool>([] {  // the shared memory the kernel may opt in to is set per device
       KVARN_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_kernel<F, kDecoded>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       return true;
-    }();
-    (void)configured;
+    });
     const dim3 grid(args.num_q_heads, p.q_blocks, args.num_seqs);
     prefill_attention_kernel<F, kDecoded><<<grid, kThreads, bytes, stream>>>(p);
   });

@@ -32,6 +32,18 @@ inline bool have_gpu() {
 #define KVARN_SKIP_WITHOUT_GPU() \
   if (!::kvarn::cuda::test::have_gpu()) GTEST_SKIP() << "no CUDA device"
 
+// Makes device 0 current again when it goes out of scope, so that a test that runs on other devices leaves the
+// tests after it on the first, also where it fails half-way.
+struct BackOnDeviceZero {
+  ~BackOnDeviceZero() { cudaSetDevice(0); }
+};
+
+// The CUDA devices a process may use (0 where none).
+inline int device_count() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
 // Fresh random inputs on every run; KVARN_TEST_SEED=N replays the run whose failure message printed seed N.
 inline uint32_t test_seed() {
   const char* text = std::getenv("KVARN_TEST_SEED");
