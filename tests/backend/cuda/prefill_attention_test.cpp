@@ -352,8 +352,16 @@ PrefillAttentionArgs one_row_args(int q_heads) {
   return args;
 }
 
-TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAMultipleOfKvHeads) {
-  EXPECT_THROW(prefill_attention(kvarn_layer(3), one_row_args(8), nullptr, nullptr), kvarn::Error);
+TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAPositiveMultipleOfKvHeads) {
+  for (const int q_heads : {8, 0}) {
+    try {
+      prefill_attention(kvarn_layer(3), one_row_args(q_heads), nullptr, nullptr);
+      ADD_FAILURE() << q_heads << " q heads over 3 kv heads were accepted";
+    } catch (const kvarn::Error& e) {
+      const std::string expected = std::to_string(q_heads) + " q heads over 3 kv heads; expected a positive multiple";
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+  }
 }
 
 // The workspace holds the chunk's K/V rotated into the storage space (rotated dtypes: 2 x rows x kv heads x D
