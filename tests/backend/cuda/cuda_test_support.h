@@ -32,16 +32,21 @@ inline bool have_gpu() {
 #define KVARN_SKIP_WITHOUT_GPU() \
   if (!::kvarn::cuda::test::have_gpu()) GTEST_SKIP() << "no CUDA device"
 
-// Makes device 0 current again when it goes out of scope, so that a test that runs on other devices leaves the
-// tests after it on the first, also where it fails half-way.
-struct BackOnDeviceZero {
-  ~BackOnDeviceZero() { cudaSetDevice(0); }
-};
-
-// The CUDA devices a process may use (0 where none).
-inline int device_count() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+// Runs fn() with each CUDA device current in turn, the last first (the suite's earlier tests ran on device 0), and
+// leaves device 0 current, also where fn fails half-way. Skips the test with fewer than 2 devices.
+template <class Fn>
+void on_every_device(Fn&& fn) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2)
+    GTEST_SKIP() << devices << " CUDA device; the test needs 2";
+  struct BackOnDeviceZero {
+    ~BackOnDeviceZero() { cudaSetDevice(0); }
+  } back;
+  for (int device = devices - 1; device >= 0; --device) {
+    SCOPED_TRACE("device " + std::to_string(device));
+    KVARN_CUDA_CHECK(cudaSetDevice(device));
+    fn();
+  }
 }
 
 // Fresh random inputs on every run; KVARN_TEST_SEED=N replays the run whose failure message printed seed N.

@@ -615,17 +615,12 @@ TEST(DecodeAttention, ReadsEveryTileOfASequenceThatOutgrewItsPlan) {
 // on device 0), for each KVarN path of D = 128 and fp16. Needs 2 GPUs.
 TEST(DecodeAttention, RunsOnEveryDeviceOfTheProcess) {
   KVARN_SKIP_WITHOUT_GPU();
-  const int devices = test::device_count();
-  if (devices < 2) GTEST_SKIP() << devices << " CUDA device; the test needs 2";
-  const test::BackOnDeviceZero back;
   const uint32_t seed = test::test_seed();
-  for (int device = devices - 1; device >= 0; --device) {
-    SCOPED_TRACE("device " + std::to_string(device));
-    KVARN_CUDA_CHECK(cudaSetDevice(device));
+  test::on_every_device([&] {
     for (const DecodeCase& c : {DecodeCase{"kvarn_k4v2_g128", 128, 2, 2}, DecodeCase{"kvarn_k4v2_g128", 128, 16, 2},
                                 DecodeCase{"kvarn_k4v2_g128", 128, 32, 2}, DecodeCase{"fp16", 128, 8, 2}})
       check_decode_on_synthetic_kv(c, {{3, 100}, {0, 1}, {17, 64}, {1, 0}}, seed);
-  }
+  });
 }
 
 TEST(DecodeCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {

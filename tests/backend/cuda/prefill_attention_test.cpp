@@ -302,21 +302,16 @@ INSTANTIATE_TEST_SUITE_P(
 // runs it on each, the last device first (the suite's earlier tests ran on device 0). Needs 2 GPUs.
 TEST(PrefillAttention, RunsOnEveryDeviceOfTheProcess) {
   KVARN_SKIP_WITHOUT_GPU();
-  const int devices = test::device_count();
-  if (devices < 2) GTEST_SKIP() << devices << " CUDA device; the test needs 2";
-  const test::BackOnDeviceZero back;
   const uint32_t seed = test::test_seed();
   const std::vector<ChunkSpec> specs = {{{0, 0}, 200}, {{2, 5}, 130}};
-  for (int device = devices - 1; device >= 0; --device) {
-    SCOPED_TRACE("device " + std::to_string(device));
-    KVARN_CUDA_CHECK(cudaSetDevice(device));
+  test::on_every_device([&] {
     for (const char* dtype : {"kvarn_k4v2_g128", "fp16"}) {
       const PrefillCase c{dtype, 128, 8, 2};
       const test::KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
       std::mt19937 rng(seed);
       check_prefill(c, specs, kv, random_queries(specs, c.q_heads, c.head_dim, rng, 1.5f), seed);
     }
-  }
+  });
 }
 
 TEST(PrefillCapturedKv, MatchesFloat64ReferenceOnRealKeysAndValues) {
