@@ -240,7 +240,9 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
             std::to_string(free_bytes >> 30) + " GiB free");
     return;
   }
-  const int replicas = static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / cache_bytes + 1, 1, 16));
+  // (Sequences shorter than a tile plus its tail have no tiles: their tails are replicated alone.)
+  const int replicas =
+      static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / std::max<size_t>(cache_bytes, 1) + 1, 1, 16));
   const long num_blocks = total_tiles * replicas;
   uint8_t* blocks;
   uint16_t *tails, *q, *out;
