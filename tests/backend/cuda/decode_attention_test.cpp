@@ -1,23 +1,21 @@
 // decode_attention against float64 attention over what the cache holds: tiles decoded by codec::TileCodec::decode
-// (storage space), the fp16 tail, the query rotated in float64, softmax in float64, output rotated back.
-// Budget: per sequence, ||out - ref|| / ||ref|| over its q heads <= kRelErrorBudgetCodes (code tiles) or
-// kRelErrorBudgetFp16, and per q head as well (kHeadErrorBudgetCodes for code tiles), so that heads a sink dominates
-// cannot hide an error in the others'. What
-// the kernel rounds on the way: code tiles, for GQA groups of up to 4 q heads, split the folded query
+// (storage space), the fp16 tail, the query rotated in float64, softmax in float64, output rotated back. Budget: per
+// sequence, ||out - ref|| / ||ref|| over its q heads <= kRelErrorBudgetCodes (code tiles) or kRelErrorBudgetFp16, and
+// per q head as well (kHeadErrorBudgetCodes for code tiles), so that heads a sink dominates cannot hide an error in the
+// others'. What the kernel rounds on the way: code tiles, for GQA groups of up to 4 q heads, split the folded query
 // q'*a_K*scale into fp16 hi + lo tensor-core operands (~2^-22 relative), for groups of 5-16 round it to fp16 once,
-// centred on each tile's largest-scale token (an fp16 query's error; none in a sink's score), and give p*a_V as
-// fp16 (2^-12); fp16 tiles use the fp16 query and fp16 weights p (2^-12); the fp16 tail is read in fp32; the output
-// is fp16 (2^-12). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty
-// one, one-tile sequences with a 100x and a 3x attention sink, long sequences split over many CTAs, GQA groups of 1,
-// 3, 4, 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles) and past 8 (the KVarN
-// tiles read once for the whole group of 9, 10, 12 or 16 with the heads as the mma's rows, every tile shape; the
-// tails and fp16 tiles in blocks: 9 as 3 x 3, 10 as 2 x 5, 12 as 2 x 6, 16 as 2 x 8), head_dim 64 and 128, every
-// KVarN preset, the rtn ablation (unrotated codes) and the fp16 baseline at its default block size and at 64 tokens;
-// random K/V with outliers and real captured
-// K/V (groups of 4, 8 and 16); the launch overlapping a kernel that writes the queries and tails late, and overlapping
-// append_to_tails, which writes each sequence's last tail row. Outputs are
-// poisoned (NaN) before each run; tail positions past tail_len hold NaN, and so does the block after each
-// sequence's block table, so that reading them fails the test.
+// centred on each tile's largest-scale token (an fp16 query's error; none in a sink's score), and give p*a_V as fp16
+// (2^-12); fp16 tiles use the fp16 query and fp16 weights p (2^-12); the fp16 tail is read in fp32; the output is fp16
+// (2^-12). Shapes: ragged batches, tails of 0, 1, 64 and G-1 tokens, a sequence with only a tail, an empty one,
+// one-tile sequences with a 100x and a 3x attention sink, long sequences split over many CTAs, GQA groups of 1, 3, 4,
+// 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles) and past 8 (the KVarN tiles read once
+// for the whole group of 9, 10, 12 or 16 with the heads as the mma's rows, every tile shape; the tails and fp16 tiles
+// in blocks: 9 as 3 x 3, 10 as 2 x 5, 12 as 2 x 6, 16 as 2 x 8), head_dim 64 and 128, every KVarN preset, the rtn
+// ablation (unrotated codes) and the fp16 baseline at its default block size and at 64 tokens; random K/V with outliers
+// and real captured K/V (groups of 4, 8 and 16); the launch overlapping a kernel that writes the queries and tails
+// late, and overlapping append_to_tails, which writes each sequence's last tail row. Outputs are poisoned (NaN) before
+// each run; tail positions past tail_len hold NaN, and so does the block after each sequence's block table, so that
+// reading them fails the test.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/kv_layout.h"

@@ -135,14 +135,14 @@ void flush_and_check(const std::string& dtype_name, int d, int heads, const std:
     for (int t = 0; t < g; ++t) order.push_back({j, t});
   std::mt19937 rng(seed);
   std::shuffle(order.begin(), order.end(), rng);
-  const size_t row = static_cast<size_t>(heads) * d, first_launch = order.size() / 3;
+  const size_t token_floats = static_cast<size_t>(heads) * d, first_launch = order.size() / 3;
   for (const auto& [begin, end] : {std::pair{size_t{0}, first_launch}, std::pair{first_launch, order.size()}}) {
     std::vector<float> k, v;
     std::vector<TailAppendRow> targets;
     for (size_t i = begin; i < end; ++i) {
       const auto [j, t] = order[i];
-      k.insert(k.end(), keys[j].begin() + t * row, keys[j].begin() + (t + 1) * row);
-      v.insert(v.end(), values[j].begin() + t * row, values[j].begin() + (t + 1) * row);
+      k.insert(k.end(), keys[j].begin() + t * token_floats, keys[j].begin() + (t + 1) * token_floats);
+      v.insert(v.end(), values[j].begin() + t * token_floats, values[j].begin() + (t + 1) * token_floats);
       targets.push_back({j, t});
     }
     append(layer, k, v, targets);
