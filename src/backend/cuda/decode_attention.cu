@@ -418,6 +418,22 @@ HeadBlocks head_blocks(int group, int most) {
   return {size, group / size, tile_heads / size};
 }
 
+// The ways a plan may serve a kv head's group (DecodeAttentionPlan::tile_heads): in blocks of up to 8 heads, and over
+// code tiles with one read of each tile for up to 16 (the same where the group has no larger divisor).
+struct GroupServing {
+  HeadBlocks blocks_of_8, read_once;
+};
+
+GroupServing group_serving(const KvCacheLayer& cache, int group) {
+  return {head_blocks(group, kMaxGroup), head_blocks(group, cache.layout.code_tile ? kMaxTileGroup : kMaxGroup)};
+}
+
+// A plan's workspace: each q head's partial softmax state (o[D], m, l) per split and one for the tail.
+size_t decode_workspace_bytes(int num_seqs, int num_q_heads, int num_splits, int head_dim) {
+  const size_t rows = static_cast<size_t>(num_seqs) * num_q_heads * (num_splits + 1);
+  return rows * (sizeof(float) * head_dim + sizeof(float2));
+}
+
 // A group past 8 q heads per kv head over code tiles is read once for up to 16 heads (attend_kvarn_tiles_wide) where
 // that kernel's wave gives each warp at least this many tiles; in smaller grids blocks of up to 8 finish first, each
 // block's CTAs reading the tiles again: twice the warps per tile and 3 CTAs per SM (the wide kernel's registers and
@@ -439,8 +455,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
   const int group = group_size(cache, num_q_heads, "plan_decode_attention");
-  const HeadBlocks blocks_of_8 = head_blocks(group, kMaxGroup);
-  const HeadBlocks wide = head_blocks(group, cache.layout.code_tile ? kMaxTileGroup : kMaxGroup);
+  const auto [blocks_of_8, wide] = group_serving(cache, group);
   if (tile_heads != 0 && tile_heads != blocks_of_8.tile_heads() && tile_heads != wide.tile_heads())
     throw_error("plan_decode_attention: " + std::to_string(tile_heads) + " q heads per tile CTA for groups of " +
                 std::to_string(group) + "; expected " + std::to_string(blocks_of_8.tile_heads()) +
@@ -472,8 +487,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
                                              : choose_tiles_per_split(seq_tiles, grid);
   // At least one, so that a plan kept from a step when every sequence was in its tail still reads the tiles since.
   plan.num_splits = std::max(1, (max_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split);
-  const size_t rows = static_cast<size_t>(plan.num_seqs) * num_q_heads * (plan.num_splits + 1);
-  plan.workspace_bytes = rows * (sizeof(float) * cache.head_dim() + sizeof(float2));
+  plan.workspace_bytes = decode_workspace_bytes(plan.num_seqs, num_q_heads, plan.num_splits, cache.head_dim());
   return plan;
 }
 
@@ -485,7 +499,17 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
                 std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
                 std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
-  const HeadBlocks blocks = head_blocks(group, plan.tile_heads);
+  const auto [blocks_of_8, read_once] = group_serving(cache, group);
+  const bool serves = plan.tile_heads == blocks_of_8.tile_heads() || plan.tile_heads == read_once.tile_heads();
+  if (!serves || plan.tiles_per_split < 1 || plan.num_splits < 1 ||
+      plan.workspace_bytes < decode_workspace_bytes(plan.num_seqs, plan.num_q_heads, plan.num_splits, cache.head_dim()))
+    throw_error("decode_attention: a plan of " + std::to_string(plan.num_splits) + " splits of " +
+                std::to_string(plan.tiles_per_split) + " tiles, " + std::to_string(plan.tile_heads) +
+                " q heads per tile CTA and " + std::to_string(plan.workspace_bytes) +
+                " bytes of workspace, for a cache of " + (cache.layout.code_tile ? "code" : "fp16") +
+                " tiles of head_dim " + std::to_string(cache.head_dim()) +
+                "; expected the one plan_decode_attention made for this cache");
+  const HeadBlocks blocks = plan.tile_heads == read_once.tile_heads() ? read_once : blocks_of_8;
   const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * blocks.count;  // of a tail CTA each
   const long tile_ctas = pairs / blocks.tile_blocks * plan.num_splits;
   if (tile_ctas + pairs > 0x7fffffffL)

@@ -555,6 +555,34 @@ TEST(DecodeAttention, RefusesAPlanMadeForOtherSequences) {
   }
 }
 
+// A plan carries its cache's shape: its splits, the q heads one read of a tile serves and a workspace sized by the
+// head_dim. One made for another cache (here: the same batch over a cache of D = 64, or of code tiles read once for
+// a group of 16) is refused before anything is launched, rather than writing past its workspace.
+TEST(DecodeAttention, RefusesAPlanMadeForAnotherCache) {
+  const auto layer = [](const char* dtype, int d) {
+    return make_kv_cache_layer(codec::parse_cache_dtype(dtype), d, 128, 2, nullptr, nullptr);
+  };
+  DecodeAttentionPlan for_d64;  // 2 sequences x 32 q heads, 3 splits of 4 tiles, blocks of 8, at D = 64
+  for_d64.num_seqs = 2, for_d64.num_q_heads = 32, for_d64.tile_heads = 8, for_d64.tiles_per_split = 4;
+  for_d64.num_splits = 3, for_d64.workspace_bytes = size_t{2} * 32 * 4 * (64 * sizeof(float) + sizeof(float2));
+  DecodeAttentionPlan read_once = for_d64;  // one read of each code tile for the group of 16
+  read_once.tile_heads = 16, read_once.workspace_bytes *= 2;
+  for (const auto& [plan, cache, expected] :
+       {std::tuple{for_d64, layer("kvarn_k4v2_g128", 128),
+                   "3 splits of 4 tiles, 8 q heads per tile CTA and 67584 bytes of workspace, for a cache of code "
+                   "tiles of head_dim 128"},
+        std::tuple{read_once, layer("fp16", 64), "16 q heads per tile CTA"}}) {
+    DecodeAttentionArgs args;
+    args.num_seqs = 2, args.num_q_heads = 32;
+    try {
+      decode_attention(cache, args, plan, nullptr, nullptr);
+      ADD_FAILURE() << "a plan for another cache was accepted";
+    } catch (const kvarn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+  }
+}
+
 // A plan kept from an earlier step (a captured decode step replayed while the contexts grow) may have fewer splits
 // than a sequence now needs: its last split reads the tiles past the plan's, so that the output is the one a plan
 // of these sequences gives (up to the order of the merges). With a combine and its partials, without one (250
