@@ -6,9 +6,13 @@
 // imbalance has scales that differ by a factor that cancels): the spec's "Conformance" tolerance, which the
 // kernel no longer needs.
 // Inputs: fresh random normal K/V, synthetic K/V with a 100x sink token and 30x channels, an all-zero tile,
-// constant tiles, and real K/V captured from kvarn-test-lm. The tails are poisoned before the append, which writes
-// the rows in a shuffled order over two launches, and a slot no row names must stay poisoned; blocks are poisoned
-// before each flush and the blocks no job names must stay poisoned.
+// constant tiles, loud (~5e4) and quiet (fp16 subnormal) tiles, a tile of one element, a tile half constant, and
+// real K/V captured from kvarn-test-lm; every preset and ablation at head_dim 64 and 128, fp16 at 64- and 128-token
+// blocks, 1, 3 and 8 kv heads. Tails and blocks are poisoned first; the rows are appended in a shuffled order over
+// two launches (the first of an odd count) into shuffled slots, and the full tails flushed into shuffled blocks,
+// on one stream with no synchronization of the host in between. After it the tails must hold the rotated rows
+// (the flush leaves them as they were), the positions of a partial tail no row names, a slot no row names and the
+// blocks no job names must stay poisoned.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/flush_full_tiles.h"
 #include "backend/cuda/kv_layout.h"
@@ -23,8 +27,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <utility>
+#include <vector>
 
 namespace kvarn::cuda {
 namespace {
@@ -44,14 +50,26 @@ struct DeviceLayer {
         view(make_kv_cache_layer(dtype, d, g, heads, blocks.get(), tails.get())) {}
 };
 
-// Appends token rows [rows][heads][D] (model space) to (slot, position) targets.
-void append(DeviceLayer& layer, const std::vector<float>& k, const std::vector<float>& v,
-            const std::vector<TailAppendRow>& targets) {
-  DeviceBuffer<uint16_t> dk(test::to_half(k)), dv(test::to_half(v));
-  DeviceBuffer<TailAppendRow> dt(targets);
-  append_to_tails(layer.view, dk.get(), dv.get(), dt.get(), static_cast<int>(targets.size()), nullptr);
-  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
-}
+// A stream of the test's own, so that append and flush run one after the other as a step queues them, with no
+// synchronization of the host between them.
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream() { cudaStreamDestroy(s); }
+};
+
+// Token rows [rows][heads][D] (model space) and their (slot, position) targets, on the device: one append launch.
+struct AppendLaunch {
+  DeviceBuffer<uint16_t> k, v;
+  DeviceBuffer<TailAppendRow> targets;
+  AppendLaunch(const std::vector<float>& k_, const std::vector<float>& v_, const std::vector<TailAppendRow>& t)
+      : k(test::to_half(k_)), v(test::to_half(v_)), targets(t) {}
+  void run(DeviceLayer& layer, cudaStream_t stream) const {
+    append_to_tails(layer.view, k.get(), v.get(), targets.get(), static_cast<int>(targets.size()), stream);
+  }
+};
 
 uint16_t load_u16(const uint8_t* p) {
   uint16_t x;
@@ -118,62 +136,96 @@ void compare_tiles(const codec::TileCodec& codec, const uint8_t* gpu, const uint
   }
 }
 
-// Fills `jobs` full tails (slot j) with the given per-job K/V [G][heads][D], appended row by row in an order shuffled
-// by `seed` over two launches; flushes them into blocks block_of[j] and checks every tile, that the tail slot after
-// the jobs' stays poisoned and so do the blocks no job names.
-void flush_and_check(const std::string& dtype_name, int d, int heads, const std::vector<std::vector<float>>& keys,
-                     const std::vector<std::vector<float>>& values, const std::vector<int>& block_of, int num_blocks,
-                     uint32_t seed) {
+// Fills `jobs` full tails with the given per-job K/V [G][heads][D], job j in slot slot_of[j] (a shuffle by `seed`
+// of jobs + 2 slots), and a partial tail in another slot at positions 0, G/2 and G - 1; the rows are appended in an
+// order shuffled by `seed` over two launches (the first of an odd count), then the full tails are flushed into
+// blocks block_of[j], all on one stream with no synchronization of the host between the kernels. Checks the tails
+// bit for bit after the flush (the flush leaves them as they were), that the partial tail's other positions and
+// the slot no row names stay poisoned, every tile, and that the blocks no job names stay poisoned.
+void flush_and_check(const std::string& dtype_name, int d, int g, int heads,
+                     const std::vector<std::vector<float>>& keys, const std::vector<std::vector<float>>& values,
+                     const std::vector<int>& block_of, int num_blocks, uint32_t seed) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
-  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128;
-  const int jobs = static_cast<int>(keys.size());
-  DeviceLayer layer(dtype, d, g, heads, num_blocks, jobs + 1);
+  const int jobs = static_cast<int>(keys.size()), slots = jobs + 2;
+  std::mt19937 rng(seed);
+  std::vector<int> slot_of(slots);
+  std::iota(slot_of.begin(), slot_of.end(), 0);
+  std::shuffle(slot_of.begin(), slot_of.end(), rng);
+  const int partial_slot = slot_of[jobs], empty_slot = slot_of[jobs + 1];
+  const std::vector<int> partial_positions = {0, g / 2, g - 1};
+  DeviceLayer layer(dtype, d, g, heads, num_blocks, slots);
   layer.tails.poison();
-  std::vector<std::pair<int, int>> order;  // (job, token)
+  layer.blocks.poison();
+
+  struct Row {
+    int job, token;  // job == jobs: the partial tail, token one of partial_positions (job 0's rows there)
+  };
+  std::vector<Row> order;
   for (int j = 0; j < jobs; ++j)
     for (int t = 0; t < g; ++t) order.push_back({j, t});
-  std::mt19937 rng(seed);
+  for (int t : partial_positions) order.push_back({jobs, t});
   std::shuffle(order.begin(), order.end(), rng);
-  const size_t token_floats = static_cast<size_t>(heads) * d, first_launch = order.size() / 3;
-  for (const auto& [begin, end] : {std::pair{size_t{0}, first_launch}, std::pair{first_launch, order.size()}}) {
+  auto source = [&](const Row& r, bool value) -> const std::vector<float>& {
+    return (value ? values : keys)[r.job == jobs ? 0 : r.job];
+  };
+  const size_t token_floats = static_cast<size_t>(heads) * d, first_launch = order.size() / 3 | 1;
+  auto launch_of = [&](size_t begin, size_t end) {
     std::vector<float> k, v;
     std::vector<TailAppendRow> targets;
     for (size_t i = begin; i < end; ++i) {
-      const auto [j, t] = order[i];
-      k.insert(k.end(), keys[j].begin() + t * token_floats, keys[j].begin() + (t + 1) * token_floats);
-      v.insert(v.end(), values[j].begin() + t * token_floats, values[j].begin() + (t + 1) * token_floats);
-      targets.push_back({j, t});
+      const Row& r = order[i];
+      for (int value = 0; value < 2; ++value) {
+        const std::vector<float>& src = source(r, value);
+        (value ? v : k).insert((value ? v : k).end(), src.begin() + r.token * token_floats,
+                               src.begin() + (r.token + 1) * token_floats);
+      }
+      targets.push_back({r.job == jobs ? partial_slot : slot_of[r.job], r.token});
     }
-    append(layer, k, v, targets);
-  }
-
-  // The tail must be the CPU's rotation, rounded to fp16, bit for bit.
-  const auto tails = layer.tails.download();
-  for (int j = 0; j < jobs; ++j)
-    for (int t = 0; t < g; ++t)
-      for (int h = 0; h < heads; ++h)
-        for (int which = 0; which < 2; ++which) {
-          const auto& src = which == 0 ? keys[j] : values[j];
-          std::vector<float> row(src.begin() + (static_cast<size_t>(t) * heads + h) * d,
-                                 src.begin() + (static_cast<size_t>(t) * heads + h + 1) * d);
-          for (auto& x : row) x = round_to_half(x);
-          if (dtype.rotated()) codec::hadamard_rotate(row.data(), d);
-          const uint16_t* got = tails.data() + (((static_cast<size_t>(j) * 2 + which) * heads + h) * g + t) * d;
-          for (int c = 0; c < d; ++c)
-            ASSERT_EQ(got[c], float_to_half(row[c])) << "tail slot " << j << " token " << t << " channel " << c;
-        }
-  const size_t slot_elements = layer.view.tail_slot_elements();
-  for (size_t i = 0; i < slot_elements; ++i)
-    ASSERT_EQ(tails[jobs * slot_elements + i], 0xffff) << "the tail slot no row names was written at " << i;
-
-  layer.blocks.poison();
+    return AppendLaunch(k, v, targets);
+  };
+  const AppendLaunch first = launch_of(0, first_launch), second = launch_of(first_launch, order.size());
   std::vector<TileFlushJob> flush_jobs;
-  for (int j = 0; j < jobs; ++j) flush_jobs.push_back({j, block_of[j]});
+  for (int j = 0; j < jobs; ++j) flush_jobs.push_back({slot_of[j], block_of[j]});
   DeviceBuffer<TileFlushJob> djobs(flush_jobs);
-  flush_full_tiles(layer.view, djobs.get(), jobs, nullptr);
-  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+  {
+    Stream stream;
+    first.run(layer, stream.s);
+    second.run(layer, stream.s);
+    flush_full_tiles(layer.view, djobs.get(), jobs, stream.s);
+    KVARN_CUDA_CHECK(cudaStreamSynchronize(stream.s));
+  }
+  const auto tails = layer.tails.download();
   const auto blocks = layer.blocks.download();
+
+  // The tails must be the CPU's rotation, rounded to fp16, bit for bit.
+  auto tail_at = [&](int slot, int which, int h, int t) {
+    return tails.data() + (((static_cast<size_t>(slot) * 2 + which) * heads + h) * g + t) * d;
+  };
+  for (const Row& r : order)
+    for (int h = 0; h < heads; ++h)
+      for (int which = 0; which < 2; ++which) {
+        const std::vector<float>& src = source(r, which == 1);
+        std::vector<float> row(src.begin() + (static_cast<size_t>(r.token) * heads + h) * d,
+                               src.begin() + (static_cast<size_t>(r.token) * heads + h + 1) * d);
+        for (auto& x : row) x = round_to_half(x);
+        if (dtype.rotated()) codec::hadamard_rotate(row.data(), d);
+        const int slot = r.job == jobs ? partial_slot : slot_of[r.job];
+        const uint16_t* got = tail_at(slot, which, h, r.token);
+        for (int c = 0; c < d; ++c)
+          ASSERT_EQ(got[c], float_to_half(row[c])) << "tail slot " << slot << " token " << r.token << " channel " << c;
+      }
+  for (int t = 0; t < g; ++t) {
+    const bool written = std::find(partial_positions.begin(), partial_positions.end(), t) != partial_positions.end();
+    for (int which = 0; which < 2; ++which)
+      for (int h = 0; h < heads; ++h)
+        for (int c = 0; c < d; ++c) {
+          if (!written) {
+            ASSERT_EQ(tail_at(partial_slot, which, h, t)[c], 0xffff) << "the partial tail was written at token " << t;
+          }
+          ASSERT_EQ(tail_at(empty_slot, which, h, t)[c], 0xffff) << "the tail slot no row names was written";
+        }
+  }
 
   const codec::TileCodec codec(dtype, d, g);
   const codec::TileLayout& l = codec.layout();
@@ -183,8 +235,8 @@ void flush_and_check(const std::string& dtype_name, int d, int heads, const std:
   for (int j = 0; j < jobs; ++j)
     for (int h = 0; h < heads; ++h) {
       for (int i = 0; i < g * d; ++i) {
-        tk[i] = half_to_float(tails[((static_cast<size_t>(j) * 2 + 0) * heads + h) * g * d + i]);
-        tv[i] = half_to_float(tails[((static_cast<size_t>(j) * 2 + 1) * heads + h) * g * d + i]);
+        tk[i] = half_to_float(tail_at(slot_of[j], 0, h, 0)[i]);
+        tv[i] = half_to_float(tail_at(slot_of[j], 1, h, 0)[i]);
       }
       codec.encode_stored(tk.data(), tv.data(), expected.data());
       compare_tiles(codec, blocks.data() + (static_cast<size_t>(block_of[j]) * heads + h) * l.bytes,
@@ -204,43 +256,57 @@ void flush_and_check(const std::string& dtype_name, int d, int heads, const std:
     for (size_t i = 0; i < l.bytes * heads; ++i)
       ASSERT_EQ(blocks[b * l.bytes * heads + i], 0xff) << "block " << b << " was written";
   }
-  std::printf("  %s D=%d: %ld/%ld codes, %ld/%ld fp16 scales, %ld/%ld decoded values differ from the CPU codec\n",
-              dtype_name.c_str(), d, diff.code_mismatches, diff.codes, diff.scale_mismatches, diff.scales,
+  std::printf("  %s D=%d G=%d, %d kv heads: %ld/%ld codes, %ld/%ld fp16 scales, %ld/%ld decoded values differ from "
+              "the CPU codec\n",
+              dtype_name.c_str(), d, g, heads, diff.code_mismatches, diff.codes, diff.scale_mismatches, diff.scales,
               diff.value_mismatches, diff.values);
 }
 
 struct FlushCase {
   std::string dtype;
   int head_dim;
+  int heads = 3;       // kv heads: not 2, so that a head index mixed up with K|V (also 2) shows
+  int block_size = 0;  // tokens per tile; 0: the dtype's own, 128 for fp16
 };
 
 class FlushTest : public ::testing::TestWithParam<FlushCase> {};
 
+// `jobs` distinct blocks of jobs + 3, in an order shuffled by rng: three blocks no job names.
+std::vector<int> shuffled_blocks(int jobs, std::mt19937& rng) {
+  std::vector<int> blocks(jobs + 3);
+  std::iota(blocks.begin(), blocks.end(), 0);
+  std::shuffle(blocks.begin(), blocks.end(), rng);
+  blocks.resize(jobs);
+  return blocks;
+}
+
 TEST_P(FlushTest, MatchesCpuCodecOnRandomAndEdgeTiles) {
   KVARN_SKIP_WITHOUT_GPU();
-  const auto [name, d] = GetParam();
-  const codec::CacheDtype dtype = codec::parse_cache_dtype(name);
-  const int g = dtype.tile_tokens ? dtype.tile_tokens : 128, heads = 2;
+  const FlushCase c = GetParam();
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(c.dtype);
+  const int d = c.head_dim, heads = c.heads;
+  const int g = c.block_size ? c.block_size : dtype.tile_tokens ? dtype.tile_tokens : 128;
   const size_t n = static_cast<size_t>(g) * heads * d;
   const uint32_t seed = test::test_seed();
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   std::vector<std::vector<float>> keys, values;
-  // 0-1: random normal with a per-channel spread.
-  for (int j = 0; j < 2; ++j) {
+  auto random_tile = [&](float scale) {
     std::vector<float> k(n), v(n);
-    for (size_t i = 0; i < n; ++i) k[i] = normal(rng) * (1.0f + (i % d) % 7), v[i] = normal(rng);
+    for (size_t i = 0; i < n; ++i) k[i] = scale * normal(rng) * (1.0f + (i % d) % 7), v[i] = scale * normal(rng);
     keys.push_back(k), values.push_back(v);
-  }
+  };
+  // 0-1: random normal with a per-channel spread.
+  random_tile(1.0f), random_tile(1.0f);
   // 2: synthetic, with a 50-100x sink token and 10-30x outlier channels, per head.
   {
     std::vector<float> k(n), v(n);
     for (int h = 0; h < heads; ++h) {
       const auto s = codec::synthetic_kv({.tokens = g, .head_dim = d, .seed = rng()});
       for (int t = 0; t < g; ++t)
-        for (int c = 0; c < d; ++c) {
-          k[(static_cast<size_t>(t) * heads + h) * d + c] = s.keys[t * d + c];
-          v[(static_cast<size_t>(t) * heads + h) * d + c] = s.values[t * d + c];
+        for (int ch = 0; ch < d; ++ch) {
+          k[(static_cast<size_t>(t) * heads + h) * d + ch] = s.keys[t * d + ch];
+          v[(static_cast<size_t>(t) * heads + h) * d + ch] = s.values[t * d + ch];
         }
     }
     keys.push_back(k), values.push_back(v);
@@ -253,16 +319,58 @@ TEST_P(FlushTest, MatchesCpuCodecOnRandomAndEdgeTiles) {
     for (size_t i = 0; i < n; ++i) k[i] = normal(rng), v[i] = static_cast<float>(i / (heads * d)) * 0.01f;
     keys.push_back(k), values.push_back(v);
   }
-  flush_and_check(name, d, heads, keys, values, {7, 2, 0, 5, 3, 6}, 9, seed);
+  // 6: loud, up to ~5e4 (the fp16 scales' power-of-two balance moves the row factors down: codec
+  // balance_for_fp16); 7: quiet, fp16 subnormals (it moves them up).
+  random_tile(1e4f / 8), random_tile(1e-5f);
+  // 8: one element, the rest zero; 9: the second half of the tokens one constant.
+  {
+    std::vector<float> k(n, 0.0f), v(n, 0.0f);
+    const size_t at = (static_cast<size_t>(g / 3) * heads + heads - 1) * d + 5;
+    k[at] = 40.0f, v[at] = -3.0f;
+    keys.push_back(k), values.push_back(v);
+  }
+  {
+    std::vector<float> k(n), v(n);
+    for (size_t i = 0; i < n; ++i) {
+      const bool second_half = i / (heads * d) >= static_cast<size_t>(g / 2);
+      k[i] = second_half ? 0.25f : normal(rng), v[i] = second_half ? -0.5f : normal(rng);
+    }
+    keys.push_back(k), values.push_back(v);
+  }
+  const int jobs = static_cast<int>(keys.size());
+  flush_and_check(c.dtype, d, g, heads, keys, values, shuffled_blocks(jobs, rng), jobs + 3, seed);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, FlushTest,
-                         ::testing::Values(FlushCase{"kvarn_k4v2_g128", 128}, FlushCase{"kvarn_k4v4_g128", 128},
-                                           FlushCase{"kvarn_k4v2_g64", 128}, FlushCase{"kvarn_k4v4_g64", 128},
-                                           FlushCase{"kvarn_k4v2_g128", 64}, FlushCase{"kvarn_k4v4_g64", 64},
-                                           FlushCase{"rot_k4v2_g128", 128}, FlushCase{"rtn_k4v2_g128", 128},
-                                           FlushCase{"fp16", 128}, FlushCase{"fp16", 64}),
-                         [](const auto& info) { return info.param.dtype + "_d" + std::to_string(info.param.head_dim); });
+// Every preset and ablation at both head sizes, fp16 at both tile lengths (its block size), 3 kv heads; 8 (a
+// model's) and 1 for a preset each.
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, FlushTest,
+    ::testing::Values(FlushCase{"kvarn_k4v2_g128", 128}, FlushCase{"kvarn_k4v4_g128", 128},
+                      FlushCase{"kvarn_k4v2_g64", 128}, FlushCase{"kvarn_k4v4_g64", 128},
+                      FlushCase{"rot_k4v2_g128", 128}, FlushCase{"rtn_k4v2_g128", 128},
+                      FlushCase{"kvarn_k4v2_g128", 64}, FlushCase{"kvarn_k4v4_g128", 64},
+                      FlushCase{"kvarn_k4v2_g64", 64}, FlushCase{"kvarn_k4v4_g64", 64}, FlushCase{"rot_k4v2_g128", 64},
+                      FlushCase{"rtn_k4v2_g128", 64}, FlushCase{"kvarn_k4v2_g128", 128, 8},
+                      FlushCase{"kvarn_k4v2_g64", 64, 1}, FlushCase{"fp16", 128}, FlushCase{"fp16", 64},
+                      FlushCase{"fp16", 128, 3, 64}, FlushCase{"fp16", 64, 8, 64}),
+    [](const auto& info) {
+      const FlushCase& c = info.param;
+      return c.dtype + "_d" + std::to_string(c.head_dim) + "_h" + std::to_string(c.heads) +
+             (c.block_size ? "_b" + std::to_string(c.block_size) : "");
+    });
+
+// The captured K/V ([heads][tokens][D]) as tiles of g tokens, [tile][G][heads][D].
+std::vector<std::vector<float>> captured_tiles(const test::CapturedTensor& x, int g) {
+  const int heads = x.shape[0], tokens = x.shape[1], d = x.shape[2];
+  std::vector<std::vector<float>> tiles(tokens / g, std::vector<float>(static_cast<size_t>(g) * heads * d));
+  for (size_t j = 0; j < tiles.size(); ++j)
+    for (int t = 0; t < g; ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int c = 0; c < d; ++c)
+          tiles[j][(static_cast<size_t>(t) * heads + h) * d + c] =
+              half_to_float(x.data[(static_cast<size_t>(h) * tokens + j * g + t) * d + c]);
+  return tiles;
+}
 
 TEST(FlushCapturedKv, MatchesCpuCodecOnRealKeysAndValues) {
   KVARN_SKIP_WITHOUT_GPU();
@@ -270,25 +378,16 @@ TEST(FlushCapturedKv, MatchesCpuCodecOnRealKeysAndValues) {
       test::load_captured_kv((kvarn::test::shared_dir() / "golden/kvarn-test-lm/kv_capture.safetensors").string());
   if (captured.empty()) GTEST_SKIP() << "kv_capture.safetensors not found under " << kvarn::test::shared_dir();
   const uint32_t seed = test::test_seed();
+  std::mt19937 rng(seed);
   for (const std::string layer : {"layer0", "layer4", "layer7"}) {
-    const auto& ck = captured.at(layer + ".k");
-    const auto& cv = captured.at(layer + ".v");
-    const int heads = ck.shape[0], tokens = ck.shape[1], d = ck.shape[2], g = 128, tiles = tokens / g;
-    std::vector<std::vector<float>> keys(tiles), values(tiles);
-    std::vector<int> block_of;
-    for (int j = 0; j < tiles; ++j) {
-      keys[j].resize(static_cast<size_t>(g) * heads * d), values[j].resize(keys[j].size());
-      for (int t = 0; t < g; ++t)
-        for (int h = 0; h < heads; ++h)
-          for (int c = 0; c < d; ++c) {
-            const size_t src = (static_cast<size_t>(h) * tokens + j * g + t) * d + c;
-            keys[j][(static_cast<size_t>(t) * heads + h) * d + c] = half_to_float(ck.data[src]);
-            values[j][(static_cast<size_t>(t) * heads + h) * d + c] = half_to_float(cv.data[src]);
-          }
-      block_of.push_back(tiles - 1 - j);
+    const test::CapturedTensor& k = captured.at(layer + ".k");
+    const test::CapturedTensor& v = captured.at(layer + ".v");
+    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"}) {
+      const int g = codec::parse_cache_dtype(dtype).tile_tokens;
+      const auto keys = captured_tiles(k, g), values = captured_tiles(v, g);
+      const int jobs = static_cast<int>(keys.size());
+      flush_and_check(dtype, k.shape[2], g, k.shape[0], keys, values, shuffled_blocks(jobs, rng), jobs + 3, seed);
     }
-    for (const char* dtype : {"kvarn_k4v2_g128", "kvarn_k4v4_g128"})
-      flush_and_check(dtype, d, heads, keys, values, block_of, tiles + 1, seed);
   }
 }
 
