@@ -459,6 +459,13 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   if (args.num_prefix_tiles < 0)
     throw_error("prefill_attention: num_prefix_tiles " + std::to_string(args.num_prefix_tiles) +
                 "; expected the sum of the sequences' prefix tiles (>= 0)");
+  if (args.num_rows < args.max_chunk_len)
+    throw_error("prefill_attention: num_rows " + std::to_string(args.num_rows) + " below max_chunk_len " +
+                std::to_string(args.max_chunk_len) + "; expected the sum of the chunk lengths");
+  if (!workspace && prefill_attention_workspace_bytes(cache, args.num_rows, args.num_prefix_tiles) > 0)
+    throw_error("prefill_attention: no workspace; expected prefill_attention_workspace_bytes(" +
+                std::to_string(args.num_rows) + " rows, " + std::to_string(args.num_prefix_tiles) +
+                " prefix tiles) bytes of device memory");
   const int d = cache.head_dim();
   PrefillParams p;
   p.q = reinterpret_cast<const __half*>(args.q);
