@@ -1,6 +1,6 @@
 // dequantize_prefix_tiles against the CPU codec: every element of every decoded prefix tile is the fp16 rounding
 // of codec::TileCodec::decode's fp32 value, bit for bit (both compute s (a code + z) in fp32 with one fma), for
-// every code-tile dtype, head_dim 64 and 128, 2 and 3 kv heads, over a batch whose sequences hold 0 to 5 tiles
+// every code-tile dtype at head_dim 64 and 128, 2, 3 and 8 kv heads, over a batch whose sequences hold 0 to 5 tiles
 // (empty ones first, between and last, which the slot search must skip) in shuffled blocks. The output is
 // poisoned (NaN) before the run, so a slot or a kv head left unwritten fails too. The call is given two slots more
 // than the sequences' tiles: those must stay poisoned (their owner, the last sequence, has no tile there to read).
@@ -75,14 +75,16 @@ TEST_P(DequantizePrefixTest, EqualsTheCpuCodecBitForBit) {
   EXPECT_EQ(mismatches, 0) << "elements that differ from the CPU codec (seed " << seed << ")";
   const size_t tiles_end = dequantized_prefix_bytes(layer, slots) / 2;
   EXPECT_EQ(std::count(got.begin() + tiles_end, got.end(), uint16_t{0xffff}), static_cast<long>(got.size() - tiles_end))
-      << "elements written in the slots past the sequences' tiles";
+      << "elements written in the slots past the sequences' tiles (seed " << seed << ")";
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Dtypes, DequantizePrefixTest,
     ::testing::Values(DequantizeCase{"kvarn_k4v2_g128", 128, 2}, DequantizeCase{"kvarn_k4v4_g128", 128, 3},
-                      DequantizeCase{"kvarn_k4v2_g64", 128, 2}, DequantizeCase{"kvarn_k4v4_g64", 64, 3},
-                      DequantizeCase{"kvarn_k4v2_g128", 64, 2}, DequantizeCase{"rtn_k4v2_g128", 128, 2}),
+                      DequantizeCase{"kvarn_k4v2_g64", 128, 2}, DequantizeCase{"kvarn_k4v4_g64", 128, 3},
+                      DequantizeCase{"kvarn_k4v2_g128", 64, 2}, DequantizeCase{"kvarn_k4v4_g128", 64, 3},
+                      DequantizeCase{"kvarn_k4v2_g64", 64, 8}, DequantizeCase{"kvarn_k4v4_g64", 64, 3},
+                      DequantizeCase{"rtn_k4v2_g128", 128, 2}, DequantizeCase{"rot_k4v2_g128", 64, 2}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_kv" +
              std::to_string(info.param.kv_heads);
