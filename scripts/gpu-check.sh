@@ -3,8 +3,11 @@
 # and prints the benchmark tables (the markdown of docs/benchmarks.md).
 #   scripts/gpu-check.sh                 build in build/release, then run
 #   BIN_DIR=.carry/bin scripts/gpu-check.sh   run prebuilt kvarn_cuda_tests / kvarn_cuda_bench from BIN_DIR
+#   SANITIZE=1 scripts/gpu-check.sh      the tests under compute-sanitizer instead (memcheck on all of them,
+#                                         racecheck and synccheck on each kernel's main cases), no benchmarks
 # Environment: OUT_DIR (logs and CSVs, default build/gpu-check), QUICK=1 (one batch and context only),
-# SKIP_TESTS=1, KVARN_SHARED (where tests find golden/, see tests/shared_dir.h).
+# SKIP_TESTS=1, SHARDS (test processes at once, default 4), KVARN_SHARED (where tests find golden/, see
+# tests/shared_dir.h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-build/gpu-check}
@@ -25,9 +28,32 @@ quick=()
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT_DIR/gpu.txt"
 status=0
+# The tests in SHARDS processes at once (their float64 references take most of their time, on the CPU; 765 s in
+# one process on the H200 machine, ~220 s in 4), each run as "$@ $TESTS" into $OUT_DIR/<name>-<shard>.log. A GPU
+# test that finds no usable device fails rather than being skipped.
+run_tests() {
+  local name=$1 shards=${SHARDS:-4} pids=()
+  shift
+  for ((i = 0; i < shards; ++i)); do
+    GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i KVARN_REQUIRE_GPU=1 "$@" --gtest_brief=1 \
+      > "$OUT_DIR/$name-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  grep -hE "^\[  (PASSED|FAILED|SKIPPED) |ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/$name"-*.log | sort | uniq -c || true
+}
+if [[ "${SANITIZE:-0}" == 1 ]]; then
+  sanitizer=("${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" --error-exitcode 1 --print-limit 20)
+  kernels='Dtypes/DecodeTest.MatchesFloat64ReferenceOnRaggedBatch/*:Dtypes/FlushTest.*:'
+  kernels+='Dtypes/PrefillTest.MatchesFloat64ReferenceOnRaggedBatch/*:Dtypes/DequantizePrefixTest.*'
+  run_tests memcheck "${sanitizer[@]}" --tool memcheck "$TESTS"
+  for tool in racecheck synccheck; do
+    SHARDS=1 run_tests "$tool" "${sanitizer[@]}" --tool "$tool" "$TESTS" --gtest_filter="$kernels"
+  done
+  exit $status
+fi
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  # A GPU test that finds no usable device fails here rather than being skipped.
-  KVARN_REQUIRE_GPU=1 "$TESTS" --gtest_brief=1 2>&1 | tee "$OUT_DIR/tests.log" || status=1
+  run_tests tests "$TESTS"
 fi
 # The SM clock beside the benchmarks (the H200 lowers it to hold its power cap): the report gives each decode
 # row's median over its timed window.
