@@ -11,7 +11,8 @@
 // 5, 7 and 8 (both KVarN paths, with and without heads absent from the mma tiles) and past 8 (the KVarN tiles read once
 // for the whole group of 9, 10, 12 or 16 with the heads as the mma's rows, every tile shape; the tails and fp16 tiles
 // in blocks: 9 as 3 x 3, 10 as 2 x 5, 12 as 2 x 6, 16 as 2 x 8), head_dim 64 and 128, every KVarN preset, the rtn
-// ablation (unrotated codes) and the fp16 baseline at its default block size and at 64 tokens; random K/V with outliers
+// ablation (unrotated codes) and the fp16 baseline at its default block size and at 64 tokens; 1, 2, 3 and 8 kv heads
+// (Llama-3-8B's 32 q over 8); random K/V with outliers
 // and real captured K/V (groups of 4, 8 and 16); the launch overlapping a kernel that writes the queries and tails
 // late, and overlapping append_to_tails, which writes each sequence's last tail row. Outputs are poisoned (NaN) before
 // each run; tail positions past tail_len hold NaN, and so does the block after each sequence's block table, so that
@@ -434,7 +435,9 @@ INSTANTIATE_TEST_SUITE_P(
                       DecodeCase{"fp16", 128, 8, 2, 64}, DecodeCase{"fp16", 64, 24, 2},
                       DecodeCase{"kvarn_k4v4_g64", 128, 8, 2}, DecodeCase{"kvarn_k4v4_g64", 128, 32, 2},
                       DecodeCase{"kvarn_k4v4_g128", 64, 4, 2}, DecodeCase{"kvarn_k4v4_g128", 64, 32, 2},
-                      DecodeCase{"kvarn_k4v2_g64", 64, 16, 2}, DecodeCase{"kvarn_k4v4_g64", 64, 16, 2}),
+                      DecodeCase{"kvarn_k4v2_g64", 64, 16, 2}, DecodeCase{"kvarn_k4v4_g64", 64, 16, 2},
+                      DecodeCase{"kvarn_k4v2_g128", 128, 32, 8}, DecodeCase{"kvarn_k4v2_g128", 128, 24, 3},
+                      DecodeCase{"fp16", 128, 32, 8}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads) +
