@@ -46,6 +46,7 @@ __global__ void append_to_tails_kernel(const __half* __restrict__ k, const __hal
 
 void append_to_tails(const KvCacheLayer& cache, const uint16_t* k, const uint16_t* v, const TailAppendRow* rows,
                      int num_rows, cudaStream_t stream) {
+  if (num_rows < 0) throw_error("append_to_tails: num_rows " + std::to_string(num_rows) + "; expected >= 0");
   if (num_rows == 0) return;
   constexpr int kThreads = 256;
   const long warps = static_cast<long>(num_rows) * 2 * cache.num_kv_heads;

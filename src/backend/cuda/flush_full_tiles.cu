@@ -413,6 +413,7 @@ void launch_code_flush(const KvCacheLayer& cache, const TileFlushJob* jobs, int 
 }  // namespace
 
 void flush_full_tiles(const KvCacheLayer& cache, const TileFlushJob* jobs, int num_jobs, cudaStream_t stream) {
+  if (num_jobs < 0) throw_error("flush_full_tiles: num_jobs " + std::to_string(num_jobs) + "; expected >= 0");
   if (num_jobs == 0) return;
   const codec::TileLayout& l = cache.layout;
   if (!l.code_tile) {

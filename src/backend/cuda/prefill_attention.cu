@@ -448,6 +448,9 @@ size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows
 
 void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& args, void* workspace,
                        cudaStream_t stream) {
+  if (args.num_seqs < 0 || args.max_chunk_len < 0)
+    throw_error("prefill_attention: " + std::to_string(args.num_seqs) + " sequences, max_chunk_len " +
+                std::to_string(args.max_chunk_len) + "; expected counts >= 0");
   if (args.num_seqs == 0 || args.max_chunk_len == 0) return;
   if (args.num_q_heads <= 0 || args.num_q_heads % cache.num_kv_heads != 0)
     throw_error("prefill_attention: " + std::to_string(args.num_q_heads) + " q heads over " +

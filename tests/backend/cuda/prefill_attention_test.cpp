@@ -453,6 +453,20 @@ TEST(PrefillAttention, RefusesFewerRowsThanTheLongestChunk) {
   }
 }
 
+TEST(PrefillAttention, RefusesNegativeCounts) {
+  for (const auto& [seqs, chunk] : {std::pair{-1, 1}, std::pair{1, -1}}) {
+    PrefillAttentionArgs args = one_row_args(4);
+    args.num_seqs = seqs;
+    args.max_chunk_len = chunk;
+    try {
+      prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
+      ADD_FAILURE() << seqs << " sequences, max_chunk_len " << chunk << " were accepted";
+    } catch (const kvarn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("expected counts >= 0"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(PrefillAttention, RefusesAMissingWorkspaceWhereItNeedsOne) {
   try {
     prefill_attention(kvarn_layer(2), one_row_args(4), nullptr, nullptr);
