@@ -29,21 +29,26 @@ quick=()
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT_DIR/gpu.txt"
 status=0
 # The tests in SHARDS processes at once (their float64 references take most of their time, on the CPU; 765 s in
-# one process on the H200 machine, ~220 s in 4), each run as "$@ $TESTS" into $OUT_DIR/<name>-<shard>.log. A GPU
-# test that finds no usable device fails rather than being skipped.
+# one process on the H200 machine, ~220 s in 4), each running "$@" --gtest_brief=1 into $OUT_DIR/<name>-<shard>.log;
+# a shard that fails shows its log's end. A GPU test that finds no usable device fails rather than being skipped.
 run_tests() {
-  local name=$1 shards=${SHARDS:-4} pids=()
+  local name=$1 shards=${SHARDS:-4} pids=() i
   shift
+  rm -f "$OUT_DIR/$name"-*.log
   for ((i = 0; i < shards; ++i)); do
     GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i KVARN_REQUIRE_GPU=1 "$@" --gtest_brief=1 \
       > "$OUT_DIR/$name-$i.log" 2>&1 &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  grep -hE "^\[  (PASSED|FAILED|SKIPPED) |ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/$name"-*.log | sort | uniq -c || true
+  for ((i = 0; i < shards; ++i)); do
+    wait "${pids[i]}" || { status=1; tail -n 40 "$OUT_DIR/$name-$i.log"; }
+  done
+  grep -hE "^\[  (PASSED|FAILED|SKIPPED) |ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/$name"-*.log |
+    sort | uniq -c || true
 }
 if [[ "${SANITIZE:-0}" == 1 ]]; then
   sanitizer=("${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" --error-exitcode 1 --print-limit 20)
+  [[ -x ${sanitizer[0]} ]] || { echo "gpu-check: no compute-sanitizer at ${sanitizer[0]} (set CUDA_HOME)" >&2; exit 1; }
   kernels='Dtypes/DecodeTest.MatchesFloat64ReferenceOnRaggedBatch/*:Dtypes/FlushTest.*:'
   kernels+='Dtypes/PrefillTest.MatchesFloat64ReferenceOnRaggedBatch/*:Dtypes/DequantizePrefixTest.*'
   run_tests memcheck "${sanitizer[@]}" --tool memcheck "$TESTS"

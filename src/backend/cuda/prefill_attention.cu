@@ -487,7 +487,7 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   p.v_stored = p.v;
   p.scale_log2 = args.scale * kLog2e;
   p.rotated = cache.rotated();
-  if (p.rotated && args.num_rows > 0) {
+  if (p.rotated) {
     auto* rotated = static_cast<__half*>(workspace);
     const long warps_per_seq = 2L * args.max_chunk_len * cache.num_kv_heads;
     const dim3 grid(static_cast<unsigned>((warps_per_seq * 32 + 255) / 256), args.num_seqs);

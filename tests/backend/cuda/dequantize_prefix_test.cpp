@@ -1,9 +1,10 @@
 // dequantize_prefix_tiles against the CPU codec: every element of every decoded prefix tile is the fp16 rounding
 // of codec::TileCodec::decode's fp32 value, bit for bit (both compute s (a code + z) in fp32 with one fma), for
-// every code-tile dtype at head_dim 64 and 128, 2, 3 and 8 kv heads, over a batch whose sequences hold 0 to 5 tiles
-// (empty ones first, between and last, which the slot search must skip) in shuffled blocks. The output is
-// poisoned (NaN) before the run, so a slot or a kv head left unwritten fails too. The call is given two slots more
-// than the sequences' tiles: those must stay poisoned (their owner, the last sequence, has no tile there to read).
+// every code-tile kernel instance (the 4 presets at head_dim 64 and 128) and the rtn and rot ablations, 2, 3 and 8
+// kv heads, over a batch whose sequences hold 0 to 5 tiles (empty ones first, between and last, which the slot
+// search must skip) in shuffled blocks. The output is poisoned (NaN) before the run, so a slot or a kv head left
+// unwritten fails too. The call is given two slots more than the sequences' tiles: those must stay poisoned (their
+// owner, the last sequence, has no tile there to read).
 #include "backend/cuda/dequantize_prefix.h"
 #include "cuda_test_support.h"
 #include "test_kv_cache.h"

@@ -52,10 +52,11 @@ struct DeviceLayer {
 };
 
 // A stream of the test's own, so that append and flush run one after the other as a step queues them, with no
-// synchronization of the host between them.
+// synchronization of the host between them. Blocking: its kernels start after the uploads and the poisoning on the
+// legacy stream (a copy from pageable memory may return before it lands).
 struct Stream {
   cudaStream_t s = nullptr;
-  Stream() { KVARN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  Stream() { KVARN_CUDA_CHECK(cudaStreamCreate(&s)); }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
   ~Stream() { cudaStreamDestroy(s); }
@@ -138,8 +139,8 @@ void compare_tiles(const codec::TileCodec& codec, const uint8_t* gpu, const uint
 }
 
 // Fills `jobs` full tails with the given per-job K/V [G][heads][D], job j in slot slot_of[j] (a shuffle by `seed`
-// of jobs + 2 slots), and a partial tail in another slot at positions 0, G/2 and G - 1; the rows are appended in an
-// order shuffled by `seed` over two launches (the first of an odd count), then the full tails are flushed into
+// of jobs + 2 slots), and a partial tail of rows of its own in another slot at positions 0, G/2 and G - 1; the rows
+// are appended in an order shuffled by `seed` over two launches, then the full tails are flushed into
 // blocks block_of[j], all on one stream with no synchronization of the host between the kernels. Checks the tails
 // bit for bit after the flush (the flush leaves them as they were), that the partial tail's other positions and
 // the slot no row names stay poisoned, every tile, and that the blocks no job names stay poisoned.
@@ -160,17 +161,24 @@ void flush_and_check(const std::string& dtype_name, int d, int g, int heads,
   layer.blocks.poison();
 
   struct Row {
-    int job, token;  // job == jobs: the partial tail, token one of partial_positions (job 0's rows there)
+    int job, token;  // job == jobs: the partial tail, token one of partial_positions
   };
   std::vector<Row> order;
   for (int j = 0; j < jobs; ++j)
     for (int t = 0; t < g; ++t) order.push_back({j, t});
   for (int t : partial_positions) order.push_back({jobs, t});
   std::shuffle(order.begin(), order.end(), rng);
+  const size_t token_floats = static_cast<size_t>(heads) * d;
+  std::normal_distribution<float> normal;
+  std::vector<float> partial_k(g * token_floats), partial_v(partial_k.size());
+  for (size_t i = 0; i < partial_k.size(); ++i) partial_k[i] = normal(rng), partial_v[i] = normal(rng);
   auto source = [&](const Row& r, bool value) -> const std::vector<float>& {
-    return (value ? values : keys)[r.job == jobs ? 0 : r.job];
+    if (r.job == jobs) return value ? partial_v : partial_k;
+    return (value ? values : keys)[r.job];
   };
-  const size_t token_floats = static_cast<size_t>(heads) * d, first_launch = order.size() / 3 | 1;
+  // An odd count of rows in the first launch: its last CTA then has warps past the rows (the guard of a row past
+  // num_rows runs) wherever the kv heads are not a multiple of 4 (a row takes 2 warps per kv head, a CTA 8).
+  const size_t first_launch = (order.size() / 3) | 1;
   auto launch_of = [&](size_t begin, size_t end) {
     std::vector<float> k, v;
     std::vector<TailAppendRow> targets;

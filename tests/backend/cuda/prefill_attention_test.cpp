@@ -160,7 +160,7 @@ void check_prefill(const PrefillCase& pc, const std::vector<ChunkSpec>& specs, c
 
   DeviceBuffer<uint8_t> dblocks(cache.blocks);
   // The output and the workspace with a poisoned guard after them, which no write may reach: a query block's rows
-  // past its chunk, or a chunk rotated past its rows.
+  // past the last chunk's, or prefix tiles decoded past their slots (the workspace's last region).
   const size_t out_guard = static_cast<size_t>(kGuardRows) * q_heads * d, workspace_guard = 64 * 1024;
   DeviceBuffer<uint16_t> dtails(cache.tails), dq(test::to_half(q_model)), dk(test::to_half(chunk_k)),
       dv(test::to_half(chunk_v)), dout(q_model.size() + out_guard);
