@@ -1,8 +1,10 @@
 #pragma once
-// Helpers of the CUDA kernel tests: skip without a GPU, device buffers, fp16 vectors, captured K/V.
+// Helpers of the CUDA kernel tests: skip without a GPU, argument checks, device buffers, fp16 vectors, captured K/V.
 #include "backend/cuda/cuda_check.h"
+#include "util/error.h"
 #include "util/half.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -47,6 +49,12 @@ void on_every_device(Fn&& fn) {
     KVARN_CUDA_CHECK(cudaSetDevice(device));
     fn();
   }
+}
+
+// Matches a call that throws kvarn::Error with `text` in its message: a kernel's argument checks, which refuse bad
+// arguments before anything is launched. EXPECT_THAT([&] { call(); }, refused_with("expected ..."));
+inline auto refused_with(const std::string& text) {
+  return ::testing::ThrowsMessage<kvarn::Error>(::testing::HasSubstr(text));
 }
 
 // Fresh random inputs on every run; KVARN_TEST_SEED=N replays the run whose failure message printed seed N.

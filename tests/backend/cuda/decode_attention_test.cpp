@@ -24,7 +24,6 @@
 #include "delayed_copy.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
-#include "util/error.h"
 
 #include <gtest/gtest.h>
 
@@ -39,6 +38,7 @@ namespace kvarn::cuda {
 namespace {
 
 using test::DeviceBuffer;
+using test::refused_with;
 
 // Code tiles: beside a 100x sink key, whose score is ~100x the others', an fp16 rounding of the folded query moves
 // the sink's weight: by up to 2.3e-2 centred on the channels' zero codes, 5.5e-2 uncentred (10 seeds on the H200).
@@ -489,12 +489,7 @@ TEST(DecodePlan, RefusesQueryHeadsPerTileCtaThatDoNotServeTheGroup) {
   for (const auto& [layer, tile_heads, expected] :
        {std::tuple{&codes, 12, "12 q heads per tile CTA for groups of 16; expected 8 or 16"},
         std::tuple{&fp16, 16, "16 q heads per tile CTA for groups of 16; expected 8 (or 0"}}) {
-    try {
-      plan_decode_attention(*layer, seq_tiles, 64, 0, tile_heads);
-      ADD_FAILURE() << tile_heads << " q heads per tile CTA were accepted";
-    } catch (const kvarn::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
-    }
+    EXPECT_THAT([&] { plan_decode_attention(*layer, seq_tiles, 64, 0, tile_heads); }, refused_with(expected));
   }
 }
 
@@ -508,19 +503,11 @@ TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAPositiveMultipleOfKvHeads) {
     DecodeAttentionArgs args;
     args.num_seqs = 1;
     args.num_q_heads = q_heads;
-    for (const bool plan : {true, false}) {
-      try {
-        if (plan) {
-          plan_decode_attention(layer, seq_tiles, q_heads);
-        } else {
-          decode_attention(layer, args, DecodeAttentionPlan{}, nullptr, nullptr);
-        }
-        ADD_FAILURE() << q_heads << " q heads over 2 kv heads were accepted" << (plan ? " by the plan" : "");
-      } catch (const kvarn::Error& e) {
-        const std::string expected = std::to_string(q_heads) + " q heads over 2 kv heads; expected a positive multiple";
-        EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
-      }
-    }
+    const std::string expected = std::to_string(q_heads) + " q heads over 2 kv heads; expected a positive multiple";
+    EXPECT_THAT([&] { plan_decode_attention(layer, seq_tiles, q_heads); }, refused_with(expected)) << "the plan";
+    EXPECT_THAT([&] { decode_attention(layer, args, DecodeAttentionPlan{}, nullptr, nullptr); },
+                refused_with(expected))
+        << "the call";
   }
 }
 
@@ -528,12 +515,8 @@ TEST(DecodeAttention, RefusesQueryHeadsThatAreNotAPositiveMultipleOfKvHeads) {
 TEST(DecodePlan, RefusesANegativeTileCount) {
   const KvCacheLayer layer =
       make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
-  try {
-    plan_decode_attention(layer, std::vector<int>{3, -1}, 32);
-    ADD_FAILURE() << "a sequence of -1 tiles was accepted";
-  } catch (const kvarn::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("sequence 1 has -1 full tiles"), std::string::npos) << e.what();
-  }
+  EXPECT_THAT([&] { plan_decode_attention(layer, std::vector<int>{3, -1}, 32); },
+              refused_with("sequence 1 has -1 full tiles"));
 }
 
 // A plan serves the sequences and q heads it was made for: its splits cover their tiles and its workspace their
@@ -546,15 +529,9 @@ TEST(DecodeAttention, RefusesAPlanMadeForOtherSequences) {
   for (const auto& [seqs, q_heads] : {std::pair{3, 8}, std::pair{2, 4}}) {
     DecodeAttentionArgs args;
     args.num_seqs = seqs, args.num_q_heads = q_heads;
-    try {
-      decode_attention(layer, args, plan, nullptr, nullptr);
-      ADD_FAILURE() << seqs << " sequences x " << q_heads << " q heads were accepted by a plan for 2 x 8";
-    } catch (const kvarn::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("a plan for 2 sequences x 8 q heads, called with " + std::to_string(seqs) +
-                                           " x " + std::to_string(q_heads)),
-                std::string::npos)
-          << e.what();
-    }
+    EXPECT_THAT([&] { decode_attention(layer, args, plan, nullptr, nullptr); },
+                refused_with("a plan for 2 sequences x 8 q heads, called with " + std::to_string(seqs) + " x " +
+                             std::to_string(q_heads)));
   }
 }
 
@@ -577,12 +554,7 @@ TEST(DecodeAttention, RefusesAPlanMadeForAnotherCache) {
         std::tuple{read_once, layer("fp16", 64), "16 q heads per tile CTA"}}) {
     DecodeAttentionArgs args;
     args.num_seqs = 2, args.num_q_heads = 32;
-    try {
-      decode_attention(cache, args, plan, nullptr, nullptr);
-      ADD_FAILURE() << "a plan for another cache was accepted";
-    } catch (const kvarn::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
-    }
+    EXPECT_THAT([&] { decode_attention(cache, args, plan, nullptr, nullptr); }, refused_with(expected));
   }
 }
 

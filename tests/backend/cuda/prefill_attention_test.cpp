@@ -23,7 +23,6 @@
 #include "cuda_test_support.h"
 #include "shared_dir.h"
 #include "test_kv_cache.h"
-#include "util/error.h"
 
 #include <gtest/gtest.h>
 
@@ -35,6 +34,7 @@ namespace kvarn::cuda {
 namespace {
 
 using test::DeviceBuffer;
+using test::refused_with;
 using test::SeqSpec;
 
 // Why no fixed budget: beside a synthetic 100x sink key, a 2^-11 relative rounding of q or k moves the sink's
@@ -403,13 +403,8 @@ PrefillAttentionArgs one_row_args(int q_heads) {
 
 TEST(PrefillAttention, RefusesQueryHeadsThatAreNotAPositiveMultipleOfKvHeads) {
   for (const int q_heads : {8, 0}) {
-    try {
-      prefill_attention(kvarn_layer(3), one_row_args(q_heads), nullptr, nullptr);
-      ADD_FAILURE() << q_heads << " q heads over 3 kv heads were accepted";
-    } catch (const kvarn::Error& e) {
-      const std::string expected = std::to_string(q_heads) + " q heads over 3 kv heads; expected a positive multiple";
-      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
-    }
+    EXPECT_THAT([&] { prefill_attention(kvarn_layer(3), one_row_args(q_heads), nullptr, nullptr); },
+                refused_with(std::to_string(q_heads) + " q heads over 3 kv heads; expected a positive multiple"));
   }
 }
 
@@ -431,12 +426,7 @@ TEST(PrefillAttention, WorkspaceHoldsTheRotatedChunkAndTheDecodedPrefix) {
 TEST(PrefillAttention, RefusesANegativePrefixTileCount) {
   PrefillAttentionArgs args = one_row_args(4);
   args.num_prefix_tiles = -1;
-  try {
-    prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
-    ADD_FAILURE() << "a negative prefix tile count was accepted";
-  } catch (const kvarn::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("num_prefix_tiles -1"), std::string::npos) << e.what();
-  }
+  EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), args, nullptr, nullptr); }, refused_with("num_prefix_tiles -1"));
 }
 
 // Rows are the chunks' rows back to back: fewer than the longest chunk's would have the chunk's rotated K/V
@@ -445,12 +435,8 @@ TEST(PrefillAttention, RefusesFewerRowsThanTheLongestChunk) {
   PrefillAttentionArgs args = one_row_args(4);
   args.max_chunk_len = 100;
   args.num_rows = 99;
-  try {
-    prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
-    ADD_FAILURE() << "99 rows for a chunk of 100 were accepted";
-  } catch (const kvarn::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("num_rows 99 below max_chunk_len 100"), std::string::npos) << e.what();
-  }
+  EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), args, nullptr, nullptr); },
+              refused_with("num_rows 99 below max_chunk_len 100"));
 }
 
 TEST(PrefillAttention, RefusesNegativeCounts) {
@@ -458,34 +444,22 @@ TEST(PrefillAttention, RefusesNegativeCounts) {
     PrefillAttentionArgs args = one_row_args(4);
     args.num_seqs = seqs;
     args.max_chunk_len = chunk;
-    try {
-      prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
-      ADD_FAILURE() << seqs << " sequences, max_chunk_len " << chunk << " were accepted";
-    } catch (const kvarn::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("expected counts >= 0"), std::string::npos) << e.what();
-    }
+    EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), args, nullptr, nullptr); },
+                refused_with("expected counts >= 0"))
+        << seqs << " sequences, max_chunk_len " << chunk;
   }
 }
 
 TEST(PrefillAttention, RefusesAMissingWorkspaceWhereItNeedsOne) {
-  try {
-    prefill_attention(kvarn_layer(2), one_row_args(4), nullptr, nullptr);
-    ADD_FAILURE() << "a rotated chunk without a workspace was accepted";
-  } catch (const kvarn::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("no workspace"), std::string::npos) << e.what();
-  }
+  EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), one_row_args(4), nullptr, nullptr); },
+              refused_with("no workspace"));
 }
 
 // The grid has a CTA per q head and 128-row query block of the longest chunk; its second dimension holds 65535.
 TEST(PrefillAttention, RefusesAChunkOfMoreQueryBlocksThanTheGridHolds) {
   PrefillAttentionArgs args = one_row_args(4);
   args.max_chunk_len = 65535 * 128 + 1;
-  try {
-    prefill_attention(kvarn_layer(2), args, nullptr, nullptr);
-    ADD_FAILURE() << "a chunk of 65536 query blocks was accepted";
-  } catch (const kvarn::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("65536 query blocks"), std::string::npos) << e.what();
-  }
+  EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), args, nullptr, nullptr); }, refused_with("65536 query blocks"));
 }
 
 }  // namespace
