@@ -275,13 +275,18 @@ std::vector<float> random_queries(const std::vector<ChunkSpec>& specs, int q_hea
 
 class PrefillTest : public ::testing::TestWithParam<PrefillCase> {};
 
+// The ragged batch: chunks of 0 to 257 rows after prefixes of 0 to 4 tiles of g tokens and tails of 0 to g - 1.
+std::vector<ChunkSpec> ragged_chunks(int g) {
+  return {{{0, 0}, 1}, {{0, 0}, 200}, {{2, 0}, 64},    {{1, 5}, 130}, {{3, g - 1}, 1},
+          {{0, 1}, 65}, {{1, 0}, 0},  {{4, 33}, 257}, {{1, 3}, 127}, {{0, 0}, 128}};
+}
+
 TEST_P(PrefillTest, MatchesFloat64ReferenceOnRaggedBatch) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = test::test_seed();
-  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.block_size);
-  const std::vector<ChunkSpec> specs = {{{0, 0}, 1},     {{0, 0}, 200}, {{2, 0}, 64}, {{1, 5}, 130},  {{3, g - 1}, 1},
-                                        {{0, 1}, 65},    {{1, 0}, 0},   {{4, 33}, 257}, {{1, 3}, 127}, {{0, 0}, 128}};
+  const std::vector<ChunkSpec> specs =
+      ragged_chunks(test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.block_size));
   // Keys and values from the synthetic generator (sinks, outlier channels), per kv-head.
   const test::KvSource kv = test::synthetic_kv_source(c.kv_heads, c.head_dim, {.seed = seed});
   std::mt19937 rng(seed);
@@ -295,10 +300,9 @@ TEST_P(PrefillTest, EveryRowMatchesOnSpreadRaggedBatch) {
   KVARN_SKIP_WITHOUT_GPU();
   const auto& c = GetParam();
   const uint32_t seed = test::test_seed();
-  const int g = test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.block_size);
-  const std::vector<ChunkSpec> specs = {{{0, 0}, 1},     {{0, 0}, 200}, {{2, 0}, 64},  {{1, 5}, 130}, {{3, g - 1}, 1},
-                                        {{0, 1}, 65},    {{1, 0}, 0},   {{0, 0}, 128}, {{4, 33}, 257}, {{0, 30}, 40},
-                                        {{1, 31}, 70},   {{2, 62}, 3},  {{1, 3}, 127}};
+  std::vector<ChunkSpec> specs = ragged_chunks(test::tile_tokens_for(codec::parse_cache_dtype(c.dtype), c.block_size));
+  // Last a chunk of 3 rows, a query block's few: rows written past it would reach the output's guard.
+  specs.insert(specs.end(), {{{0, 30}, 40}, {{1, 31}, 70}, {{2, 62}, 3}});
   std::mt19937 rng(seed);
   const test::KvSource kv = test::normal_kv_source(c.kv_heads, c.head_dim, rng);
   check_prefill(c, specs, kv, random_queries(specs, c.q_heads, c.head_dim, rng, 1.0f), seed, nullptr,
