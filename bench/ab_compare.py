@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Two or more kvarn_cuda_bench binaries side by side: run them alternately, round after round, in one session on
-one GPU (so that clocks, power cap and neighbours weigh on all of them alike), and print each row's median time
-per binary and the first binary's time over each other's (> 1: the other is faster).
+"""Two or more kvarn_cuda_bench binaries side by side: run them alternately, round after round (each round begun
+by the next binary), in one session on one GPU (so that clocks, power cap and neighbours weigh on all of them
+alike), and print each row's median time per binary and the first binary's time over each other's (> 1: the
+other is faster).
 
     python3 bench/ab_compare.py --rounds 5 before/kvarn_cuda_bench after/kvarn_cuda_bench -- \\
         --decode-only --batches 1 --contexts 8192,32768
@@ -79,13 +80,16 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.rounds):
-                times = []  # this round's, kept only once every binary has run
-                for i, binary in enumerate(args.binaries):
+                times = [None] * len(args.binaries)  # this round's, kept only once every binary has run
+                # Each round starts with the next binary, so that none always runs first (after the idle GPU's
+                # higher clock, or after another binary's heat).
+                for i in [(r + j) % len(args.binaries) for j in range(len(args.binaries))]:
+                    binary = args.binaries[i]
                     out = Path(tmp) / f"{i}.{r}.csv"
                     status, err = run_bench([binary, "--csv", str(out), *bench_args])
                     if status != 0:
                         sys.exit(f"{binary} failed in round {r + 1}: {err.strip()}")
-                    times.append(read_times(out))
+                    times[i] = read_times(out)
                 for i, binary_times in enumerate(times):
                     for key, t in binary_times.items():
                         samples[key][i].append(t)

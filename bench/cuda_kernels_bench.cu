@@ -1,10 +1,13 @@
 // kvarn_cuda_bench: times the CUDA KV-cache kernels on the GPU it runs on and writes one CSV row per measurement.
 //   copy      device-to-device cudaMemcpy of 2 GiB: the bandwidth ceiling (bytes read + bytes written)
 //   decode    decode_attention per (model shape, cache dtype, batch, context): time per call in a CUDA graph of 32
-//             back-to-back calls (as one decode step calls it once per layer, launch latency hidden) at the rate
-//             the GPU sustains (median_ms: after 0.5 s of the same work, under its power cap), bytes really
-//             read (tiles, tails, q, out, block tables, partials written and read back), useful TFLOP/s
-//   flush     flush_full_tiles of N full tails of the Llama-3-8B layer shape: tiles per second
+//             or more back-to-back calls (as one decode step calls it once per layer, launch latency hidden) at
+//             the rate the GPU sustains (median_ms: after 0.5 s of the same work, under its power cap), the bytes
+//             the attention must read and write (tiles, tails, q, out, block tables and sequence views; not the
+//             split-K partials, the kernels' own intermediate), useful TFLOP/s; the full run adds our fp16
+//             kernel's rows without overlap (decode_no_overlap), which PyTorch's SDPA, timed the same way, lacks
+//   flush     flush_full_tiles of N full tails in each of L layers of the Llama-3-8B shape, one call: tiles per
+//             second (L = 32: a step's flush of N sequences)
 //   linear    the linear layers of one Llama-3-8B decode step at batch 128 with cuBLAS (fp16 weights, fp32
 //             accumulation): the rest of a step that the flush's share is taken against
 //   prefill   prefill_attention of one chunk of N tokens after a prefix of P cached tokens (whole tiles): useful
@@ -50,6 +53,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvarn::cuda {
@@ -230,7 +234,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   const std::string kind = std::string(lengths == Lengths::ragged     ? "decode_ragged"
                                        : lengths == Lengths::one_long ? "decode_one_long"
                                                                       : "decode") +
-                           (after_append ? "_after_append" : "");
+                           (after_append ? "_after_append" : "") + (overlap ? "" : "_no_overlap");
   const std::string key = kind + "," + shape.name + "," + dtype_name + "," + std::to_string(batch) + "," +
                           std::to_string(context);
   size_t free_bytes, total_bytes;
@@ -290,7 +294,9 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   KVARN_CUDA_CHECK(cudaMalloc(&new_rows, sizeof(TailAppendRow) * rows.size()));
   KVARN_CUDA_CHECK(cudaMemcpy(new_rows, rows.data(), sizeof(TailAppendRow) * rows.size(), cudaMemcpyHostToDevice));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const Timing t = graph_median_ms(32, [&](int i, cudaStream_t stream) {
+  // A multiple of the replicas, so that each is read again only after all the others, also across replays.
+  const int calls = (32 + replicas - 1) / replicas * replicas;
+  const Timing t = graph_median_ms(calls, [&](int i, cudaStream_t stream) {
     const int r = i % replicas;
     if (after_append) append_to_tails(layer, new_k, new_v, new_rows + r * batch, batch, stream);
     decode_attention(layer, {q, out, dviews + r * batch, tables, batch, shape.q_heads, scale, overlap}, plan,
@@ -298,7 +304,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   });
   const double bytes = static_cast<double>(cache_bytes) + 2.0 * batch * shape.kv_heads * tail * d * 2 +
                        2.0 * batch * shape.q_heads * d * 2 + 4.0 * total_tiles + sizeof(SequenceKvView) * batch +
-                       2.0 * plan.workspace_bytes + (after_append ? 4.0 * row_elements * 2 : 0.0);
+                       (after_append ? 4.0 * row_elements * 2 : 0.0);
   const double flops = 4.0 * shape.q_heads * d * (static_cast<double>(total_tiles) * g + batch * tail);
   csv.row(key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
               std::to_string(bytes / (t.ms * 1e-3) / 1e9) + "," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
@@ -311,27 +317,38 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
     KVARN_CUDA_CHECK(cudaFree(p));
 }
 
-void bench_flush(Csv& csv, const std::string& dtype_name, int jobs) {
+// One call of flush_full_tiles: `jobs` full tails in each of `layers` layers (each its own tails and blocks), the
+// calls rotating over copies so that L2 cannot serve the tails.
+void bench_flush(Csv& csv, const std::string& dtype_name, int jobs, int layers) {
   const codec::CacheDtype dtype = codec::parse_cache_dtype(dtype_name);
   const int g = 128, d = 128, heads = 8;
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, heads, nullptr, nullptr);
-  uint8_t* blocks;
-  uint16_t* tails;
-  KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * jobs));
-  KVARN_CUDA_CHECK(cudaMalloc(&tails, probe.tail_slot_elements() * 2 * jobs));
-  fill_plausible(tails, probe.tail_slot_elements() * 2 * jobs, 6);
-  std::vector<TileFlushJob> host;
-  for (int j = 0; j < jobs; ++j) host.push_back({j, jobs - 1 - j});
+  const size_t call_tail_bytes = probe.tail_slot_elements() * 2 * jobs * layers;
+  const int replicas = static_cast<int>(std::clamp<size_t>((size_t{256} << 20) / call_tail_bytes + 1, 1, 16));
+  const int slots = jobs * replicas;
+  std::vector<KvCacheLayer> views;
+  std::vector<void*> buffers;
+  for (int l = 0; l < layers; ++l) {
+    uint8_t* blocks;
+    uint16_t* tails;
+    KVARN_CUDA_CHECK(cudaMalloc(&blocks, probe.block_bytes() * slots));
+    KVARN_CUDA_CHECK(cudaMalloc(&tails, probe.tail_slot_elements() * 2 * slots));
+    fill_plausible(tails, probe.tail_slot_elements() * 2 * slots, 6 + l);
+    views.push_back(make_kv_cache_layer(dtype, d, g, heads, blocks, tails));
+    buffers.push_back(blocks), buffers.push_back(tails);
+  }
+  std::vector<TileFlushJob> host;  // replica r: slots and blocks r * jobs ..
+  for (int r = 0; r < replicas; ++r)
+    for (int j = 0; j < jobs; ++j) host.push_back({r * jobs + j, r * jobs + jobs - 1 - j});
   TileFlushJob* dev;
-  KVARN_CUDA_CHECK(cudaMalloc(&dev, sizeof(TileFlushJob) * jobs));
-  KVARN_CUDA_CHECK(cudaMemcpy(dev, host.data(), sizeof(TileFlushJob) * jobs, cudaMemcpyHostToDevice));
-  const KvCacheLayer layer = make_kv_cache_layer(dtype, d, g, heads, blocks, tails);
-  const Timing t = median_ms(10, [&](int) { flush_full_tiles(layer, dev, jobs, nullptr); });
-  csv.row("flush,llama3-8b," + dtype_name + "," + std::to_string(jobs) + ",," + std::to_string(t.ms * 1e3) + ",,," +
-              std::to_string(jobs * heads / (t.ms * 1e-3)),
+  KVARN_CUDA_CHECK(cudaMalloc(&dev, sizeof(TileFlushJob) * host.size()));
+  KVARN_CUDA_CHECK(cudaMemcpy(dev, host.data(), sizeof(TileFlushJob) * host.size(), cudaMemcpyHostToDevice));
+  const Timing t = median_ms(10, [&](int i) { flush_full_tiles(views, dev + (i % replicas) * jobs, jobs, nullptr); });
+  const double tiles = static_cast<double>(jobs) * layers * heads;
+  csv.row("flush,llama3-8b," + dtype_name + "," + std::to_string(jobs) + "," + std::to_string(layers) + "," +
+              std::to_string(t.ms * 1e3) + ",,," + std::to_string(tiles / (t.ms * 1e-3)),
           &t);
-  KVARN_CUDA_CHECK(cudaFree(blocks));
-  KVARN_CUDA_CHECK(cudaFree(tails));
+  for (void* p : buffers) KVARN_CUDA_CHECK(cudaFree(p));
   KVARN_CUDA_CHECK(cudaFree(dev));
 }
 
@@ -385,10 +402,11 @@ void bench_step_linear_layers(Csv& csv, int batch) {
   for (void* p : {weights, x, y}) KVARN_CUDA_CHECK(cudaFree(p));
 }
 
-// One job is a sequence filling a tile in every kv-head of a layer; a step at batch 128 flushes ~1 sequence x 32
-// layers.
+// One job is a sequence filling a tile in every kv-head; a step at batch 128 flushes ~1 sequence (a sequence every
+// 128 steps) in each of the 32 layers, in one call; one layer's flush, and more jobs, for the kernel's rate.
 void bench_flushes(Csv& csv) {
-  for (int jobs : {1, 32, 256, 1024}) bench_flush(csv, "kvarn_k4v2_g128", jobs);
+  for (const auto [jobs, layers] : {std::pair{1, 1}, {1, 32}, {8, 32}, {32, 1}, {1024, 1}})
+    bench_flush(csv, "kvarn_k4v2_g128", jobs, layers);
   bench_step_linear_layers(csv, 128);
 }
 
@@ -546,6 +564,10 @@ int run(int argc, char** argv) {
     if (csv.file) std::fclose(csv.file);
     return 0;
   }
+  for (const Shape& shape : kShapes)  // our fp16 kernel as PyTorch's SDPA runs: calls that do not overlap
+    if (std::find(shape_names.begin(), shape_names.end(), shape.name) != shape_names.end())
+      for (int batch : batches)
+        for (int context : contexts) bench_decode(csv, shape, "fp16", batch, context, 0, 0, lengths, false);
   for (const char* dtype : {"kvarn_k4v4_g128", "kvarn_k4v2_g64", "kvarn_k4v4_g64"})
     bench_decode(csv, kShapes[0], dtype, 32, 32768);
   for (const Shape& shape : kShapes)

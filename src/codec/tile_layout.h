@@ -37,6 +37,7 @@ struct TileLayout {
 
   constexpr size_t key_row_bytes() const { return static_cast<size_t>(tokens) * key_bits / 8; }
   constexpr size_t value_row_bytes() const { return static_cast<size_t>(head_dim) * value_bits / 8; }
+  constexpr bool operator==(const TileLayout&) const = default;
   // fp16 bytes of the same tile: what the compression ratios in the spec are measured against.
   constexpr size_t fp16_bytes() const { return static_cast<size_t>(4) * head_dim * tokens; }
 

@@ -1,5 +1,6 @@
-// Shape contract: tails[slot][K|V][H][G][D] fp16 -> blocks[block][H][layout.bytes] (codec/tile_layout.h).
-// KVarN: one CTA of 256 threads per (job, kv-head, K|V) encodes one matrix R x C (keys D x G, channel-major;
+// Shape contract, per layer: tails[slot][K|V][H][G][D] fp16 -> blocks[block][H][layout.bytes] (codec/tile_layout.h);
+// the grid's y index is the layer (a launch flushes a step's full tails in every layer, up to kLayersPerLaunch).
+// KVarN: one CTA of 256 threads per (layer, job, kv-head, K|V) encodes one matrix R x C (keys D x G, channel-major;
 // values G x D), held in shared memory as it came, fp16. Every sum follows the CPU codec's order
 // (codec/variance_normalize.cpp: 8 ordered partials, a halving tree) with one lane per partial and the tree as
 // xor shuffles, no FMA contraction beyond the codec's own fma, the scales updated by multiplication: the output
@@ -16,7 +17,10 @@
 
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <span>
+#include <string>
 
 namespace kvarn::cuda {
 
@@ -366,13 +370,22 @@ constexpr size_t flush_shared_bytes() {
   return keys > values ? keys : values;
 }
 
+// The tails and blocks of a launch's layers, by the grid's y index: kernel parameters (2 KB), so that a launch
+// needs no device array of them.
+constexpr int kLayersPerLaunch = 128;
+struct FlushLayers {
+  const void* tails[kLayersPerLaunch];
+  void* blocks[kLayersPerLaunch];
+};
+
 template <int D, int G, int KB, int VB>
 __global__ void __launch_bounds__(kThreads, 4) flush_code_tiles_kernel(const TileFlushJob* __restrict__ jobs,
-                                                                      const __half* __restrict__ tails,
-                                                                      uint8_t* __restrict__ blocks, int num_kv_heads,
+                                                                      const FlushLayers layers, int num_kv_heads,
                                                                       bool normalize) {
   constexpr codec::TileLayout L = codec::TileLayout::codes(D, G, KB, VB);
   extern __shared__ __align__(16) unsigned char shared[];
+  const auto* __restrict__ tails = static_cast<const __half*>(layers.tails[blockIdx.y]);
+  auto* __restrict__ blocks = static_cast<uint8_t*>(layers.blocks[blockIdx.y]);
   const int head = blockIdx.x % num_kv_heads;
   const int values = (blockIdx.x / num_kv_heads) % 2;
   const TileFlushJob job = jobs[blockIdx.x / (2 * num_kv_heads)];
@@ -390,8 +403,10 @@ __global__ void __launch_bounds__(kThreads, 4) flush_code_tiles_kernel(const Til
 }
 
 // fp16 tiles are the tail's K then V of one kv-head: 2*G*D*2 bytes copied with 16-byte accesses.
-__global__ void copy_tails_to_fp16_tiles_kernel(const TileFlushJob* __restrict__ jobs, const uint4* __restrict__ tails,
-                                                uint4* __restrict__ blocks, int num_kv_heads, int half_tile_vectors) {
+__global__ void copy_tails_to_fp16_tiles_kernel(const TileFlushJob* __restrict__ jobs, const FlushLayers layers,
+                                                int num_kv_heads, int half_tile_vectors) {
+  const auto* __restrict__ tails = static_cast<const uint4*>(layers.tails[blockIdx.y]);
+  auto* __restrict__ blocks = static_cast<uint4*>(layers.blocks[blockIdx.y]);
   const int head = blockIdx.x % num_kv_heads;
   const TileFlushJob job = jobs[blockIdx.x / num_kv_heads];
   for (int i = threadIdx.x; i < 2 * half_tile_vectors; i += blockDim.x) {
@@ -402,42 +417,70 @@ __global__ void copy_tails_to_fp16_tiles_kernel(const TileFlushJob* __restrict__
 }
 
 template <int D, int G, int KB, int VB>
-void launch_code_flush(const KvCacheLayer& cache, const TileFlushJob* jobs, int num_jobs, cudaStream_t stream) {
+void launch_code_flush(const KvCacheLayer& cache, const TileFlushJob* jobs, dim3 grid, const FlushLayers& layers,
+                       cudaStream_t stream) {
   constexpr size_t shared = flush_shared_bytes<D, G, KB, VB>();
   auto kernel = flush_code_tiles_kernel<D, G, KB, VB>;
   KVARN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  kernel<<<num_jobs * cache.num_kv_heads * 2, kThreads, shared, stream>>>(
-      jobs, reinterpret_cast<const __half*>(cache.tails), cache.blocks, cache.num_kv_heads, cache.normalized());
+  kernel<<<grid, kThreads, shared, stream>>>(jobs, layers, cache.num_kv_heads, cache.normalized());
 }
 
-}  // namespace
-
-void flush_full_tiles(const KvCacheLayer& cache, const TileFlushJob* jobs, int num_jobs, cudaStream_t stream) {
-  if (num_jobs < 0) throw_error("flush_full_tiles: num_jobs " + std::to_string(num_jobs) + "; expected >= 0");
-  if (num_jobs == 0) return;
+// One launch for up to kLayersPerLaunch layers.
+void flush_layers(std::span<const KvCacheLayer> layers, const TileFlushJob* jobs, int num_jobs,
+                  cudaStream_t stream) {
+  const KvCacheLayer& cache = layers.front();
   const codec::TileLayout& l = cache.layout;
+  FlushLayers pointers{};
+  for (size_t i = 0; i < layers.size(); ++i) {
+    pointers.tails[i] = layers[i].tails;
+    pointers.blocks[i] = layers[i].blocks;
+  }
+  const long ctas = static_cast<long>(num_jobs) * cache.num_kv_heads * (l.code_tile ? 2 : 1);
+  if (ctas > 0x7fffffffL)
+    throw_error("flush_full_tiles: " + std::to_string(num_jobs) + " jobs x " + std::to_string(cache.num_kv_heads) +
+                " kv heads exceed the grid limit (2^31 - 1 CTAs per layer)");
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(layers.size()));
   if (!l.code_tile) {
-    const int half_tile_vectors = l.tokens * l.head_dim * 2 / 16;
-    copy_tails_to_fp16_tiles_kernel<<<num_jobs * cache.num_kv_heads, 256, 0, stream>>>(
-        jobs, reinterpret_cast<const uint4*>(cache.tails), reinterpret_cast<uint4*>(cache.blocks),
-        cache.num_kv_heads, half_tile_vectors);
+    copy_tails_to_fp16_tiles_kernel<<<grid, 256, 0, stream>>>(jobs, pointers, cache.num_kv_heads,
+                                                              l.tokens * l.head_dim * 2 / 16);
   } else {
     const int key = l.head_dim * 1000 + l.tokens * 10 + l.value_bits;
     switch (key) {
-      case 128 * 1000 + 1280 + 2: launch_code_flush<128, 128, 4, 2>(cache, jobs, num_jobs, stream); break;
-      case 128 * 1000 + 1280 + 4: launch_code_flush<128, 128, 4, 4>(cache, jobs, num_jobs, stream); break;
-      case 128 * 1000 + 640 + 2: launch_code_flush<128, 64, 4, 2>(cache, jobs, num_jobs, stream); break;
-      case 128 * 1000 + 640 + 4: launch_code_flush<128, 64, 4, 4>(cache, jobs, num_jobs, stream); break;
-      case 64 * 1000 + 1280 + 2: launch_code_flush<64, 128, 4, 2>(cache, jobs, num_jobs, stream); break;
-      case 64 * 1000 + 1280 + 4: launch_code_flush<64, 128, 4, 4>(cache, jobs, num_jobs, stream); break;
-      case 64 * 1000 + 640 + 2: launch_code_flush<64, 64, 4, 2>(cache, jobs, num_jobs, stream); break;
-      case 64 * 1000 + 640 + 4: launch_code_flush<64, 64, 4, 4>(cache, jobs, num_jobs, stream); break;
+      case 128 * 1000 + 1280 + 2: launch_code_flush<128, 128, 4, 2>(cache, jobs, grid, pointers, stream); break;
+      case 128 * 1000 + 1280 + 4: launch_code_flush<128, 128, 4, 4>(cache, jobs, grid, pointers, stream); break;
+      case 128 * 1000 + 640 + 2: launch_code_flush<128, 64, 4, 2>(cache, jobs, grid, pointers, stream); break;
+      case 128 * 1000 + 640 + 4: launch_code_flush<128, 64, 4, 4>(cache, jobs, grid, pointers, stream); break;
+      case 64 * 1000 + 1280 + 2: launch_code_flush<64, 128, 4, 2>(cache, jobs, grid, pointers, stream); break;
+      case 64 * 1000 + 1280 + 4: launch_code_flush<64, 128, 4, 4>(cache, jobs, grid, pointers, stream); break;
+      case 64 * 1000 + 640 + 2: launch_code_flush<64, 64, 4, 2>(cache, jobs, grid, pointers, stream); break;
+      case 64 * 1000 + 640 + 4: launch_code_flush<64, 64, 4, 4>(cache, jobs, grid, pointers, stream); break;
       default:
         throw_error("flush_full_tiles: no kernel for head_dim " + std::to_string(l.head_dim) + ", G " +
                     std::to_string(l.tokens) + ", value bits " + std::to_string(l.value_bits));
     }
   }
   KVARN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void flush_full_tiles(std::span<const KvCacheLayer> layers, const TileFlushJob* jobs, int num_jobs,
+                      cudaStream_t stream) {
+  if (num_jobs < 0) throw_error("flush_full_tiles: num_jobs " + std::to_string(num_jobs) + "; expected >= 0");
+  if (num_jobs == 0 || layers.empty()) return;
+  const KvCacheLayer& first = layers.front();
+  for (size_t i = 1; i < layers.size(); ++i) {
+    const KvCacheLayer& layer = layers[i];
+    if (layer.num_kv_heads != first.num_kv_heads || layer.method != first.method || layer.layout != first.layout)
+      throw_error("flush_full_tiles: layer " + std::to_string(i) + " has " + std::to_string(layer.num_kv_heads) +
+                  " kv heads of head_dim " + std::to_string(layer.head_dim()) + " in tiles of " +
+                  std::to_string(layer.layout.bytes) + " bytes, layer 0 " + std::to_string(first.num_kv_heads) +
+                  " of " + std::to_string(first.head_dim()) + " in " + std::to_string(first.layout.bytes) +
+                  "; expected the layers of one cache");
+  }
+  for (size_t begin = 0; begin < layers.size(); begin += kLayersPerLaunch)
+    flush_layers(layers.subspan(begin, std::min<size_t>(kLayersPerLaunch, layers.size() - begin)), jobs, num_jobs,
+                 stream);
 }
 
 }  // namespace kvarn::cuda

@@ -12,7 +12,8 @@
 // two launches (the first of an odd count) into shuffled slots, and the full tails flushed into shuffled blocks,
 // on one stream with no synchronization of the host in between. After it the tails must hold the rotated rows
 // (the flush leaves them as they were), the positions of a partial tail no row names, a slot no row names and the
-// blocks no job names must stay poisoned.
+// blocks no job names must stay poisoned. A cache's layers in one call (130 layers: two launches), each from its own
+// tails.
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/flush_full_tiles.h"
 #include "backend/cuda/kv_layout.h"
@@ -27,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <utility>
@@ -397,6 +399,91 @@ TEST(FlushCapturedKv, MatchesCpuCodecOnRealKeysAndValues) {
       flush_and_check(dtype, k.shape[2], g, k.shape[0], keys, values, shuffled_blocks(jobs, rng), jobs + 3, seed);
     }
   }
+}
+
+// A cache's layers in one call: a job's slot is flushed in every layer, each layer's tiles from its own tails (one
+// launch per 128 layers: 130 take two). The tails are uploaded as stored, so each tile must equal
+// TileCodec::encode_stored of its tail bit for bit; the block no job names stays poisoned in every layer.
+struct LayersCase {
+  std::string dtype;
+  int head_dim, heads, layers;
+};
+
+class FlushLayersTest : public ::testing::TestWithParam<LayersCase> {};
+
+TEST_P(FlushLayersTest, FlushesEveryLayerInOneCall) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const LayersCase c = GetParam();
+  const codec::CacheDtype dtype = codec::parse_cache_dtype(c.dtype);
+  const int d = c.head_dim, heads = c.heads, g = dtype.tile_tokens ? dtype.tile_tokens : 128;
+  const uint32_t seed = test::test_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  const std::vector<TileFlushJob> jobs = {{1, 2}, {0, 0}};  // block 1 is no job's
+  const int num_blocks = 3, slots = 2;
+  std::vector<std::unique_ptr<DeviceLayer>> layers;
+  std::vector<KvCacheLayer> views;
+  std::vector<std::vector<uint16_t>> tails;
+  for (int i = 0; i < c.layers; ++i) {
+    layers.push_back(std::make_unique<DeviceLayer>(dtype, d, g, heads, num_blocks, slots));
+    std::vector<uint16_t> t(layers.back()->tails.size());
+    for (auto& x : t) x = float_to_half(normal(rng));
+    layers.back()->tails.upload(t);
+    layers.back()->blocks.poison();
+    views.push_back(layers.back()->view);
+    tails.push_back(std::move(t));
+  }
+  const DeviceBuffer<TileFlushJob> djobs(jobs);
+  flush_full_tiles(views, djobs.get(), static_cast<int>(jobs.size()), nullptr);
+  KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+
+  const codec::TileCodec codec(dtype, d, g);
+  const size_t tile_bytes = codec.layout().bytes, matrix = static_cast<size_t>(g) * d;
+  std::vector<float> tk(matrix), tv(matrix);
+  std::vector<uint8_t> expected(tile_bytes);
+  for (int i = 0; i < c.layers; ++i) {
+    SCOPED_TRACE("layer " + std::to_string(i));
+    const auto blocks = layers[i]->blocks.download();
+    TileDiff diff;
+    for (const TileFlushJob& job : jobs)
+      for (int h = 0; h < heads; ++h) {
+        const uint16_t* k = tails[i].data() + ((static_cast<size_t>(job.tail_slot) * 2 + 0) * heads + h) * matrix;
+        const uint16_t* v = tails[i].data() + ((static_cast<size_t>(job.tail_slot) * 2 + 1) * heads + h) * matrix;
+        for (size_t e = 0; e < matrix; ++e) tk[e] = half_to_float(k[e]), tv[e] = half_to_float(v[e]);
+        codec.encode_stored(tk.data(), tv.data(), expected.data());
+        compare_tiles(codec, blocks.data() + (static_cast<size_t>(job.block) * heads + h) * tile_bytes,
+                      expected.data(), diff);
+      }
+    ASSERT_EQ(diff.code_mismatches, 0) << "of " << diff.codes << (codec.layout().code_tile ? " codes" : " bytes");
+    ASSERT_EQ(diff.scale_mismatches, 0) << "of " << diff.scales << " fp16 scales";
+    for (size_t b = tile_bytes * heads; b < 2 * tile_bytes * heads; ++b)
+      ASSERT_EQ(blocks[b], 0xff) << "block 1, which no job names, was written";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FlushLayersTest,
+                         ::testing::Values(LayersCase{"kvarn_k4v2_g64", 64, 3, 130},
+                                           LayersCase{"kvarn_k4v2_g128", 128, 8, 5},
+                                           LayersCase{"fp16", 64, 3, 130}),
+                         [](const auto& info) {
+                           const LayersCase& c = info.param;
+                           return c.dtype + "_d" + std::to_string(c.head_dim) + "_h" + std::to_string(c.heads) +
+                                  "_layers" + std::to_string(c.layers);
+                         });
+
+// The layers of one call must share one format: a kernel is chosen, and the grid shaped, for the first.
+TEST(FlushFullTiles, RefusesLayersOfAnotherFormat) {
+  const auto layer = [](const char* dtype, int heads) {
+    return make_kv_cache_layer(codec::parse_cache_dtype(dtype), 128, 128, heads, nullptr, nullptr);
+  };
+  const std::vector<KvCacheLayer> other_heads = {layer("kvarn_k4v2_g128", 8), layer("kvarn_k4v2_g128", 4)};
+  EXPECT_THAT([&] { flush_full_tiles(other_heads, nullptr, 1, nullptr); },
+              test::refused_with("flush_full_tiles: layer 1 has 4 kv heads"));
+  const std::vector<KvCacheLayer> other_dtype = {layer("kvarn_k4v2_g128", 8), layer("kvarn_k4v4_g128", 8),
+                                                 layer("kvarn_k4v2_g128", 8)};
+  EXPECT_THAT([&] { flush_full_tiles(other_dtype, nullptr, 1, nullptr); },
+              test::refused_with("expected the layers of one cache"));
 }
 
 // Negative counts are refused before anything is launched (they would have been a launch's invalid configuration).
