@@ -46,8 +46,13 @@ __global__ void append_to_tails_kernel(const __half* __restrict__ k, const __hal
 
 void append_to_tails(const KvCacheLayer& cache, const uint16_t* k, const uint16_t* v, const TailAppendRow* rows,
                      int num_rows, cudaStream_t stream) {
+  check_kv_cache_layer(cache, "append_to_tails");
   if (num_rows < 0) throw_error("append_to_tails: num_rows " + std::to_string(num_rows) + "; expected >= 0");
   if (num_rows == 0) return;
+  check_device_memory(k, 16, "append_to_tails", "k", "[num_rows][num_kv_heads][D] fp16");
+  check_device_memory(v, 16, "append_to_tails", "v", "[num_rows][num_kv_heads][D] fp16");
+  check_device_memory(rows, alignof(TailAppendRow), "append_to_tails", "rows", "[num_rows] TailAppendRow");
+  check_device_memory(cache.tails, 16, "append_to_tails", "cache.tails", "[num_slots][2][num_kv_heads][G][D] fp16");
   constexpr int kThreads = 256;
   const long warps = static_cast<long>(num_rows) * 2 * cache.num_kv_heads;
   const int blocks = static_cast<int>((warps * 32 + kThreads - 1) / kThreads);

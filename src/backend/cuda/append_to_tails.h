@@ -15,7 +15,8 @@ struct TailAppendRow {
   int32_t position = 0;
 };
 
-// k, v: [num_rows][num_kv_heads][D] fp16 on the device; rows: [num_rows] on the device. One launch.
+// k, v: [num_rows][num_kv_heads][D] fp16 on the device, 16-byte aligned; rows: [num_rows] on the device. One launch.
+// Throws kvarn::Error for a bad cache (check_kv_cache_layer), a negative count and null or misaligned arrays.
 void append_to_tails(const KvCacheLayer& cache, const uint16_t* k, const uint16_t* v, const TailAppendRow* rows,
                      int num_rows, cudaStream_t stream);
 

@@ -447,10 +447,14 @@ constexpr long kWideTilesPerWarp = 3;
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
                                           int tiles_per_split, int tile_heads) {
+  check_kv_cache_layer(cache, "plan_decode_attention");
   for (size_t s = 0; s < seq_tiles.size(); ++s)
     if (seq_tiles[s] < 0)
       throw_error("plan_decode_attention: sequence " + std::to_string(s) + " has " + std::to_string(seq_tiles[s]) +
                   " full tiles; expected >= 0");
+  if (tiles_per_split < 0)
+    throw_error("plan_decode_attention: tiles_per_split " + std::to_string(tiles_per_split) +
+                "; expected > 0, or 0 for the planner's choice");
   DecodeAttentionPlan plan;
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
@@ -493,6 +497,7 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
 
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream) {
+  check_kv_cache_layer(cache, "decode_attention");
   if (args.num_seqs == 0) return;
   const int group = group_size(cache, args.num_q_heads, "decode_attention");
   if (args.num_seqs != plan.num_seqs || args.num_q_heads != plan.num_q_heads)
@@ -514,6 +519,12 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
   const long tile_ctas = pairs / blocks.tile_blocks * plan.num_splits;
   if (tile_ctas + pairs > 0x7fffffffL)
     throw_error("decode_attention: " + std::to_string(tile_ctas + pairs) + " CTAs exceed the grid limit (2^31 - 1)");
+  check_softmax_scale(args.scale, cache.head_dim(), "decode_attention");
+  check_device_memory(workspace, 16, "decode_attention", "workspace",
+                      "plan.workspace_bytes (" + std::to_string(plan.workspace_bytes) + " bytes)");
+  check_device_memory(args.q, 16, "decode_attention", "q", "[num_seqs][num_q_heads][D] fp16");
+  check_device_memory(args.out, 16, "decode_attention", "out", "[num_seqs][num_q_heads][D] fp16");
+  check_device_memory(args.seqs, alignof(SequenceKvView), "decode_attention", "seqs", "[num_seqs] SequenceKvView");
   const int d = cache.head_dim();
   const size_t rows = static_cast<size_t>(args.num_seqs) * args.num_q_heads * (plan.num_splits + 1);
   DecodeParams p;

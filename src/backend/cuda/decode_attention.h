@@ -16,13 +16,13 @@
 namespace kvarn::cuda {
 
 struct DecodeAttentionArgs {
-  const uint16_t* q = nullptr;             // [num_seqs][num_q_heads][D] fp16, post-RoPE, model space
-  uint16_t* out = nullptr;                 // [num_seqs][num_q_heads][D] fp16, model space
+  const uint16_t* q = nullptr;             // [num_seqs][num_q_heads][D] fp16, post-RoPE, model space, 16-byte aligned
+  uint16_t* out = nullptr;                 // [num_seqs][num_q_heads][D] fp16, model space, 16-byte aligned
   const SequenceKvView* seqs = nullptr;    // [num_seqs], device
   const int32_t* block_tables = nullptr;   // device; indexed through SequenceKvView::block_table_offset
   int num_seqs = 0;
   int num_q_heads = 0;                     // a positive multiple of num_kv_heads
-  float scale = 0;                         // softmax scale, 1/sqrt(D) for the Llama family
+  float scale = 0;                         // softmax scale, finite and > 0: 1/sqrt(D) for the Llama family
   // Start reading the tiles while the kernel before this call in the stream is still running (Hopper's
   // programmatic dependent launch; a decode step's attention follows the kernel that appends its K/V and writes
   // q: append_to_tails lets it start at once). That kernel may write q and the tails, which are read after it has
@@ -53,8 +53,11 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
 
 // plan: made for these sequences. A sequence with more full tiles than the plan's splits cover (a plan kept from an
 // earlier step) still gets its attention: the last split reads the tiles past the plan's, in a longer CTA.
-// workspace: plan.workspace_bytes of device memory. Two launches on `stream`. A sequence with no tokens gets
-// zeros. Throws kvarn::Error for unsupported shapes.
+// workspace: plan.workspace_bytes of device memory, 16-byte aligned. One or two launches on `stream`: the attention,
+// then the combine of the partials unless each pair's CTA wrote its output (tails_in_tile_ctas). `stream` must
+// belong to the current device (the kernels' attributes are read per current device, per_device.h). A sequence
+// with no tokens gets zeros. Throws kvarn::Error for unsupported shapes, a bad cache (check_kv_cache_layer), a
+// non-positive scale and null or misaligned arrays.
 void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       void* workspace, cudaStream_t stream);
 

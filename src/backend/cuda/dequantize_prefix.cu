@@ -106,17 +106,29 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 size_t dequantized_prefix_bytes(const KvCacheLayer& cache, int num_prefix_tiles) {
+  check_kv_cache_layer(cache, "dequantized_prefix_bytes");
+  if (num_prefix_tiles < 0)
+    throw_error("dequantized_prefix_bytes: num_prefix_tiles " + std::to_string(num_prefix_tiles) + "; expected >= 0");
   return size_t{4} * num_prefix_tiles * cache.num_kv_heads * cache.tile_tokens() * cache.head_dim();
 }
 
 void dequantize_prefix_tiles(const KvCacheLayer& cache, const PrefillSequence* seqs, int num_seqs,
                              const int32_t* block_tables, int num_prefix_tiles, uint8_t* out, cudaStream_t stream) {
+  check_kv_cache_layer(cache, "dequantize_prefix_tiles");
+  if (num_seqs < 0 || num_prefix_tiles < 0)
+    throw_error("dequantize_prefix_tiles: num_seqs " + std::to_string(num_seqs) + ", num_prefix_tiles " +
+                std::to_string(num_prefix_tiles) + "; expected counts >= 0");
   if (num_seqs == 0 || num_prefix_tiles == 0) return;
   if (!cache.layout.code_tile) throw_error("dequantize_prefix_tiles: the cache holds fp16 tiles, not code tiles");
   const long ctas = static_cast<long>(num_prefix_tiles) * cache.num_kv_heads;
-  if (num_prefix_tiles < 0 || ctas > 0x7fffffffL)
-    throw_error("dequantize_prefix_tiles: " + std::to_string(num_prefix_tiles) +
-                " prefix tiles; expected 0 to 2^31 - 1 tiles x kv heads");
+  if (ctas > 0x7fffffffL)
+    throw_error("dequantize_prefix_tiles: num_prefix_tiles " + std::to_string(num_prefix_tiles) + " x " +
+                std::to_string(cache.num_kv_heads) + " kv heads = " + std::to_string(ctas) +
+                " CTAs exceed the grid limit (2^31 - 1)");
+  check_device_memory(seqs, alignof(PrefillSequence), "dequantize_prefix_tiles", "seqs", "[num_seqs] PrefillSequence");
+  check_device_memory(out, 16, "dequantize_prefix_tiles", "out",
+                      "dequantized_prefix_bytes(" + std::to_string(num_prefix_tiles) + " tiles) bytes");
+  check_device_memory(cache.blocks, 16, "dequantize_prefix_tiles", "cache.blocks", "[num_blocks][num_kv_heads] tiles");
   with_tile_format(cache, "dequantize_prefix_tiles", [&](auto f) {
     using F = decltype(f);
     if constexpr (F::kCodes)

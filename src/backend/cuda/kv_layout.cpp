@@ -2,6 +2,9 @@
 
 #include "util/error.h"
 
+#include <cmath>
+#include <cstdint>
+
 namespace kvarn::cuda {
 
 KvCacheLayer make_kv_cache_layer(const codec::CacheDtype& dtype, int head_dim, int tile_tokens, int num_kv_heads,
@@ -30,6 +33,73 @@ KvCacheLayer make_kv_cache_layer(const codec::CacheDtype& dtype, int head_dim, i
     throw Error("CUDA KV cache: cache dtype {} is not served by the CUDA backend", dtype.name);
   }
   return layer;
+}
+
+namespace {
+
+const char* method_name(codec::Method method) {
+  switch (method) {
+    case codec::Method::fp32: return "fp32";
+    case codec::Method::fp16: return "fp16";
+    case codec::Method::fp8_e4m3: return "fp8_e4m3";
+    case codec::Method::rtn: return "rtn";
+    case codec::Method::rot: return "rot";
+    case codec::Method::kvarn: return "kvarn";
+  }
+  return "unknown";
+}
+
+bool same_layout(const codec::TileLayout& a, const codec::TileLayout& b) {
+  return a.head_dim == b.head_dim && a.tokens == b.tokens && a.key_bits == b.key_bits &&
+         a.value_bits == b.value_bits && a.code_tile == b.code_tile && a.key_codes == b.key_codes &&
+         a.key_scale == b.key_scale && a.key_zero == b.key_zero && a.key_token_scale == b.key_token_scale &&
+         a.value_codes == b.value_codes && a.value_channel_scale == b.value_channel_scale &&
+         a.value_scale == b.value_scale && a.value_zero == b.value_zero && a.bytes == b.bytes;
+}
+
+}  // namespace
+
+void check_kv_cache_layer(const KvCacheLayer& cache, const char* who) {
+  const codec::TileLayout& l = cache.layout;
+  if (cache.num_kv_heads <= 0) throw Error("{}: cache.num_kv_heads {}; expected > 0", who, cache.num_kv_heads);
+  if (l.head_dim != 64 && l.head_dim != 128)
+    throw Error("{}: cache.layout.head_dim {}; expected 64 or 128", who, l.head_dim);
+  if (l.tokens != 64 && l.tokens != 128) throw Error("{}: cache.layout.tokens {}; expected 64 or 128", who, l.tokens);
+  const bool code_method = cache.method == codec::Method::rtn || cache.method == codec::Method::rot ||
+                           cache.method == codec::Method::kvarn;
+  if (!code_method && cache.method != codec::Method::fp16)
+    throw Error("{}: cache.method {}; expected fp16, rtn, rot or kvarn (the CUDA kernels serve no other)", who,
+                method_name(cache.method));
+  if (l.code_tile != code_method)
+    throw Error("{}: cache.method {} with cache.layout.code_tile {}; expected code tiles for rtn, rot and kvarn, "
+                "fp16 tiles for fp16", who, method_name(cache.method), l.code_tile);
+  const int d = l.head_dim, g = l.tokens;
+  const bool made = code_method ? same_layout(l, codec::TileLayout::codes(d, g, 4, 2)) ||
+                                      same_layout(l, codec::TileLayout::codes(d, g, 4, 4))
+                                : same_layout(l, codec::TileLayout::plain(d, g, 16));
+  if (!made)
+    throw Error("{}: cache.layout of {}-bit keys, {}-bit values and {} bytes differs from {}; expected the layout "
+                "make_kv_cache_layer builds", who, l.key_bits, l.value_bits, l.bytes,
+                code_method ? fmt::format("TileLayout::codes({}, {}, 4, 2 or 4)", d, g)
+                            : fmt::format("TileLayout::plain({}, {}, 16)", d, g));
+  if (cache.blocks) check_device_memory(cache.blocks, 16, who, "cache.blocks", "[num_blocks][num_kv_heads] tiles");
+  if (cache.tails)
+    check_device_memory(cache.tails, 16, who, "cache.tails", "[num_slots][2][num_kv_heads][G][D] fp16");
+}
+
+void check_softmax_scale(float scale, int head_dim, const char* who) {
+  if (!std::isfinite(scale) || scale <= 0)
+    throw Error("{}: scale {}; expected a finite softmax scale > 0 (1/sqrt(D) = {:.6g} for the Llama family)", who,
+                scale, 1 / std::sqrt(static_cast<double>(head_dim)));
+}
+
+void check_device_memory(const void* pointer, size_t alignment, const char* who, const char* name,
+                         const std::string& holds) {
+  if (!pointer) throw Error("{}: {} is null; expected device memory of {}", who, name, holds);
+  const auto address = reinterpret_cast<uintptr_t>(pointer);
+  if (address % alignment != 0)
+    throw Error("{}: {} at 0x{:x} is not {}-byte aligned; expected device memory of {}", who, name, address,
+                alignment, holds);
 }
 
 }  // namespace kvarn::cuda

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace kvarn::cuda {
 
@@ -33,6 +34,22 @@ struct KvCacheLayer {
 // Throws kvarn::Error for dtypes the CUDA kernels do not serve (fp8) or unsupported head_dim / G.
 KvCacheLayer make_kv_cache_layer(const codec::CacheDtype& dtype, int head_dim, int tile_tokens, int num_kv_heads,
                                  uint8_t* blocks, uint16_t* tails);
+
+// KvCacheLayer is a plain struct, so every kernel entry point checks it first: throws kvarn::Error naming `who`, the
+// field and what was expected unless the layer is one make_kv_cache_layer could have built (num_kv_heads > 0, D and G
+// 64 or 128, the layout of `method`: TileLayout::codes(D, G, 4, 2 or 4) or TileLayout::plain(D, G, 16) for fp16).
+// blocks and tails may be null (a plan is made without memory); where set they must be 16-byte aligned.
+void check_kv_cache_layer(const KvCacheLayer& cache, const char* who);
+
+// Throws kvarn::Error naming `who` unless `scale` (the softmax scale) is finite and positive: a scale left at its
+// default 0 would give every key the same weight, and the kernel would return the values' mean without a word.
+void check_softmax_scale(float scale, int head_dim, const char* who);
+
+// Throws kvarn::Error naming `who` and `name` unless `pointer` is non-null and `alignment`-aligned: a null device
+// array faults on the device, a misaligned one in the kernels' 16-byte accesses (cp.async, vector loads). `holds`
+// says what it is, e.g. "[num_seqs][num_q_heads][D] fp16".
+void check_device_memory(const void* pointer, size_t alignment, const char* who, const char* name,
+                         const std::string& holds);
 
 // One sequence as attention reads it: its full tiles are block_tables[block_table_offset ..+ num_tiles], its
 // tail holds tail_len (0..G-1) tokens in slot tail_slot.

@@ -42,6 +42,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+
+// The device side of assert(), which NDEBUG compiles out; declared as CUDA's headers declare it for glibc hosts
+// (PyTorch's CUDA_KERNEL_ASSERT calls it the same way).
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept;
 
 namespace kvarn::cuda {
 
@@ -66,6 +72,7 @@ struct PrefillParams {
   const PrefillSequence* seqs;
   const int32_t* block_tables;
   int num_q_heads, num_kv_heads, group, q_blocks;
+  int num_prefix_tiles;  // kDecodedPrefix: the workspace's decoded tile slots
   float scale_log2;
   bool rotated;
 };
@@ -209,6 +216,22 @@ __device__ __forceinline__ void rotate_query_rows(uint8_t* qs, int warp_row0) {
   }
 }
 
+// A sequence's decoded tiles are workspace slots [prefix_tile_begin, prefix_tile_begin + num_tiles), and the
+// workspace holds num_prefix_tiles slots: a count left at its default 0 (or too small) would have the kernel read
+// past it, or through a null workspace. Stops the kernel with a message through a device-side assert, as PyTorch's
+// do (a __trap alone loses the printf: the H200 showed only the launch failure), so that the next synchronization
+// reports cudaErrorAssert. Out of line and not returning, so that the kernel's registers do not pay for the printf.
+[[noreturn]] __device__ __noinline__ void stop_at_prefix_past_workspace(int sequence, const PrefillSequence& seq,
+                                                                      int num_prefix_tiles) {
+  if (threadIdx.x == 0)  // of every CTA that stops: the first to stop ends the kernel, maybe before the others run
+    printf("prefill_attention: sequence %d's prefix tiles [%d, %d + %d) lie outside the workspace's %d decoded "
+           "tiles; expected args.num_prefix_tiles >= the sum of prefix.num_tiles and prefix_tile_begin the sum "
+           "before it\n",
+           sequence, seq.prefix_tile_begin, seq.prefix_tile_begin, seq.prefix.num_tiles, num_prefix_tiles);
+  __assert_fail("prefix_tile_begin + prefix.num_tiles <= num_prefix_tiles", __FILE__, __LINE__, __func__);
+  __trap();  // __assert_fail is not declared noreturn
+}
+
 // Q and two buffers of K and V blocks; at the end the fp32 output rows (padded by 8 floats against bank
 // conflicts) reuse them.
 template <int D>
@@ -229,6 +252,11 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
   const PrefillSequence seq = p.seqs[blockIdx.z];
   const int row0 = q_block * kRows;
   if (row0 >= seq.chunk_len) return;
+  if constexpr (kDecodedPrefix) {  // once per CTA, not per tile
+    if (seq.prefix_tile_begin < 0 ||
+        static_cast<long>(seq.prefix_tile_begin) + seq.prefix.num_tiles > p.num_prefix_tiles)
+      stop_at_prefix_past_workspace(static_cast<int>(blockIdx.z), seq, p.num_prefix_tiles);
+  }
   const int kv_head = head / p.group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
   const int prefix_len = seq.prefix.num_tiles * F::G + seq.prefix.tail_len;
@@ -442,12 +470,17 @@ size_t rotated_chunk_bytes(const KvCacheLayer& cache, int num_rows) {
 }  // namespace
 
 size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows, int num_prefix_tiles) {
+  check_kv_cache_layer(cache, "prefill_attention_workspace_bytes");
+  if (num_rows < 0 || num_prefix_tiles < 0)
+    throw_error("prefill_attention_workspace_bytes: num_rows " + std::to_string(num_rows) + ", num_prefix_tiles " +
+                std::to_string(num_prefix_tiles) + "; expected counts >= 0");
   return rotated_chunk_bytes(cache, num_rows) +
          (cache.layout.code_tile ? dequantized_prefix_bytes(cache, num_prefix_tiles) : 0);
 }
 
 void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& args, void* workspace,
                        cudaStream_t stream) {
+  check_kv_cache_layer(cache, "prefill_attention");
   if (args.num_seqs < 0 || args.max_chunk_len < 0)
     throw_error("prefill_attention: " + std::to_string(args.num_seqs) + " sequences, max_chunk_len " +
                 std::to_string(args.max_chunk_len) + "; expected counts >= 0");
@@ -469,6 +502,16 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
     throw_error("prefill_attention: no workspace; expected prefill_attention_workspace_bytes(" +
                 std::to_string(args.num_rows) + " rows, " + std::to_string(args.num_prefix_tiles) +
                 " prefix tiles) bytes of device memory");
+  check_softmax_scale(args.scale, cache.head_dim(), "prefill_attention");
+  check_device_memory(args.q, 16, "prefill_attention", "q", "[num_rows][num_q_heads][D] fp16");
+  check_device_memory(args.k, 16, "prefill_attention", "k", "[num_rows][num_kv_heads][D] fp16");
+  check_device_memory(args.v, 16, "prefill_attention", "v", "[num_rows][num_kv_heads][D] fp16");
+  check_device_memory(args.out, 16, "prefill_attention", "out", "[num_rows][num_q_heads][D] fp16");
+  check_device_memory(args.seqs, alignof(PrefillSequence), "prefill_attention", "seqs", "[num_seqs] PrefillSequence");
+  if (workspace)
+    check_device_memory(workspace, 16, "prefill_attention", "workspace",
+                        "prefill_attention_workspace_bytes(" + std::to_string(args.num_rows) + " rows, " +
+                            std::to_string(args.num_prefix_tiles) + " prefix tiles) bytes");
   const int d = cache.head_dim();
   PrefillParams p;
   p.q = reinterpret_cast<const __half*>(args.q);
@@ -483,6 +526,7 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   p.num_kv_heads = cache.num_kv_heads;
   p.group = args.num_q_heads / cache.num_kv_heads;
   p.q_blocks = static_cast<int>(q_blocks);
+  p.num_prefix_tiles = args.num_prefix_tiles;
   p.k_stored = p.k;
   p.v_stored = p.v;
   p.scale_log2 = args.scale * kLog2e;

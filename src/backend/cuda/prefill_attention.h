@@ -24,6 +24,7 @@ struct PrefillSequence {
 };
 
 struct PrefillAttentionArgs {
+  // q, k, v, out: device memory, 16-byte aligned.
   const uint16_t* q = nullptr;           // [num_rows][num_q_heads][D] fp16, post-RoPE, model space
   const uint16_t* k = nullptr;           // [num_rows][num_kv_heads][D] fp16, post-RoPE, model space
   const uint16_t* v = nullptr;           // [num_rows][num_kv_heads][D] fp16, model space
@@ -32,19 +33,25 @@ struct PrefillAttentionArgs {
   const int32_t* block_tables = nullptr; // device; indexed through prefix.block_table_offset
   int num_seqs = 0;
   int num_rows = 0;                      // rows of q/k/v/out, the sum of the chunk lengths
-  int num_q_heads = 0;                   // a multiple of num_kv_heads
+  int num_q_heads = 0;                   // a positive multiple of num_kv_heads
   int max_chunk_len = 0;                 // >= every sequence's chunk_len
-  float scale = 0;                       // softmax scale, 1/sqrt(D) for the Llama family
-  int num_prefix_tiles = 0;              // the sum of prefix.num_tiles over the sequences
+  float scale = 0;                       // softmax scale, finite and > 0: 1/sqrt(D) for the Llama family
+  // The sum of prefix.num_tiles over the sequences; the workspace's decoded tiles. Over code tiles, a sequence whose
+  // tiles lie past it stops the kernel (a device-side assert: the next synchronization reports cudaErrorAssert).
+  int num_prefix_tiles = 0;
 };
 
 // Device memory prefill_attention needs beside its arguments: the chunk's K/V rotated into the storage space
 // (rotated cache dtypes) and the prefix's code tiles decoded to fp16 (code-tile caches: 4 G D bytes per tile and
 // kv head, 128 KB per 128 tokens of Llama-3-8B's 8 kv heads, 126 MB for a 30K-token prefix).
+// Throws kvarn::Error for negative counts.
 size_t prefill_attention_workspace_bytes(const KvCacheLayer& cache, int num_rows, int num_prefix_tiles);
 
-// Up to three launches on `stream` (rotate the chunk's K/V, decode the prefix's code tiles, attend). Throws
-// kvarn::Error for unsupported shapes.
+// workspace: prefill_attention_workspace_bytes of device memory, 16-byte aligned (null where that is 0). Up to three
+// launches on `stream` (rotate the chunk's K/V, decode the prefix's code tiles, attend); `stream` must belong to
+// the current device (the kernel's shared memory opt-in is set per current device, per_device.h). Throws
+// kvarn::Error for unsupported shapes, a bad cache (check_kv_cache_layer), a non-positive scale and null or
+// misaligned arrays.
 void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& args, void* workspace,
                        cudaStream_t stream);
 

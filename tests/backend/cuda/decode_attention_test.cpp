@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <tuple>
@@ -517,6 +519,58 @@ TEST(DecodePlan, RefusesANegativeTileCount) {
       make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
   EXPECT_THAT([&] { plan_decode_attention(layer, std::vector<int>{3, -1}, 32); },
               refused_with("sequence 1 has -1 full tiles"));
+}
+
+// A fixed split size or tile CTA size is a count or 0 (the planner's choice): a negative one is refused rather than
+// taken as the planner's choice.
+TEST(DecodePlan, RefusesANegativeSplitSizeOrTileHeads) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
+  EXPECT_THAT([&] { plan_decode_attention(layer, std::vector<int>{3}, 8, -1); },
+              refused_with("plan_decode_attention: tiles_per_split -1; expected > 0, or 0 for the planner's choice"));
+  EXPECT_THAT([&] { plan_decode_attention(layer, std::vector<int>{3}, 8, 0, -4); },
+              refused_with("plan_decode_attention: -4 q heads per tile CTA for groups of 4; expected 4"));
+}
+
+// The softmax scale and the arrays are checked after the shapes and the plan: a scale left at its default 0 (every
+// key weighted alike) is refused, and so are null arrays and ones the kernels' 16-byte accesses would fault on. The
+// plan is written out here as plan_decode_attention makes it (which reads the GPU): 2 sequences x 8 q heads over 2
+// kv heads, one split of a tile, 4 q heads per tile CTA; the addresses are never read.
+TEST(DecodeAttention, RefusesANonPositiveScaleAndNullOrMisalignedArrays) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
+  DecodeAttentionPlan plan;
+  plan.num_seqs = 2, plan.num_q_heads = 8, plan.tile_heads = 4, plan.tiles_per_split = 1, plan.num_splits = 1;
+  plan.workspace_bytes = size_t{2} * 8 * 2 * (128 * sizeof(float) + sizeof(float2));
+  const auto address = [](uintptr_t offset) { return reinterpret_cast<uint16_t*>(uintptr_t{0x10000} + offset); };
+  DecodeAttentionArgs valid;
+  valid.q = address(0), valid.out = address(0), valid.seqs = reinterpret_cast<const SequenceKvView*>(address(0));
+  valid.num_seqs = 2, valid.num_q_heads = 8, valid.scale = 0.0884f;
+  using Change = std::function<void(DecodeAttentionArgs&, void*&)>;
+  const std::string fp16_rows = "expected device memory of [num_seqs][num_q_heads][D] fp16";
+  const std::pair<Change, std::string> cases[] = {
+      {[](auto& a, auto&) { a.scale = 0; },
+       "decode_attention: scale 0; expected a finite softmax scale > 0 (1/sqrt(D) = 0.0883883 for the Llama family)"},
+      {[](auto& a, auto&) { a.scale = -0.0884f; }, "decode_attention: scale -0.0884; expected a finite softmax"},
+      {[](auto& a, auto&) { a.scale = NAN; }, "decode_attention: scale nan; expected a finite softmax"},
+      {[](auto& a, auto&) { a.scale = INFINITY; }, "decode_attention: scale inf; expected a finite softmax"},
+      {[](auto&, void*& w) { w = nullptr; },
+       "decode_attention: workspace is null; expected device memory of plan.workspace_bytes (16640 bytes)"},
+      {[&](auto&, void*& w) { w = address(8); }, "decode_attention: workspace at 0x10008 is not 16-byte aligned"},
+      {[](auto& a, auto&) { a.q = nullptr; }, "decode_attention: q is null; " + fp16_rows},
+      {[&](auto& a, auto&) { a.q = address(2); },
+       "decode_attention: q at 0x10002 is not 16-byte aligned; " + fp16_rows},
+      {[](auto& a, auto&) { a.out = nullptr; }, "decode_attention: out is null; " + fp16_rows},
+      {[&](auto& a, auto&) { a.out = address(4); }, "decode_attention: out at 0x10004 is not 16-byte aligned"},
+      {[](auto& a, auto&) { a.seqs = nullptr; },
+       "decode_attention: seqs is null; expected device memory of [num_seqs] SequenceKvView"},
+  };
+  for (const auto& [change, expected] : cases) {
+    DecodeAttentionArgs args = valid;
+    void* workspace = address(0);
+    change(args, workspace);
+    EXPECT_THAT([&] { decode_attention(layer, args, plan, workspace, nullptr); }, refused_with(expected));
+  }
 }
 
 // A plan serves the sequences and q heads it was made for: its splits cover their tiles and its workspace their

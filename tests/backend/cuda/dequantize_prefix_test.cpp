@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 
 namespace kvarn::cuda {
 namespace {
@@ -94,6 +95,40 @@ TEST(DequantizePrefix, RefusesAnFp16Cache) {
   const KvCacheLayer layer = make_kv_cache_layer(codec::parse_cache_dtype("fp16"), 128, 128, 2, nullptr, nullptr);
   EXPECT_THAT([&] { dequantize_prefix_tiles(layer, nullptr, 1, nullptr, 1, nullptr, nullptr); },
               test::refused_with("fp16 tiles, not code tiles"));
+}
+
+// Counts are refused before they size anything: a negative one, or more tiles than the grid's CTAs (a tile per kv
+// head each) hold. Without a GPU: nothing is launched.
+TEST(DequantizePrefix, RefusesNegativeCountsAndMoreTilesThanTheGridHolds) {
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
+  EXPECT_THAT([&] { dequantize_prefix_tiles(layer, nullptr, -1, nullptr, 1, nullptr, nullptr); },
+              test::refused_with("dequantize_prefix_tiles: num_seqs -1, num_prefix_tiles 1; expected counts >= 0"));
+  EXPECT_THAT([&] { dequantize_prefix_tiles(layer, nullptr, 1, nullptr, -1, nullptr, nullptr); },
+              test::refused_with("dequantize_prefix_tiles: num_seqs 1, num_prefix_tiles -1; expected counts >= 0"));
+  EXPECT_THAT([&] { dequantize_prefix_tiles(layer, nullptr, 1, nullptr, 1 << 28, nullptr, nullptr); },
+              test::refused_with("dequantize_prefix_tiles: num_prefix_tiles 268435456 x 8 kv heads = 2147483648 CTAs "
+                                 "exceed the grid limit (2^31 - 1)"));
+  EXPECT_THAT([&] { dequantized_prefix_bytes(layer, -1); },
+              test::refused_with("dequantized_prefix_bytes: num_prefix_tiles -1; expected >= 0"));
+}
+
+// The arrays it reads and writes: null ones fault on the device, and its 16-byte copies and stores need `out` and
+// the blocks aligned. The addresses are never read.
+TEST(DequantizePrefix, RefusesNullOrMisalignedArrays) {
+  const auto address = [](uintptr_t offset) { return reinterpret_cast<uint8_t*>(uintptr_t{0x10000} + offset); };
+  const auto* seqs = reinterpret_cast<const PrefillSequence*>(address(0));
+  const KvCacheLayer layer =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, address(0), nullptr);
+  EXPECT_THAT([&] { dequantize_prefix_tiles(layer, nullptr, 1, nullptr, 3, address(0), nullptr); },
+              test::refused_with("dequantize_prefix_tiles: seqs is null; expected device memory of [num_seqs]"));
+  EXPECT_THAT([&] { dequantize_prefix_tiles(layer, seqs, 1, nullptr, 3, address(8), nullptr); },
+              test::refused_with("dequantize_prefix_tiles: out at 0x10008 is not 16-byte aligned; expected device "
+                                 "memory of dequantized_prefix_bytes(3 tiles) bytes"));
+  const KvCacheLayer without_blocks =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, nullptr, nullptr);
+  EXPECT_THAT([&] { dequantize_prefix_tiles(without_blocks, seqs, 1, nullptr, 3, address(0), nullptr); },
+              test::refused_with("dequantize_prefix_tiles: cache.blocks is null"));
 }
 
 }  // namespace

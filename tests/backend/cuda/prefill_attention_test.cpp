@@ -26,9 +26,17 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <functional>
 #include <sstream>
+#include <string>
+#include <utility>
 
 namespace kvarn::cuda {
 namespace {
@@ -457,6 +465,89 @@ TEST(PrefillAttention, RefusesNegativeCounts) {
 TEST(PrefillAttention, RefusesAMissingWorkspaceWhereItNeedsOne) {
   EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), one_row_args(4), nullptr, nullptr); },
               refused_with("no workspace"));
+}
+
+TEST(PrefillAttention, WorkspaceBytesRefuseNegativeCounts) {
+  for (const auto& [rows, tiles] : {std::pair{-1, 0}, std::pair{0, -1}})
+    EXPECT_THAT([&] { prefill_attention_workspace_bytes(kvarn_layer(2), rows, tiles); },
+                refused_with("prefill_attention_workspace_bytes: num_rows " + std::to_string(rows) +
+                             ", num_prefix_tiles " + std::to_string(tiles) + "; expected counts >= 0"));
+}
+
+// The softmax scale and the arrays are checked after the shapes and the workspace's presence: a scale left at its
+// default 0 (every key weighted alike) is refused, and so are null arrays and ones the kernels' 16-byte accesses
+// would fault on. The addresses are never read.
+TEST(PrefillAttention, RefusesANonPositiveScaleAndNullOrMisalignedArrays) {
+  const auto address = [](uintptr_t offset) { return reinterpret_cast<uint16_t*>(uintptr_t{0x10000} + offset); };
+  PrefillAttentionArgs valid = one_row_args(4);
+  valid.q = valid.k = valid.v = valid.out = address(0);
+  valid.seqs = reinterpret_cast<const PrefillSequence*>(address(0));
+  valid.scale = 0.0884f;
+  using Change = std::function<void(PrefillAttentionArgs&, void*&)>;
+  const std::pair<Change, std::string> cases[] = {
+      {[](auto& a, auto&) { a.scale = 0; },
+       "prefill_attention: scale 0; expected a finite softmax scale > 0 (1/sqrt(D) = 0.0883883 for the Llama family)"},
+      {[](auto& a, auto&) { a.scale = -INFINITY; }, "prefill_attention: scale -inf; expected a finite softmax"},
+      {[](auto& a, auto&) { a.scale = NAN; }, "prefill_attention: scale nan; expected a finite softmax"},
+      {[](auto& a, auto&) { a.q = nullptr; },
+       "prefill_attention: q is null; expected device memory of [num_rows][num_q_heads][D] fp16"},
+      {[&](auto& a, auto&) { a.k = address(2); },
+       "prefill_attention: k at 0x10002 is not 16-byte aligned; expected device memory of [num_rows][num_kv_heads][D]"},
+      {[](auto& a, auto&) { a.v = nullptr; }, "prefill_attention: v is null"},
+      {[&](auto& a, auto&) { a.out = address(8); }, "prefill_attention: out at 0x10008 is not 16-byte aligned"},
+      {[](auto& a, auto&) { a.seqs = nullptr; },
+       "prefill_attention: seqs is null; expected device memory of [num_seqs] PrefillSequence"},
+      {[&](auto&, void*& w) { w = address(4); },
+       "prefill_attention: workspace at 0x10004 is not 16-byte aligned; expected device memory of "
+       "prefill_attention_workspace_bytes(1 rows, 0 prefix tiles) bytes"},
+  };
+  for (const auto& [change, expected] : cases) {
+    PrefillAttentionArgs args = valid;
+    void* workspace = address(0);
+    change(args, workspace);
+    EXPECT_THAT([&] { prefill_attention(kvarn_layer(2), args, workspace, nullptr); }, refused_with(expected));
+  }
+}
+
+// Over code tiles the kernel reads sequence s's decoded tiles at workspace slots prefix_tile_begin + i, in a
+// workspace sized by num_prefix_tiles: a caller who leaves that at its default 0 would have the kernel read through
+// a null workspace (rtn is not rotated, so the workspace is 0 bytes). Each CTA checks its sequence once and stops
+// the kernel (a device-side assert) with a message naming it; the next synchronization throws the CUDA error. The
+// assert leaves the process's CUDA context unusable, so it runs in a death test's child, which the threadsafe style
+// starts afresh (re-executing the test binary: CUDA is initialised in the child itself). The child writes the
+// kernel's printf (stdout) to stderr, where the death test looks, and the error, and aborts: the regex needs the
+// message and cudaErrorAssert, which a fault of the read itself (cudaErrorIllegalAddress) would not give.
+TEST(PrefillAttentionDeathTest, StopsTheKernelWhereASequencesTilesPassTheWorkspace) {
+  KVARN_SKIP_WITHOUT_GPU();
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const int d = 128, g = 128;
+  const KvCacheLayer shape = make_kv_cache_layer(codec::parse_cache_dtype("rtn_k4v2_g128"), d, g, 1, nullptr, nullptr);
+  DeviceBuffer<uint8_t> blocks(std::vector<uint8_t>(shape.block_bytes(), 0));
+  DeviceBuffer<uint16_t> tails(std::vector<uint16_t>(shape.tail_slot_elements(), 0));
+  DeviceBuffer<uint16_t> q(std::vector<uint16_t>(d, 0)), k(q.download()), v(q.download()), out(d);
+  DeviceBuffer<int32_t> block_table(std::vector<int32_t>{0});
+  DeviceBuffer<PrefillSequence> seqs(std::vector<PrefillSequence>{{{0, 1, 0, 0}, 0, 1, 0}});  // a tile, a row
+  const KvCacheLayer layer = make_kv_cache_layer(codec::parse_cache_dtype("rtn_k4v2_g128"), d, g, 1, blocks.get(),
+                                                 tails.get());
+  PrefillAttentionArgs args = one_row_args(1);
+  args.q = q.get(), args.k = k.get(), args.v = v.get(), args.out = out.get();
+  args.seqs = seqs.get(), args.block_tables = block_table.get(), args.scale = 1 / std::sqrt(static_cast<float>(d));
+  ASSERT_EQ(args.num_prefix_tiles, 0);
+  ASSERT_EQ(prefill_attention_workspace_bytes(layer, 1, 0), 0u);
+  EXPECT_DEATH(
+      {
+        dup2(STDERR_FILENO, STDOUT_FILENO);
+        try {
+          prefill_attention(layer, args, nullptr, nullptr);
+          KVARN_CUDA_CHECK(cudaDeviceSynchronize());
+        } catch (const Error& e) {
+          std::fflush(stdout);
+          std::fprintf(stderr, "%s\n", e.what());
+          std::abort();
+        }
+      },
+      "sequence 0's prefix tiles \\[0, 0 \\+ 1\\) lie outside the workspace's 0 decoded tiles(.|\n)*"
+      "CUDA error cudaErrorAssert");
 }
 
 // The grid has a CTA per q head and 128-row query block of the longest chunk; its second dimension holds 65535.
