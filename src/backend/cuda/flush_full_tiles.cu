@@ -468,9 +468,14 @@ void flush_full_tiles(std::span<const KvCacheLayer> layers, const TileFlushJob* 
                       cudaStream_t stream) {
   if (num_jobs < 0) throw_error("flush_full_tiles: num_jobs " + std::to_string(num_jobs) + "; expected >= 0");
   if (num_jobs == 0 || layers.empty()) return;
+  check_device_memory(jobs, alignof(TileFlushJob), "flush_full_tiles", "jobs", "[num_jobs] TileFlushJob");
   const KvCacheLayer& first = layers.front();
-  for (size_t i = 1; i < layers.size(); ++i) {
+  for (size_t i = 0; i < layers.size(); ++i) {
     const KvCacheLayer& layer = layers[i];
+    check_kv_cache_layer(layer, "flush_full_tiles");
+    if (!layer.tails || !layer.blocks)
+      throw_error("flush_full_tiles: layer " + std::to_string(i) + " has no " + (layer.tails ? "blocks" : "tails") +
+                  "; expected the device memory of a cache (make_kv_cache_layer's blocks and tails)");
     if (layer.num_kv_heads != first.num_kv_heads || layer.method != first.method || layer.layout != first.layout)
       throw_error("flush_full_tiles: layer " + std::to_string(i) + " has " + std::to_string(layer.num_kv_heads) +
                   " kv heads of head_dim " + std::to_string(layer.head_dim()) + " in tiles of " +

@@ -49,14 +49,6 @@ const char* method_name(codec::Method method) {
   return "unknown";
 }
 
-bool same_layout(const codec::TileLayout& a, const codec::TileLayout& b) {
-  return a.head_dim == b.head_dim && a.tokens == b.tokens && a.key_bits == b.key_bits &&
-         a.value_bits == b.value_bits && a.code_tile == b.code_tile && a.key_codes == b.key_codes &&
-         a.key_scale == b.key_scale && a.key_zero == b.key_zero && a.key_token_scale == b.key_token_scale &&
-         a.value_codes == b.value_codes && a.value_channel_scale == b.value_channel_scale &&
-         a.value_scale == b.value_scale && a.value_zero == b.value_zero && a.bytes == b.bytes;
-}
-
 }  // namespace
 
 void check_kv_cache_layer(const KvCacheLayer& cache, const char* who) {
@@ -74,9 +66,8 @@ void check_kv_cache_layer(const KvCacheLayer& cache, const char* who) {
     throw Error("{}: cache.method {} with cache.layout.code_tile {}; expected code tiles for rtn, rot and kvarn, "
                 "fp16 tiles for fp16", who, method_name(cache.method), l.code_tile);
   const int d = l.head_dim, g = l.tokens;
-  const bool made = code_method ? same_layout(l, codec::TileLayout::codes(d, g, 4, 2)) ||
-                                      same_layout(l, codec::TileLayout::codes(d, g, 4, 4))
-                                : same_layout(l, codec::TileLayout::plain(d, g, 16));
+  const bool made = code_method ? l == codec::TileLayout::codes(d, g, 4, 2) || l == codec::TileLayout::codes(d, g, 4, 4)
+                                : l == codec::TileLayout::plain(d, g, 16);
   if (!made)
     throw Error("{}: cache.layout of {}-bit keys, {}-bit values and {} bytes differs from {}; expected the layout "
                 "make_kv_cache_layer builds", who, l.key_bits, l.value_bits, l.bytes,

@@ -472,18 +472,27 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, FlushLayersTest,
                                   "_layers" + std::to_string(c.layers);
                          });
 
-// The layers of one call must share one format: a kernel is chosen, and the grid shaped, for the first.
-TEST(FlushFullTiles, RefusesLayersOfAnotherFormat) {
-  const auto layer = [](const char* dtype, int heads) {
-    return make_kv_cache_layer(codec::parse_cache_dtype(dtype), 128, 128, heads, nullptr, nullptr);
+// The layers of one call must be one cache's: a kernel is chosen, and the grid shaped, for the first. Refused before
+// anything is launched, as are null jobs and a layer without memory (the pointers below are never dereferenced).
+TEST(FlushFullTiles, RefusesLayersOfAnotherFormatAndMissingMemory) {
+  auto* memory = reinterpret_cast<uint8_t*>(uintptr_t{1} << 20);
+  const auto* jobs = reinterpret_cast<const TileFlushJob*>(memory);
+  const auto layer = [&](const char* dtype, int heads, bool with_memory = true) {
+    return make_kv_cache_layer(codec::parse_cache_dtype(dtype), 128, 128, heads, with_memory ? memory : nullptr,
+                               reinterpret_cast<uint16_t*>(memory));
   };
   const std::vector<KvCacheLayer> other_heads = {layer("kvarn_k4v2_g128", 8), layer("kvarn_k4v2_g128", 4)};
-  EXPECT_THAT([&] { flush_full_tiles(other_heads, nullptr, 1, nullptr); },
+  EXPECT_THAT([&] { flush_full_tiles(other_heads, jobs, 1, nullptr); },
               test::refused_with("flush_full_tiles: layer 1 has 4 kv heads"));
   const std::vector<KvCacheLayer> other_dtype = {layer("kvarn_k4v2_g128", 8), layer("kvarn_k4v4_g128", 8),
                                                  layer("kvarn_k4v2_g128", 8)};
-  EXPECT_THAT([&] { flush_full_tiles(other_dtype, nullptr, 1, nullptr); },
+  EXPECT_THAT([&] { flush_full_tiles(other_dtype, jobs, 1, nullptr); },
               test::refused_with("expected the layers of one cache"));
+  const std::vector<KvCacheLayer> no_blocks = {layer("fp16", 8), layer("fp16", 8, false)};
+  EXPECT_THAT([&] { flush_full_tiles(no_blocks, jobs, 1, nullptr); },
+              test::refused_with("flush_full_tiles: layer 1 has no blocks"));
+  EXPECT_THAT([&] { flush_full_tiles(layer("fp16", 8), nullptr, 1, nullptr); },
+              test::refused_with("flush_full_tiles: jobs is null"));
 }
 
 // Negative counts are refused before anything is launched (they would have been a launch's invalid configuration).
