@@ -42,12 +42,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-
-// The device side of assert(), which NDEBUG compiles out; declared as CUDA's headers declare it for glibc hosts
-// (PyTorch's CUDA_KERNEL_ASSERT calls it the same way).
-extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
-                                                  const char* function) noexcept;
 
 namespace kvarn::cuda {
 
@@ -72,7 +66,6 @@ struct PrefillParams {
   const PrefillSequence* seqs;
   const int32_t* block_tables;
   int num_q_heads, num_kv_heads, group, q_blocks;
-  int num_prefix_tiles;  // kDecodedPrefix: the workspace's decoded tile slots
   float scale_log2;
   bool rotated;
 };
@@ -216,22 +209,6 @@ __device__ __forceinline__ void rotate_query_rows(uint8_t* qs, int warp_row0) {
   }
 }
 
-// A sequence's decoded tiles are workspace slots [prefix_tile_begin, prefix_tile_begin + num_tiles), and the
-// workspace holds num_prefix_tiles slots: a count left at its default 0 (or too small) would have the kernel read
-// past it, or through a null workspace. Stops the kernel with a message through a device-side assert, as PyTorch's
-// do (a __trap alone loses the printf: the H200 showed only the launch failure), so that the next synchronization
-// reports cudaErrorAssert. Out of line and not returning, so that the kernel's registers do not pay for the printf.
-[[noreturn]] __device__ __noinline__ void stop_at_prefix_past_workspace(int sequence, const PrefillSequence& seq,
-                                                                      int num_prefix_tiles) {
-  if (threadIdx.x == 0)  // of every CTA that stops: the first to stop ends the kernel, maybe before the others run
-    printf("prefill_attention: sequence %d's prefix tiles [%d, %d + %d) lie outside the workspace's %d decoded "
-           "tiles; expected args.num_prefix_tiles >= the sum of prefix.num_tiles and prefix_tile_begin the sum "
-           "before it\n",
-           sequence, seq.prefix_tile_begin, seq.prefix_tile_begin, seq.prefix.num_tiles, num_prefix_tiles);
-  __assert_fail("prefix_tile_begin + prefix.num_tiles <= num_prefix_tiles", __FILE__, __LINE__, __func__);
-  __trap();  // __assert_fail is not declared noreturn
-}
-
 // Q and two buffers of K and V blocks; at the end the fp32 output rows (padded by 8 floats against bank
 // conflicts) reuse them.
 template <int D>
@@ -252,11 +229,6 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
   const PrefillSequence seq = p.seqs[blockIdx.z];
   const int row0 = q_block * kRows;
   if (row0 >= seq.chunk_len) return;
-  if constexpr (kDecodedPrefix) {  // once per CTA, not per tile
-    if (seq.prefix_tile_begin < 0 ||
-        static_cast<long>(seq.prefix_tile_begin) + seq.prefix.num_tiles > p.num_prefix_tiles)
-      stop_at_prefix_past_workspace(static_cast<int>(blockIdx.z), seq, p.num_prefix_tiles);
-  }
   const int kv_head = head / p.group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane / 4, m4 = lane % 4;
   const int prefix_len = seq.prefix.num_tiles * F::G + seq.prefix.tail_len;
@@ -494,6 +466,7 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
                 " query blocks of " + std::to_string(kRows) + " rows exceed the grid limit (65535 each)");
   if (args.num_prefix_tiles < 0)
     throw_error("prefill_attention: num_prefix_tiles " + std::to_string(args.num_prefix_tiles) +
+                (args.num_prefix_tiles == -1 ? " (not set)" : "") +
                 "; expected the sum of the sequences' prefix tiles (>= 0)");
   if (args.num_rows < args.max_chunk_len)
     throw_error("prefill_attention: num_rows " + std::to_string(args.num_rows) + " below max_chunk_len " +
@@ -526,7 +499,6 @@ void prefill_attention(const KvCacheLayer& cache, const PrefillAttentionArgs& ar
   p.num_kv_heads = cache.num_kv_heads;
   p.group = args.num_q_heads / cache.num_kv_heads;
   p.q_blocks = static_cast<int>(q_blocks);
-  p.num_prefix_tiles = args.num_prefix_tiles;
   p.k_stored = p.k;
   p.v_stored = p.v;
   p.scale_log2 = args.scale * kLog2e;

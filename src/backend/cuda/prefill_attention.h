@@ -36,9 +36,10 @@ struct PrefillAttentionArgs {
   int num_q_heads = 0;                   // a positive multiple of num_kv_heads
   int max_chunk_len = 0;                 // >= every sequence's chunk_len
   float scale = 0;                       // softmax scale, finite and > 0: 1/sqrt(D) for the Llama family
-  // The sum of prefix.num_tiles over the sequences; the workspace's decoded tiles. Over code tiles, a sequence whose
-  // tiles lie past it stops the kernel (a device-side assert: the next synchronization reports cudaErrorAssert).
-  int num_prefix_tiles = 0;
+  // The sum of prefix.num_tiles over the sequences: the workspace's decoded tiles, which the kernel reads at
+  // prefix_tile_begin + i unchecked (a check in each CTA cost 1.5% over a 30K-token prefix: docs/benchmarks.md).
+  // No default: a count left unset is refused (at 0 the kernel would read past the workspace).
+  int num_prefix_tiles = -1;
 };
 
 // Device memory prefill_attention needs beside its arguments: the chunk's K/V rotated into the storage space
