@@ -74,7 +74,8 @@ def main():
     apart = by_key(rows, "decode_no_overlap")  # our fp16 kernel's calls apart, as SDPA's run
     print(f"Device-to-device copy bandwidth (read + write): {copy:.0f} GB/s\n" if copy else "copy: not measured\n")
     print("| shape | batch | context | k4v2_g128 us | k4v2 GB/s | % of copy | k4v2 TFLOP/s | fp16 us | fp16 GB/s "
-          "| fp16 us, calls apart | SDPA flash us | SDPA GB/s | k4v2 vs fp16 | k4v2 vs SDPA | fp16 (calls apart) vs SDPA"
+          "| fp16 us, calls apart | SDPA flash us | SDPA GB/s | k4v2 vs fp16 | k4v2 vs SDPA "
+          "| fp16 (calls apart) vs SDPA"
           + (" | SM MHz k4v2 / fp16 / SDPA |" if clocks else " |"))
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
           + (" ---: |" if clocks else ""))
@@ -128,11 +129,12 @@ def main():
         print("| jobs | layers | us per call | tiles/s (per kv head) |\n| ---: | ---: | ---: | ---: |")
         for r in flush:
             print(f"| {r['batch']} | {r['context']} | {num(r['time_us']):.1f} | {num(r['TFLOP_per_s']):.3g} |")
-        f32 = next((num(r["time_us"]) for r in flush if r["batch"] == "1" and r["context"] == "32"), None)
+        step_flush = next((num(r["time_us"]) for r in flush if r["batch"] == "1" and r["context"] == "32"), None)
         linear = next((num(r["time_us"]) for r in rows if r["kind"] == "linear"), None)
-        if f32:
+        if step_flush:
             print("\nShare of a decode step at batch 128 (a sequence flushes once per 128 steps: one job per step on "
-                  "average, in each of the 32 layers, one call), against 32 layers of k4v2_g128 decode attention (Llama-3-8B shape) alone, and against "
+                  "average, in each of the 32 layers, one call), against 32 layers of k4v2_g128 decode attention "
+                  "(Llama-3-8B shape) alone, and against "
                   "attention plus the step's linear layers (cuBLAS, fp16 weights; norms, RoPE, activations and "
                   "sampling not counted, so the step is longer still):\n")
             print("| context | flush us | attention us (32 layers) | share of attention | linear layers us "
@@ -140,9 +142,9 @@ def main():
             for (shape, dtype, batch, context), r in sorted(decode.items()):
                 if shape == "llama3-8b" and dtype == "kvarn_k4v2_g128" and batch == 128 and num(r["time_us"]):
                     att = 32 * num(r["time_us"])
-                    shares.append((context, 100 * f32 / (f32 + att + (linear or 0))))
+                    shares.append((context, 100 * step_flush / (step_flush + att + (linear or 0))))
                     step = f"{linear:.0f} | {shares[-1][1]:.1f}%" if linear else "- | -"
-                    print(f"| {context // 1024}K | {f32:.0f} | {att:.0f} | {100 * f32 / (f32 + att):.1f}% | {step} |")
+                    print(f"| {context // 1024}K | {step_flush:.0f} | {att:.0f} | {100 * step_flush / (step_flush + att):.1f}% | {step} |")
     prefill = {(r["shape"], r["dtype"], int(r["context"]), int(r["splits"] or 0)): r
                for r in rows if r["kind"] == "prefill"}
     if prefill:
