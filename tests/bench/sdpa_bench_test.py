@@ -46,12 +46,13 @@ class SdpaBenchTest(unittest.TestCase):
         self.assertIn("--shapes: unknown gpt-5; expected llama3-8b, qwen3-32b", run.stderr)
 
     def test_a_row_whose_kv_does_not_fit_in_free_memory_is_skipped_with_both_sizes(self):
-        # Llama's shape at batch 32 x 128K: 2 * 32 * 8 * 131072 * 128 * 2 bytes = 16 GiB of K and V.
+        # Llama's shape at batch 32 x 128K, as many tokens as kvarn_cuda_bench's rows hold (context - 64):
+        # 2 * 32 * 8 * 131008 * 128 * 2 bytes = 15.99 GiB of K and V, shown in whole GiB.
         run = self.run_bench("--decode-only", "--shapes", "llama3-8b", "--batches", "32", "--contexts", "131072",
                              free_gib=17)
         self.assertEqual(run.returncode, 0, run.stderr)
         rows = [line for line in run.stdout.splitlines() if line.startswith("decode,")]
-        self.assertEqual(rows, ["decode,llama3-8b,sdpa_flash,32,131072,skipped: 16 GiB of K/V; 17 GiB free,,,,,,"])
+        self.assertEqual(rows, ["decode,llama3-8b,sdpa_flash,32,131072,skipped: 15 GiB of K/V; 17 GiB free,,,,,,"])
 
 
 if __name__ == "__main__":

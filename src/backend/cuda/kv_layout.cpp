@@ -85,7 +85,7 @@ void check_softmax_scale(float scale, int head_dim, const char* who) {
 }
 
 void check_device_memory(const void* pointer, size_t alignment, const char* who, const char* name,
-                         const std::string& holds) {
+                         std::string_view holds) {
   if (!pointer) throw Error("{}: {} is null; expected device memory of {}", who, name, holds);
   const auto address = reinterpret_cast<uintptr_t>(pointer);
   if (address % alignment != 0)

@@ -10,7 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <string>
+#include <string_view>
 
 namespace kvarn::cuda {
 
@@ -49,7 +49,7 @@ void check_softmax_scale(float scale, int head_dim, const char* who);
 // array faults on the device, a misaligned one in the kernels' 16-byte accesses (cp.async, vector loads). `holds`
 // says what it is, e.g. "[num_seqs][num_q_heads][D] fp16".
 void check_device_memory(const void* pointer, size_t alignment, const char* who, const char* name,
-                         const std::string& holds);
+                         std::string_view holds);
 
 // One sequence as attention reads it: its full tiles are block_tables[block_table_offset ..+ num_tiles], its
 // tail holds tail_len (0..G-1) tokens in slot tail_slot.
