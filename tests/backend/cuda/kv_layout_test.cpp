@@ -6,6 +6,7 @@
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/decode_attention.h"
 #include "backend/cuda/dequantize_prefix.h"
+#include "backend/cuda/flush_full_tiles.h"
 #include "backend/cuda/kv_layout.h"
 #include "backend/cuda/prefill_attention.h"
 #include "codec/cache_dtype.h"
@@ -110,8 +111,8 @@ TEST(CheckKvCacheLayer, RefusesALayerMakeKvCacheLayerCouldNotHaveBuilt) {
   }
 }
 
-// Every entry point checks the layer before anything else: a layer of no kv heads divided by zero (SIGFPE) in the
-// q-head checks, and append_to_tails ran its D = 64 kernel for any head_dim other than 128.
+// Every entry point checks the layer before anything else (flush after its jobs): a layer of no kv heads divided by
+// zero (SIGFPE) in the q-head checks, and append_to_tails ran its D = 64 kernel for any head_dim other than 128.
 TEST(CheckKvCacheLayer, EveryEntryPointChecksTheLayerFirst) {
   KvCacheLayer no_kv_heads = layer("kvarn_k4v2_g128");
   no_kv_heads.num_kv_heads = 0;
@@ -141,6 +142,8 @@ TEST(CheckKvCacheLayer, EveryEntryPointChecksTheLayerFirst) {
     EXPECT_THAT([&] { dequantize_prefix_tiles(cache, nullptr, 1, nullptr, 1, nullptr, nullptr); },
                 refused_with("dequantize_prefix_tiles: " + what));
     EXPECT_THAT([&] { dequantized_prefix_bytes(cache, 1); }, refused_with("dequantized_prefix_bytes: " + what));
+    EXPECT_THAT([&] { flush_full_tiles(cache, fake_device_address<TileFlushJob>(), 1, nullptr); },
+                refused_with("flush_full_tiles: " + what));
   }
 }
 
