@@ -10,6 +10,11 @@ namespace kvarn::codec {
 
 enum class Method { fp32, fp16, fp8_e4m3, rtn, rot, kvarn };
 
+// Whether a method stores integer codes with folded per-row/per-column scales (the KVarN tile layout).
+constexpr bool stores_code_tiles(Method method) {
+  return method == Method::rtn || method == Method::rot || method == Method::kvarn;
+}
+
 struct CacheDtype {
   std::string name;
   Method method = Method::fp16;
@@ -20,7 +25,7 @@ struct CacheDtype {
   // Keys and values are stored Hadamard-rotated: the attention rotates the query and un-rotates its output.
   bool rotated() const { return method == Method::rot || method == Method::kvarn; }
   // Stored as integer codes with folded per-row/per-column scales (the KVarN tile layout).
-  bool code_tile() const { return method == Method::rtn || method == Method::rot || method == Method::kvarn; }
+  bool code_tile() const { return stores_code_tiles(method); }
   bool normalized() const { return method == Method::kvarn; }
   // The fp16 tail slot holds fp32 for the fp32 reference dtype, so that nothing is rounded.
   int tail_element_bytes() const { return method == Method::fp32 ? 4 : 2; }

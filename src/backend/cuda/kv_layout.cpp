@@ -57,8 +57,7 @@ void check_kv_cache_layer(const KvCacheLayer& cache, const char* who) {
   if (l.head_dim != 64 && l.head_dim != 128)
     throw Error("{}: cache.layout.head_dim {}; expected 64 or 128", who, l.head_dim);
   if (l.tokens != 64 && l.tokens != 128) throw Error("{}: cache.layout.tokens {}; expected 64 or 128", who, l.tokens);
-  const bool code_method = cache.method == codec::Method::rtn || cache.method == codec::Method::rot ||
-                           cache.method == codec::Method::kvarn;
+  const bool code_method = codec::stores_code_tiles(cache.method);
   if (!code_method && cache.method != codec::Method::fp16)
     throw Error("{}: cache.method {}; expected fp16, rtn, rot or kvarn (the CUDA kernels serve no other)", who,
                 method_name(cache.method));

@@ -57,6 +57,13 @@ inline auto refused_with(const std::string& text) {
   return ::testing::ThrowsMessage<kvarn::Error>(::testing::HasSubstr(text));
 }
 
+// A 16-byte aligned address (or `offset` bytes past one) that is never dereferenced: the argument checks, which
+// refuse before anything is launched, take it for device memory, so that their tests need no GPU.
+template <class T>
+T* fake_device_address(uintptr_t offset = 0) {
+  return reinterpret_cast<T*>(uintptr_t{0x10000} + offset);
+}
+
 // Fresh random inputs on every run; KVARN_TEST_SEED=N replays the run whose failure message printed seed N.
 inline uint32_t test_seed() {
   const char* text = std::getenv("KVARN_TEST_SEED");

@@ -542,7 +542,7 @@ TEST(DecodeAttention, RefusesANonPositiveScaleAndNullOrMisalignedArrays) {
   DecodeAttentionPlan plan;
   plan.num_seqs = 2, plan.num_q_heads = 8, plan.tile_heads = 4, plan.tiles_per_split = 1, plan.num_splits = 1;
   plan.workspace_bytes = size_t{2} * 8 * 2 * (128 * sizeof(float) + sizeof(float2));
-  const auto address = [](uintptr_t offset) { return reinterpret_cast<uint16_t*>(uintptr_t{0x10000} + offset); };
+  const auto address = [](uintptr_t offset) { return test::fake_device_address<uint16_t>(offset); };
   DecodeAttentionArgs valid;
   valid.q = address(0), valid.out = address(0), valid.seqs = reinterpret_cast<const SequenceKvView*>(address(0));
   valid.num_seqs = 2, valid.num_q_heads = 8, valid.scale = 0.0884f;

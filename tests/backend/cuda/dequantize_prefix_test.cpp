@@ -116,7 +116,7 @@ TEST(DequantizePrefix, RefusesNegativeCountsAndMoreTilesThanTheGridHolds) {
 // The arrays it reads and writes: null ones fault on the device, and its 16-byte copies and stores need `out` and
 // the blocks aligned. The addresses are never read.
 TEST(DequantizePrefix, RefusesNullOrMisalignedArrays) {
-  const auto address = [](uintptr_t offset) { return reinterpret_cast<uint8_t*>(uintptr_t{0x10000} + offset); };
+  const auto address = [](uintptr_t offset) { return test::fake_device_address<uint8_t>(offset); };
   const auto* seqs = reinterpret_cast<const PrefillSequence*>(address(0));
   const KvCacheLayer layer =
       make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 2, address(0), nullptr);

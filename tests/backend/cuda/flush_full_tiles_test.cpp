@@ -475,8 +475,8 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, FlushLayersTest,
 // The layers of one call must be one cache's: a kernel is chosen, and the grid shaped, for the first. Refused before
 // anything is launched, as are null jobs and a layer without memory (the pointers below are never dereferenced).
 TEST(FlushFullTiles, RefusesLayersOfAnotherFormatAndMissingMemory) {
-  auto* memory = reinterpret_cast<uint8_t*>(uintptr_t{1} << 20);
-  const auto* jobs = reinterpret_cast<const TileFlushJob*>(memory);
+  auto* memory = test::fake_device_address<uint8_t>();
+  const auto* jobs = test::fake_device_address<const TileFlushJob>();
   const auto layer = [&](const char* dtype, int heads, bool with_memory = true) {
     return make_kv_cache_layer(codec::parse_cache_dtype(dtype), 128, 128, heads, with_memory ? memory : nullptr,
                                reinterpret_cast<uint16_t*>(memory));

@@ -22,13 +22,8 @@
 namespace kvarn::cuda {
 namespace {
 
+using test::fake_device_address;
 using test::refused_with;
-
-// An address that is 16-byte aligned (or `offset` past one), never dereferenced: the checks refuse first.
-template <class T>
-T* fake_device_address(uintptr_t offset = 0) {
-  return reinterpret_cast<T*>(uintptr_t{0x10000} + offset);
-}
 
 KvCacheLayer layer(const char* dtype, int head_dim = 128, int tile_tokens = 128, int kv_heads = 2) {
   return make_kv_cache_layer(codec::parse_cache_dtype(dtype), head_dim, tile_tokens, kv_heads, nullptr, nullptr);

@@ -478,7 +478,7 @@ TEST(PrefillAttention, WorkspaceBytesRefuseNegativeCounts) {
 // default 0 (every key weighted alike) is refused, and so are null arrays and ones the kernels' 16-byte accesses
 // would fault on. The addresses are never read.
 TEST(PrefillAttention, RefusesANonPositiveScaleAndNullOrMisalignedArrays) {
-  const auto address = [](uintptr_t offset) { return reinterpret_cast<uint16_t*>(uintptr_t{0x10000} + offset); };
+  const auto address = [](uintptr_t offset) { return test::fake_device_address<uint16_t>(offset); };
   PrefillAttentionArgs valid = one_row_args(4);
   valid.q = valid.k = valid.v = valid.out = address(0);
   valid.seqs = reinterpret_cast<const PrefillSequence*>(address(0));
