@@ -211,6 +211,14 @@ enum class Lengths { uniform, ragged, one_long };
 // graph and cuBLAS keep: a row whose cache does not fit in the free memory less this is skipped.
 constexpr size_t kDecodeHeadroom = size_t{2} << 30;
 
+// How many copies of a call's data the calls rotate over, each read again only after all the others: enough that
+// they span 512 MB, ten times the H200's 50 MB L2, up to 256 copies (which span 128 MB or more wherever that caps
+// them). Until the twenty-third session at most 16: a batch 1 x 1K KVarN cache (0.8 MB) then rotated over 13 MB,
+// which L2 holds.
+int rotated_copies(size_t bytes_per_call) {
+  return static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / std::max<size_t>(bytes_per_call, 1) + 1, 1, 256));
+}
+
 // tiles_per_split, tile_heads: 0 for the planner's choice. overlap: each call's attention starts reading its tiles
 // while the kernel before it runs, the call before's combine or the append
 // (DecodeAttentionArgs::overlap_previous_kernel); false: it starts once that has ended. after_append: each call is
@@ -245,8 +253,7 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
     return;
   }
   // (Sequences shorter than a tile plus its tail have no tiles: their tails are replicated alone.)
-  const int replicas =
-      static_cast<int>(std::clamp<size_t>((size_t{512} << 20) / std::max<size_t>(cache_bytes, 1) + 1, 1, 16));
+  const int replicas = rotated_copies(cache_bytes + probe.tail_slot_elements() * 2 * batch);
   const long num_blocks = total_tiles * replicas;
   uint8_t* blocks;
   uint16_t *tails, *q, *out;
@@ -324,7 +331,7 @@ void bench_flush(Csv& csv, const std::string& dtype_name, int jobs, int layers) 
   const int g = 128, d = 128, heads = 8;
   const KvCacheLayer probe = make_kv_cache_layer(dtype, d, g, heads, nullptr, nullptr);
   const size_t call_tail_bytes = probe.tail_slot_elements() * 2 * jobs * layers;
-  const int replicas = static_cast<int>(std::clamp<size_t>((size_t{256} << 20) / call_tail_bytes + 1, 1, 16));
+  const int replicas = rotated_copies(call_tail_bytes + probe.block_bytes() * jobs * layers);
   const int slots = jobs * replicas;
   std::vector<KvCacheLayer> views;
   std::vector<void*> buffers;

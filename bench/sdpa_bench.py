@@ -84,7 +84,7 @@ def decode(rows, name, hq, hkv, d, batch, context):
     if kv_bytes + DECODE_HEADROOM > free_bytes:
         rows.append(f"decode,{key},skipped: {kv_bytes >> 30} GiB of K/V; {free_bytes >> 30} GiB free,,,,,,")
         return
-    copies = max(1, min(16, (512 << 20) // kv_bytes + 1))
+    copies = max(1, min(256, (512 << 20) // kv_bytes + 1))  # as kvarn_cuda_bench's rotated_copies
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
     kvs = [(torch.randn(batch, hkv, tokens, d, device="cuda", dtype=torch.float16),
             torch.randn(batch, hkv, tokens, d, device="cuda", dtype=torch.float16)) for _ in range(copies)]
