@@ -23,15 +23,16 @@
 //                         [--contexts 8192,32768] [--shapes qwen3-32b] [--dtypes kvarn_k4v2_g128]
 //                         [--tiles-per-split 16,32] [--tile-heads 8,16] [--ragged | --one-long] [--no-overlap]
 //                         [--after-append]
-//   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill
-//   rows; --batches, --contexts, --shapes (llama3-8b, qwen3-32b; or qwen3-235b), --dtypes (of the decode rows; default
-//   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the
-//   planner's choice (to time its alternatives); --tile-heads: likewise the q heads one read of a tile serves
-//   (plan_decode_attention; rows of groups past 8 show it after their splits, "8x32 16/read"); --ragged /
-//   --one-long: the decode rows' lengths (Lengths below), ragged as the full run's last decode rows are;
-//   --no-overlap: the decode rows' calls do not overlap (a call's attention starts once the call before has ended;
-//   see bench_decode); --after-append: each decode call comes after an append_to_tails of one K/V row per
-//   sequence, which it overlaps, as in a decode step (kinds decode_after_append, ...: the time and bytes of both).
+//   --decode-only: only the copy and the decode rows; --flush-only / --prefill-only: only the flush / prefill rows;
+//   --batches, --contexts, --shapes (llama3-8b, qwen3-32b; or qwen3-235b), --dtypes (of the decode rows; default
+//   kvarn_k4v2_g128,fp16): only these; --tiles-per-split: each decode row once per split size, 0 being the planner's
+//   choice (to time its alternatives); --tile-heads: likewise the q heads one read of a tile serves
+//   (plan_decode_attention; rows of groups past 8, and rows that read a tile for part of the group, show it after their
+//   splits, "8x32 16/read", "2x4 4/read"); --ragged / --one-long: the decode rows' lengths (Lengths below), ragged as
+//   the full run's last decode rows are; --no-overlap: the decode rows' calls do not overlap (a call's attention starts
+//   once the call before has ended; see bench_decode); --after-append: each decode call comes after an append_to_tails
+//   of one K/V row per sequence, which it overlaps, as in a decode step (kinds decode_after_append, ...: the time and
+//   bytes of both).
 #include "backend/cuda/append_to_tails.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/decode_attention.h"
@@ -316,7 +317,9 @@ void bench_decode(Csv& csv, const Shape& shape, const std::string& dtype_name, i
   csv.row(key + "," + std::to_string(t.ms * 1e3) + "," + std::to_string(bytes) + "," +
               std::to_string(bytes / (t.ms * 1e-3) / 1e9) + "," + std::to_string(flops / (t.ms * 1e-3) / 1e12) + "," +
               std::to_string(plan.num_splits) + "x" + std::to_string(plan.tiles_per_split) +
-              (shape.q_heads > 8 * shape.kv_heads ? " " + std::to_string(plan.tile_heads) + "/read" : ""),
+              (plan.tile_heads != shape.q_heads / shape.kv_heads || shape.q_heads > 8 * shape.kv_heads
+                   ? " " + std::to_string(plan.tile_heads) + "/read"
+                   : ""),
           &t);
   for (void* p : {static_cast<void*>(blocks), static_cast<void*>(tails), static_cast<void*>(q), static_cast<void*>(out),
                   static_cast<void*>(tables), static_cast<void*>(dviews), workspace,

@@ -3,7 +3,8 @@
 // decode_attention_kernel: 1-D grid of pairs * (num_splits + 1) CTAs over the (sequence n, kv-head h) pairs, 128
 // threads (4 warps). A group past 8 q heads per kv head is a pair per block of up to 8 for the tails, for fp16 tiles
 // and in small grids, and for KVarN tiles in large ones one pair of up to 16 heads (head_blocks, tile_blocks), whose
-// tile CTAs read each tile once for all of them. The first
+// tile CTAs read each tile once for all of them; a group of 8 over KVarN tiles in a tiny grid is a pair per half
+// (GroupServing). The first
 // `pairs` CTAs read the fp16 tails (attend_tail: like an fp16 tile, on tensor cores; short, and first so that they
 // do not trail the launch); then split-major, CTA split s of pair (n, h) reads the tiles [s*tps, (s+1)*tps) of
 // sequence n, kv-head h through cp.async copies of whole tiles into shared memory
@@ -76,6 +77,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -418,14 +420,34 @@ HeadBlocks head_blocks(int group, int most) {
   return {size, group / size, tile_heads / size};
 }
 
-// The ways a plan may serve a kv head's group (DecodeAttentionPlan::tile_heads): in blocks of up to 8 heads, and over
-// code tiles with one read of each tile for up to 16 (the same where the group has no larger divisor).
+// The ways a plan may serve a kv head's group (DecodeAttentionPlan::tile_heads): in blocks of up to 8 heads; over
+// code tiles also with one read of each tile for up to 16, and, for a group of 5-8 that splits into two halves of up
+// to 4 heads (Qwen3-32B's 8 as 4 + 4), per half: each tile read twice, on the path of up to 4 heads. A way the group
+// does not allow is its blocks of up to 8.
 struct GroupServing {
-  HeadBlocks blocks_of_8, read_once;
+  HeadBlocks blocks_of_8, read_once, halves;
+
+  bool serves(int tile_heads) const {
+    return tile_heads == blocks_of_8.tile_heads() || tile_heads == read_once.tile_heads() ||
+           tile_heads == halves.tile_heads();
+  }
+  HeadBlocks of(int tile_heads) const {  // tile_heads: one that serves
+    return tile_heads == read_once.tile_heads() ? read_once : tile_heads == halves.tile_heads() ? halves : blocks_of_8;
+  }
+  std::string choices() const {  // "4 or 8", "8 or 16", "8"
+    std::string text = std::to_string(halves.tile_heads());
+    if (blocks_of_8.tile_heads() != halves.tile_heads()) text += " or " + std::to_string(blocks_of_8.tile_heads());
+    if (read_once.tile_heads() != blocks_of_8.tile_heads()) text += " or " + std::to_string(read_once.tile_heads());
+    return text;
+  }
 };
 
 GroupServing group_serving(const KvCacheLayer& cache, int group) {
-  return {head_blocks(group, kMaxGroup), head_blocks(group, cache.layout.code_tile ? kMaxTileGroup : kMaxGroup)};
+  const HeadBlocks blocks_of_8 = head_blocks(group, kMaxGroup);
+  if (!cache.layout.code_tile) return {blocks_of_8, blocks_of_8, blocks_of_8};
+  const HeadBlocks halves = head_blocks(group, 4);
+  return {blocks_of_8, head_blocks(group, kMaxTileGroup), blocks_of_8.count == 1 && halves.count == 2 ? halves
+                                                                                                      : blocks_of_8};
 }
 
 // A plan's workspace: each q head's partial softmax state (o[D], m, l) per split and one for the tail.
@@ -443,6 +465,36 @@ size_t decode_workspace_bytes(int num_seqs, int num_q_heads, int num_splits, int
 // (docs/benchmarks.md).
 constexpr long kWideTilesPerWarp = 3;
 
+// A group served in halves (GroupServing) where the halves' tile reads would keep at most 1 in this many of a wave's
+// warps busy: in a grid that small each warp reads one tile, whose chain is the call's, and the path of up to 4
+// heads has the shorter chain. Measured on the H200 (Qwen shape, k4v2, halves / one block of 8, each at its
+// planner's splits, side by side; 1,584 warps): 112 and 224 reads (batch 1 x 1K, 2 x 1K) 1.14x and 1.17x, faster
+// than our fp16 kernel there (which a block of 8 was not: 0.92x, 0.95x); 448-896 (4 x 1K, 1 x 4K, 8 x 1K)
+// 1.00-1.02x; ~1,000 (2 x 4K, 1 x 8K) 0.93x and 0.86x; more, slower still (docs/benchmarks.md).
+constexpr long kHalvesWarpsPerRead = 4;
+
+// The planner's way to serve the group (GroupServing) for sequences of these tiles, by the tile reads a wave's warps
+// would take: one read for 16 heads where each warp would get a few tiles, halves where most warps would get none.
+HeadBlocks planned_serving(const KvCacheLayer& cache, const GroupServing& serving, std::span<const int> seq_tiles) {
+  const auto [blocks_of_8, read_once, halves] = serving;
+  long tiles = 0;
+  for (int t : seq_tiles) tiles += t;
+  const auto reads = [&](const HeadBlocks& b) { return tiles * cache.num_kv_heads * b.count / b.tile_blocks; };
+  const auto wave_warps = [&](const HeadBlocks& b) {
+    long warps = 0;
+    with_tile_format(cache, "decode_attention", [&](auto f) {
+      warps = static_cast<long>(device_traits().multiprocessors) *
+              attention_kernel<decltype(f)>(b.tile_heads()).blocks_per_sm * kWarps;
+    });
+    return warps;
+  };
+  if (read_once.tile_heads() > blocks_of_8.tile_heads())
+    return reads(read_once) >= kWideTilesPerWarp * wave_warps(read_once) ? read_once : blocks_of_8;
+  if (halves.tile_heads() < blocks_of_8.tile_heads())
+    return kHalvesWarpsPerRead * reads(halves) <= wave_warps(halves) ? halves : blocks_of_8;
+  return blocks_of_8;
+}
+
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
@@ -459,23 +511,11 @@ DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<c
   plan.num_seqs = static_cast<int>(seq_tiles.size());
   plan.num_q_heads = num_q_heads;
   const int group = group_size(cache, num_q_heads, "plan_decode_attention");
-  const auto [blocks_of_8, wide] = group_serving(cache, group);
-  if (tile_heads != 0 && tile_heads != blocks_of_8.tile_heads() && tile_heads != wide.tile_heads())
+  const GroupServing serving = group_serving(cache, group);
+  if (tile_heads != 0 && !serving.serves(tile_heads))
     throw_error("plan_decode_attention: " + std::to_string(tile_heads) + " q heads per tile CTA for groups of " +
-                std::to_string(group) + "; expected " + std::to_string(blocks_of_8.tile_heads()) +
-                (wide.tile_heads() != blocks_of_8.tile_heads() ? " or " + std::to_string(wide.tile_heads()) : "") +
-                " (or 0: the planner's choice)");
-  bool read_once = tile_heads == wide.tile_heads();
-  if (tile_heads == 0 && wide.tile_heads() > blocks_of_8.tile_heads()) {
-    long tiles = 0;
-    for (int t : seq_tiles) tiles += t;
-    with_tile_format(cache, "decode_attention", [&](auto f) {
-      const long warps = static_cast<long>(device_traits().multiprocessors) *
-                         attention_kernel<decltype(f)>(wide.tile_heads()).blocks_per_sm * kWarps;
-      read_once = tiles * cache.num_kv_heads * wide.count / wide.tile_blocks >= kWideTilesPerWarp * warps;
-    });
-  }
-  const HeadBlocks blocks = read_once ? wide : blocks_of_8;
+                std::to_string(group) + "; expected " + serving.choices() + " (or 0: the planner's choice)");
+  const HeadBlocks blocks = tile_heads != 0 ? serving.of(tile_heads) : planned_serving(cache, serving, seq_tiles);
   plan.tile_heads = blocks.tile_heads();
   int per_sm = 1;
   with_tile_format(cache, "decode_attention",
@@ -504,9 +544,8 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
     throw_error("decode_attention: a plan for " + std::to_string(plan.num_seqs) + " sequences x " +
                 std::to_string(plan.num_q_heads) + " q heads, called with " + std::to_string(args.num_seqs) + " x " +
                 std::to_string(args.num_q_heads) + "; expected the plan of these sequences");
-  const auto [blocks_of_8, read_once] = group_serving(cache, group);
-  const bool serves = plan.tile_heads == blocks_of_8.tile_heads() || plan.tile_heads == read_once.tile_heads();
-  if (!serves || plan.tiles_per_split < 1 || plan.num_splits < 1 ||
+  const GroupServing serving = group_serving(cache, group);
+  if (!serving.serves(plan.tile_heads) || plan.tiles_per_split < 1 || plan.num_splits < 1 ||
       plan.workspace_bytes < decode_workspace_bytes(plan.num_seqs, plan.num_q_heads, plan.num_splits, cache.head_dim()))
     throw_error("decode_attention: a plan of " + std::to_string(plan.num_splits) + " splits of " +
                 std::to_string(plan.tiles_per_split) + " tiles, " + std::to_string(plan.tile_heads) +
@@ -514,7 +553,7 @@ void decode_attention(const KvCacheLayer& cache, const DecodeAttentionArgs& args
                 " bytes of workspace, for a cache of " + (cache.layout.code_tile ? "code" : "fp16") +
                 " tiles of head_dim " + std::to_string(cache.head_dim()) +
                 "; expected the one plan_decode_attention made for this cache");
-  const HeadBlocks blocks = plan.tile_heads == read_once.tile_heads() ? read_once : blocks_of_8;
+  const HeadBlocks blocks = serving.of(plan.tile_heads);
   const long pairs = static_cast<long>(args.num_seqs) * cache.num_kv_heads * blocks.count;  // of a tail CTA each
   const long tile_ctas = pairs / blocks.tile_blocks * plan.num_splits;
   if (tile_ctas + pairs > 0x7fffffffL)

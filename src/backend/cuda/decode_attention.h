@@ -1,8 +1,9 @@
 #pragma once
 // Decode attention: one query token per sequence over its full tiles (read packed, dequantized in registers)
 // plus its fp16 tail. Grouped-query aware: the q heads sharing a kv-head are served from one read of a tile (up to
-// 16 of them over code tiles, 8 over fp16 tiles; a group past 8 heads in a small grid, where a second read finishes
-// sooner, per block of up to 8: DecodeAttentionPlan::tile_heads). Split-K over tiles, then a reduction kernel that
+// 16 of them over code tiles, 8 over fp16 tiles; where a second read finishes sooner, a group past 8 heads in a
+// small grid per block of up to 8, and a group of 8 over code tiles in a tiny grid per half:
+// DecodeAttentionPlan::tile_heads). Split-K over tiles, then a reduction kernel that
 // combines the partial softmax states and rotates the output back to the model's space (where a pair's tiles are
 // one CTA's and the grid is large, that CTA reads the tail too and writes the output: no reduction kernel).
 #include "backend/cuda/kv_layout.h"
@@ -46,8 +47,9 @@ struct DecodeAttentionPlan {
 // seq_tiles: every sequence's full tiles, as the scheduler knows them on the host (one plan per step serves every
 // layer). tiles_per_split: 0 for the split planner's choice (decode_split_plan.h); a positive value fixes it (the
 // benchmark's --tiles-per-split, which times the planner's alternatives). tile_heads: 0 for the planner's choice; a
-// positive value fixes it, for groups past 8 over code tiles the group's largest divisor of at most 16 or of at most
-// 8 (the tests and the benchmark's --tile-heads time both).
+// positive value fixes it: over code tiles, for groups past 8 the group's largest divisor of at most 16 or of at
+// most 8, for groups of 5-8 that split in two halves of up to 4 the whole group or a half (the tests and the
+// benchmark's --tile-heads time each).
 DecodeAttentionPlan plan_decode_attention(const KvCacheLayer& cache, std::span<const int> seq_tiles, int num_q_heads,
                                           int tiles_per_split = 0, int tile_heads = 0);
 

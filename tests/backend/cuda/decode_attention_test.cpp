@@ -236,8 +236,9 @@ void check_decode_plan(const DecodeCase& c, const std::vector<SeqSpec>& specs, c
   if (scale_shift) *scale_shift = largest_shift;
 }
 
-// check_decode_plan with each way of serving the group that a plan may choose: past 8 q heads per kv head over code
-// tiles, one read of each tile for up to 16 heads and a read per block of up to 8 (the planner picks by the grid).
+// check_decode_plan with each way of serving the group that a plan may choose over code tiles (the planner picks by
+// the grid): past 8 q heads per kv head, one read of each tile for up to 16 heads and a read per block of up to 8; a
+// group of 5-8 that splits in two halves of up to 4, one read for the group and a read per half.
 void check_decode(const DecodeCase& c, const std::vector<SeqSpec>& specs, const KvSource& kv,
                   const std::vector<float>& q_model, uint32_t seed, double* scale_shift = nullptr,
                   int tiles_per_split = 0, Before before = Before::nothing) {
@@ -250,6 +251,8 @@ void check_decode(const DecodeCase& c, const std::vector<SeqSpec>& specs, const 
   std::vector<int> choices = {0};
   if (codec::parse_cache_dtype(c.dtype).code_tile() && largest_divisor(16) > largest_divisor(8))
     choices = {largest_divisor(16), largest_divisor(8)};
+  if (codec::parse_cache_dtype(c.dtype).code_tile() && group > 4 && group <= 8 && 2 * largest_divisor(4) == group)
+    choices = {group, group / 2};
   for (const int tile_heads : choices) {
     SCOPED_TRACE("q heads per tile CTA " + std::to_string(tile_heads));
     check_decode_plan(c, specs, kv, q_model, seed, scale_shift, tiles_per_split, tile_heads, before);
@@ -439,7 +442,7 @@ INSTANTIATE_TEST_SUITE_P(
                       DecodeCase{"kvarn_k4v4_g128", 64, 4, 2}, DecodeCase{"kvarn_k4v4_g128", 64, 32, 2},
                       DecodeCase{"kvarn_k4v2_g64", 64, 16, 2}, DecodeCase{"kvarn_k4v4_g64", 64, 16, 2},
                       DecodeCase{"kvarn_k4v2_g128", 128, 32, 8}, DecodeCase{"kvarn_k4v2_g128", 128, 24, 3},
-                      DecodeCase{"fp16", 128, 32, 8}),
+                      DecodeCase{"fp16", 128, 32, 8}, DecodeCase{"kvarn_k4v2_g128", 128, 12, 2}),
     [](const auto& info) {
       return info.param.dtype + "_d" + std::to_string(info.param.head_dim) + "_q" +
              std::to_string(info.param.q_heads) + "_kv" + std::to_string(info.param.kv_heads) +
@@ -481,6 +484,28 @@ TEST(DecodePlan, ReadsATileOnceForAGroupOf16WhereTheGridIsLarge) {
   EXPECT_EQ(plan_decode_attention(codes, large, 16).tile_heads, 4);
 }
 
+// A group of 8 q heads per kv head over code tiles (Qwen3-32B: 64 over 8) is served per half of 4 heads, each tile
+// read twice, where the halves' reads would leave at least 3 in 4 warps of a wave idle (batch 1 x 1K, 3 x 1K), and
+// by one read of each tile otherwise (4 x 1K, 1 x 4K); a group of 6 likewise in halves of 3. fp16 tiles, and groups
+// that do not split in two halves of up to 4, are not. A fixed choice is taken as given.
+TEST(DecodePlan, ServesAGroupOf8InHalvesWhereTheGridIsTiny) {
+  KVARN_SKIP_WITHOUT_GPU();
+  const KvCacheLayer codes =
+      make_kv_cache_layer(codec::parse_cache_dtype("kvarn_k4v2_g128"), 128, 128, 8, nullptr, nullptr);
+  const KvCacheLayer fp16 = make_kv_cache_layer(codec::parse_cache_dtype("fp16"), 128, 128, 8, nullptr, nullptr);
+  const std::vector<int> one_1k(1, 7), three_1k(3, 7), four_1k(4, 7), one_4k(1, 31);
+  EXPECT_EQ(plan_decode_attention(codes, one_1k, 64).tile_heads, 4);
+  EXPECT_EQ(plan_decode_attention(codes, three_1k, 64).tile_heads, 4);
+  EXPECT_EQ(plan_decode_attention(codes, four_1k, 64).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(codes, one_4k, 64).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(codes, one_1k, 48).tile_heads, 3);
+  EXPECT_EQ(plan_decode_attention(codes, one_1k, 56).tile_heads, 7);
+  EXPECT_EQ(plan_decode_attention(codes, one_1k, 32).tile_heads, 4);
+  EXPECT_EQ(plan_decode_attention(fp16, one_1k, 64).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(codes, one_1k, 64, 0, 8).tile_heads, 8);
+  EXPECT_EQ(plan_decode_attention(codes, one_4k, 64, 0, 4).tile_heads, 4);
+}
+
 // Argument checks that throw before anything is launched (so they run without a GPU): the q heads per tile CTA that
 // a plan is asked for must be one of the ways it can serve the group.
 TEST(DecodePlan, RefusesQueryHeadsPerTileCtaThatDoNotServeTheGroup) {
@@ -492,6 +517,11 @@ TEST(DecodePlan, RefusesQueryHeadsPerTileCtaThatDoNotServeTheGroup) {
        {std::tuple{&codes, 12, "12 q heads per tile CTA for groups of 16; expected 8 or 16"},
         std::tuple{&fp16, 16, "16 q heads per tile CTA for groups of 16; expected 8 (or 0"}}) {
     EXPECT_THAT([&] { plan_decode_attention(*layer, seq_tiles, 64, 0, tile_heads); }, refused_with(expected));
+  }
+  for (const auto& [layer, tile_heads, expected] :
+       {std::tuple{&codes, 2, "2 q heads per tile CTA for groups of 8; expected 4 or 8 (or 0"},
+        std::tuple{&fp16, 4, "4 q heads per tile CTA for groups of 8; expected 8 (or 0"}}) {
+    EXPECT_THAT([&] { plan_decode_attention(*layer, seq_tiles, 32, 0, tile_heads); }, refused_with(expected));
   }
 }
 
